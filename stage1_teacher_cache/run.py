@@ -1,0 +1,233 @@
+"""Stage 1, top to bottom: dataset -> plan -> teacher pass -> cache, committed shard by shard.
+
+    python -m pipeline cache-teacher --config configs/default.toml key=value ...
+    torchrun --nproc_per_node=2 -m pipeline cache-teacher ...   # shards split between ranks
+
+A rerun with the same config skips committed shards (a crash loses at most the shards in
+flight); a rerun with other inputs is refused unless ``cache.overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import CacheReader, CacheSpec, CacheWriter, quantize_hidden_int8
+from pipeline.config import Config, load_config
+from pipeline.device import choose_precision, cpu_threads, resolve_device
+from pipeline.distributed import Dist, init_distributed
+from pipeline.errors import TeacherError
+from pipeline.fingerprint import sha256_text, tokenizer_hash
+
+from .background import BackgroundWriter
+from .documents import load_documents
+from .plan import Plan, build_plan
+from .teacher import TeacherPass, TeacherSource, load_model, load_model_config, load_tokenizer, resolve_teacher
+
+HEAD_TOLERANCE = 1e-3
+
+
+def main(args: argparse.Namespace) -> int:
+    cache_teacher(load_config(args.config, args.overrides))
+    return 0
+
+
+def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
+    """Build (or finish) the cache of ``cfg`` and return its ``inspect`` info."""
+    t0 = time.perf_counter()
+    dist = init_distributed()
+    try:
+        torch.set_num_threads(cpu_threads(dist.local_world, cfg.teacher.num_threads))
+        device = resolve_device(cfg.teacher.device)
+        if device.type == "cuda" and dist.enabled:
+            device = torch.device("cuda", dist.local_rank)
+        precision = choose_precision(device, cfg.teacher.dtype)
+        say = print if dist.is_main else (lambda *a, **k: None)
+        progress = show_progress and dist.is_main
+
+        source = resolve_teacher(cfg.teacher)
+        tokenizer = load_tokenizer(source)
+        if tokenizer.eos_token_id is None:
+            raise TeacherError(f"the tokenizer of {source.name!r} has no end-of-sequence token to join documents")
+        documents = load_documents(cfg.data)
+        plan = build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
+                          {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens},
+                          show_progress=progress)
+        spec = make_spec(cfg, source, tokenizer, plan, documents, precision.name)
+
+        def create() -> CacheWriter:
+            writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite)
+            if not (writer.root / "meta" / "documents.arrow").exists():
+                writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
+                                       [d.split for d in documents], [len(d.text) for d in documents])
+            return writer
+
+        writer = dist.run_on_main(create)
+        dist.barrier()
+        if writer is None:
+            writer = CacheWriter.open(cfg.cache.dir, spec, create=False)
+        pending = writer.pending_shards()
+        dist.barrier()  # every rank has read the same pending list before anyone commits
+
+        if not pending and writer.manifest.get("complete"):
+            say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
+                f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
+            return CacheReader(cfg.cache.dir, verify=False).info()
+        if pending and len(pending) < spec.num_shards:
+            say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
+                "shards already committed")
+
+        mine = [s for s in pending if s % dist.world == dist.rank]
+        ok, stats = False, {}
+        try:
+            stats = run_teacher(cfg, spec, source, plan, writer, mine, device, precision.dtype, progress, dist)
+            ok = True
+        finally:
+            all_ok = dist.all_ok(ok)
+        if not all_ok:
+            raise TeacherError("another rank failed while caching; committed shards are kept, rerun to finish")
+        wall = time.perf_counter() - t0
+
+        def finish():
+            extra = {"stage1_wall_s": round(wall, 2), "precision": precision.name, **stats}
+            writer.finalize(extra)
+            info = CacheReader(cfg.cache.dir, verify=False).info()
+            print_summary(info, wall)
+            return info
+
+        return dist.run_on_main(finish) or {}
+    finally:
+        dist.close()
+
+
+def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documents, precision: str) -> CacheSpec:
+    model_cfg = load_model_config(source)
+    text_cfg = model_cfg.get_text_config() if hasattr(model_cfg, "get_text_config") else model_cfg
+    vocab = int(text_cfg.vocab_size)
+    if cfg.cache.top_k > vocab:
+        raise TeacherError(f"cache.top_k={cfg.cache.top_k} exceeds the teacher's vocabulary ({vocab}); lower it")
+    fingerprint = {
+        "teacher": source.name,
+        "teacher_hash": source.content_hash(),
+        "teacher_dtype": precision,
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "dataset": cfg.data.source,
+        "dataset_hash": sha256_text(f"{d.name}\0{d.split}\0{d.text}" for d in documents)[:16],
+        "seq_len": cfg.data.seq_len,
+        "max_train_tokens": cfg.data.max_train_tokens,
+        "max_eval_tokens": cfg.data.max_eval_tokens,
+        "doc_separator": cfg.data.doc_separator,
+        "top_k": cfg.cache.top_k,
+        "topk_dtype": cfg.cache.topk_dtype,
+        "hidden_dtype": cfg.cache.hidden_dtype if cfg.cache.store_hidden else "none",
+    }
+    return CacheSpec(
+        num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
+        hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
+        hidden_dtype=cfg.cache.hidden_dtype, topk_dtype=cfg.cache.topk_dtype, store_hidden=cfg.cache.store_hidden,
+        shard_sequences=cfg.cache.shard_sequences, chunk_sequences=cfg.cache.chunk_sequences,
+        zstd_level=cfg.cache.zstd_level,
+        teacher={"name": source.name, "path": source.path, "gguf_file": source.gguf_file,
+                 "eos_token_id": tokenizer.eos_token_id, "model_type": getattr(text_cfg, "model_type", None)},
+    )
+
+
+def run_teacher(cfg: Config, spec: CacheSpec, source: TeacherSource, plan: Plan, writer: CacheWriter,
+                shards: list[int], device: torch.device, dtype: torch.dtype, progress: bool, dist: Dist) -> dict:
+    """Run the teacher over ``shards`` and hand each finished shard to the background writer."""
+    if not shards and not (cfg.cache.store_head and dist.is_main and not writer.manifest.get("has_head")):
+        return {}
+    t_load = time.perf_counter()
+    model = load_model(source, dtype, device)
+    teacher = TeacherPass(model, spec.top_k, cfg.teacher.logits_chunk)
+    load_s = time.perf_counter() - t_load
+    head_diff = teacher.check_head(torch.from_numpy(plan.sequences[0].input_ids[None]))
+    if head_diff > HEAD_TOLERANCE * (1 if dtype == torch.float32 else 50):
+        raise TeacherError(f"this teacher's logits are not its head applied to its last hidden state "
+                           f"(max difference {head_diff:.3g}); such models are not supported")
+    if cfg.cache.store_head and dist.is_main and not writer.manifest.get("has_head"):
+        writer.write_head(teacher.head.weight.detach().float().cpu().numpy())
+
+    total = sum(spec.shard_range(s)[1] - spec.shard_range(s)[0] for s in shards) * spec.seq_len
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher ({len(shards)} shards)",
+               disable=not progress, smoothing=0.1, mininterval=1.0)
+    t_run = time.perf_counter()
+    with BackgroundWriter(writer, cfg.cache.writer_queue) as background:
+        for shard in shards:
+            start, stop = spec.shard_range(shard)
+            parts = []
+            for b in range(start, stop, cfg.teacher.batch_size):
+                rows = range(b, min(b + cfg.teacher.batch_size, stop))
+                ids = torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows]))
+                parts.append(teacher(ids))
+                bar.update(len(rows) * spec.seq_len)
+            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            stats = shard_stats(arrays, plan, start, stop, spec)
+            background.submit(shard, to_storage(arrays, spec), shard_meta(plan, start, stop), stats)
+    bar.close()
+    run_s = time.perf_counter() - t_run
+    return {"teacher_load_s": round(load_s, 2), "head_check_max_diff": head_diff,
+            "teacher_tokens_per_s": round(total / run_s, 1) if run_s > 0 and total else None,
+            "writer_stall_s": round(background.stall_s, 3)}
+
+
+def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:
+    """The teacher's fp32 outputs in the cache's storage types (hidden: fp16 or int8 + scale)."""
+    out = dict(arrays)
+    hidden = out.pop("hidden")
+    if spec.store_hidden:
+        if spec.hidden_dtype == "int8":
+            out["hidden"], out["hidden_scale"] = quantize_hidden_int8(hidden)
+        else:
+            out["hidden"] = hidden.astype(np.float16)
+    return out
+
+
+def shard_stats(arrays: dict[str, np.ndarray], plan: Plan, start: int, stop: int, spec: CacheSpec) -> dict:
+    """Sums (not means) so shards combine exactly: top-k mass and the teacher's own NLL per split."""
+    stats = {"positions": float(arrays["topk_logprobs"][..., 0].size),
+             "topk_mass_sum": float(np.exp(arrays["topk_logprobs"].astype(np.float64)).sum())}
+    for row, i in enumerate(range(start, stop)):
+        split = spec.split_of(i)
+        seq = plan.sequences[i]
+        stats[f"{split}_nll_sum"] = stats.get(f"{split}_nll_sum", 0.0) - float(arrays["next_logprob"][row, :-1].sum())
+        stats[f"{split}_targets"] = stats.get(f"{split}_targets", 0.0) + spec.seq_len - 1
+        target_bytes = len(seq.text[seq.char_end[0]:].encode("utf-8"))
+        stats[f"{split}_target_bytes"] = stats.get(f"{split}_target_bytes", 0.0) + target_bytes
+    return stats
+
+
+def shard_meta(plan: Plan, start: int, stop: int) -> dict[str, list]:
+    seqs = plan.sequences[start:stop]
+    return {"text": [s.text for s in seqs], "char_end": [s.char_end for s in seqs], "doc_id": [s.doc_id for s in seqs]}
+
+
+def print_summary(info: dict, wall: float) -> None:
+    def fmt(v, spec=".4g"):
+        return "n/a" if v is None else format(v, spec)
+
+    rows = [
+        ("cache", info["path"]),
+        ("complete", str(info["complete"])),
+        ("sequences", f"{info['sequences']} ({', '.join(f'{k} {v}' for k, v in info['splits'].items())})"),
+        ("tokens", f"{info['tokens']} (seq_len {info['seq_len']})"),
+        ("bytes on disk", f"{info['bytes_on_disk'] / 2**20:.1f} MiB"),
+        ("bytes / token", f"{fmt(info['bytes_per_token'], '.1f')} "
+                          f"(logits part: {fmt(logit_bytes(info), '.1f')})"),
+        ("top-k mass mean", f"{fmt(info['topk_mass_mean'], '.3f')} (k={info['top_k']})"),
+        ("teacher eval ppl", f"{fmt(info['teacher_eval_ppl'], '.2f')}  bpb {fmt(info['teacher_eval_bpb'], '.3f')}"),
+        ("teacher tokens/s", fmt(info.get("teacher_tokens_per_s"), ".1f")),
+        ("wall time", f"{wall:.1f} s"),
+    ]
+    print("\n".join(f"{k:<17} {v}" for k, v in rows))
+
+
+def logit_bytes(info: dict) -> float | None:
+    per = info.get("array_bytes_per_token") or {}
+    keys = ("topk_ids", "topk_logprobs", "logz")
+    return sum(per[k] for k in keys) if all(k in per for k in keys) else None
+

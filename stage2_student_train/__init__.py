@@ -1,0 +1,1 @@
+"""Stage 2: cache -> student (+ projector and router) training, eval, checkpoints."""

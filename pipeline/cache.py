@@ -234,6 +234,7 @@ class CacheWriter:
                     f"cache {root} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
                     f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
                     "rebuild with cache.overwrite=true")
+            _remove_stale_temp_files(root)
             return cls(root, old, manifest)
         if root.exists() and any(root.iterdir()):
             raise CacheError(f"{root} exists, is not empty and holds no cache manifest; "
@@ -322,6 +323,13 @@ class CacheWriter:
         self.manifest.update(complete=True, summary=summary)
         atomic_write_json(self.root / MANIFEST, self.manifest)
         return summary
+
+
+def _remove_stale_temp_files(root: Path) -> None:
+    """Temp files of writes that a crash cut short: never referenced, safe to drop on resume."""
+    for folder in (root, root / META, root / DONE):
+        for p in folder.glob(".*.tmp*"):
+            p.unlink(missing_ok=True)
 
 
 def _write_arrow(path: Path, table: pa.Table) -> None:

@@ -219,9 +219,13 @@ def _unknown_key(key: str) -> ConfigError:
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
+    for key, value in raw.items():
         if key not in names:
-            raise _unknown_key(prefix + key)
+            dotted = prefix + key
+            while isinstance(value, dict) and value:  # an unknown section: name a full key inside it
+                key, value = next(iter(value.items()))
+                dotted += "." + key
+            raise _unknown_key(dotted)
     kwargs = {}
     for name in names:
         if name not in raw:

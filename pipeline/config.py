@@ -114,11 +114,112 @@ class CacheConfig:
 
 
 @dataclass
+class StudentConfig:
+    model: str = ""
+    """A hub id or local HF directory to start from; empty: a fresh Llama built from the keys below."""
+    tokenizer: str = ""
+    """Empty: the cache's teacher tokenizer (same-tokenizer mode)."""
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+
+    def validate(self) -> None:
+        _positive(self, "student", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+        _require(self.hidden_size % self.num_heads == 0, "student.hidden_size",
+                 f"must be a multiple of student.num_heads ({self.num_heads})")
+        _require(self.num_heads % self.num_kv_heads == 0, "student.num_heads",
+                 f"must be a multiple of student.num_kv_heads ({self.num_kv_heads})")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per micro-batch (per process under torchrun)."""
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    """The cosine decays the learning rate to lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Max global grad norm over the optimised parameters (0: no clipping)."""
+    ema_decay: float = 0.99
+    """EMA of the trainable weights used for eval and export (0: off)."""
+    label_smoothing: float = 0.0
+    """Training CE only; eval CE never smooths."""
+    loss_chunk_size: int = 1024
+    """Positions per chunk of the student's head + log_softmax (bounds the [chunk, V] fp32 tensor)."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps (skipped) before the run stops."""
+    eval_every: int = 50
+    eval_sequences: int = 0
+    """Held-out sequences per eval (0: all)."""
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    num_threads: int = 0
+    overwrite: bool = False
+    """Delete an existing run directory of the same name first."""
+    stop_after: int = 0
+    """Stop after this many steps in this invocation, with a checkpoint (0: run to the end). For
+    time-boxed sessions: ``resume`` continues exactly where it stopped."""
+
+    def validate(self) -> None:
+        _require(self.stop_after >= 0, "train.stop_after", "must be >= 0 (0 = no limit)")
+        _positive(self, "train", "steps", "batch_size", "grad_accum", "loss_chunk_size", "max_bad_steps",
+                  "eval_every", "save_every", "keep_checkpoints")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(0 <= self.warmup_steps < self.steps, "train.warmup_steps",
+                 f"must be in [0, train.steps={self.steps}), got {self.warmup_steps}")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
+        _require(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        _require(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+
+
+@dataclass
+class KDConfig:
+    mode: Literal["none", "topk_tail", "topk_renorm", "union"] = "topk_tail"
+    """none: cross-entropy only (the baseline)."""
+    weight: float = 1.0
+    weight_final: float = -1.0
+    """KD weight at the end of training, linear from ``weight`` (-1: constant)."""
+    ce_weight: float = 1.0
+    temperature: float = 1.0
+    temperature_final: float = -1.0
+    """Temperature at the end of training, linear from ``temperature`` (-1: constant)."""
+    union_student_k: int = 8
+    """union mode: the student's own top ids added to the teacher's top-k."""
+    feature_weight: float = 0.0
+    """Weight of the MSE between the student's last hidden state, mapped by a learned linear layer,
+    and the cached teacher hidden state (0: off)."""
+
+    def validate(self) -> None:
+        _require(self.weight >= 0 and self.ce_weight >= 0, "kd.weight", "and kd.ce_weight must be >= 0")
+        _require(self.temperature > 0, "kd.temperature", "must be > 0")
+        _require(self.temperature_final == -1 or self.temperature_final > 0, "kd.temperature_final",
+                 "must be > 0 (or -1 for constant)")
+        _require(self.weight_final == -1 or self.weight_final >= 0, "kd.weight_final", "must be >= 0 (or -1)")
+        _require(self.feature_weight >= 0, "kd.feature_weight", "must be >= 0")
+        _positive(self, "kd", "union_student_k")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

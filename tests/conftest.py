@@ -115,3 +115,29 @@ def assert_same_cache(a: Path, b: Path) -> None:
     got_a, got_b = ra.read_range(0, len(ra)), rb.read_range(0, len(rb))
     for name in got_a:
         assert np.array_equal(got_a[name], got_b[name]), name
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory) -> Path:
+    """A complete cache from the tiny teacher, with the head stored (for the union mode)."""
+    from pipeline.config import load_config
+    from stage1_teacher_cache.run import cache_teacher
+
+    cache = tmp_path_factory.mktemp("tiny-cache") / "cache"
+    cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache,
+                                                     **{"cache.store_head": True})), show_progress=False)
+    return cache
+
+
+def stage2_overrides(cache: Path, runs: Path, name: str = "run", **extra) -> list[str]:
+    """key=value overrides for a small, fast student run on a tiny cache."""
+    values = {
+        "cache.dir": str(cache), "run.runs_dir": str(runs), "run.name": name, "run.seed": 7,
+        "student.hidden_size": 32, "student.num_layers": 2, "student.num_heads": 2, "student.num_kv_heads": 1,
+        "student.intermediate_size": 64,
+        "train.steps": 6, "train.batch_size": 4, "train.lr": 1e-2, "train.warmup_steps": 2, "train.eval_every": 3,
+        "train.save_every": 2, "train.keep_checkpoints": 2, "train.num_threads": 1, "train.loss_chunk_size": 50,
+        "train.ema_decay": 0.9,
+    }
+    values.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in values.items()]

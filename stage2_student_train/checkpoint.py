@@ -1,0 +1,82 @@
+"""Checkpoints: written to a temp directory and renamed, ``LATEST`` replaced atomically, the
+last N kept. A checkpoint holds everything an exact resume needs::
+
+    step-XXXXXXXX/student/   Hugging Face model directory (+ tokenizer)
+    step-XXXXXXXX/state.pt   optimizer, scheduler, scaler, EMA, extra modules, every RNG state,
+                             the data cursor, the step, counters, the resolved config and the
+                             cache fingerprint
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cache import atomic_write_bytes
+from pipeline.errors import PipelineError
+
+LATEST = "LATEST"
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint is missing, damaged or belongs to another run, cache or model."""
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, save_student, state: dict[str, Any], keep: int) -> Path:
+    """``save_student(path)`` writes the HF directory; ``state`` goes to state.pt."""
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_student(tmp / "student")
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.toml").write_text(state["config_toml"])
+    if final.exists():  # a rerun of the same step: replace it only once the new one is whole
+        shutil.rmtree(final)
+    tmp.rename(final)
+    atomic_write_bytes(run_dir / LATEST, f"checkpoints/{final.name}\n".encode())
+    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    path = run_dir / LATEST
+    if not path.is_file():
+        return None
+    return run_dir / path.read_text().strip()
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint {ckpt} does not exist; give a directory like runs/<run>/checkpoints/step-N "
+                              "(runs/<run>/LATEST names the newest)")
+    if not (ckpt / "state.pt").is_file() or not (ckpt / "student").is_dir():
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (state.pt or student/ missing); "
+                              "pick another one under checkpoints/")
+    try:
+        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({e.__class__.__name__}); pick an older one") from None

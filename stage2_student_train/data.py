@@ -1,0 +1,83 @@
+"""Cache -> batches, in a deterministic order that a checkpoint can resume exactly.
+
+The order of epoch e is a permutation of the train sequences drawn from ``(seed, e)``; the
+position in it is the cursor. A resumed run restores ``(epoch, cursor)`` and sees exactly the
+sequences an uninterrupted run would. Under torchrun each rank takes its slice of every global
+batch (rank r: rows r, r+W, ...), so the data a step sees does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheReader
+
+TRAIN_ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "logz")
+
+
+@dataclass
+class Cursor:
+    epoch: int = 0
+    position: int = 0
+
+
+class BatchStream:
+    def __init__(self, reader: CacheReader, split: str, batch_size: int, seed: int, *,
+                 rank: int = 0, world: int = 1, need_hidden: bool = False):
+        self.reader, self.batch_size, self.seed = reader, batch_size, seed
+        self.rank, self.world = rank, world
+        self.indices = np.asarray(reader.split_indices(split))
+        self.names = TRAIN_ARRAYS + (("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
+                                     if need_hidden else ())
+        self.cursor = Cursor()
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return self.indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.cursor.epoch, "position": self.cursor.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = Cursor(state["epoch"], state["position"])
+        self._order = self._permutation(self.cursor.epoch)
+
+    def next_indices(self) -> np.ndarray:
+        """The sequence ids of the next global batch (all ranks), advancing the cursor."""
+        out = []
+        need = self.batch_size * self.world
+        while len(out) < need:
+            if self.cursor.position >= len(self._order):
+                self.cursor = Cursor(self.cursor.epoch + 1, 0)
+                self._order = self._permutation(self.cursor.epoch)
+            take = self._order[self.cursor.position:self.cursor.position + need - len(out)]
+            out.extend(take.tolist())
+            self.cursor.position += len(take)
+        return np.asarray(out)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        global_ids = self.next_indices()
+        return load_batch(self.reader, global_ids[self.rank::self.world], self.names)
+
+
+def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Stack the cached arrays of ``indices`` as torch tensors (ids int64, floats fp32)."""
+    rows = [reader.read_range(int(i), int(i) + 1, names) for i in indices]
+    batch = {}
+    for name in names:
+        arr = np.concatenate([r[name] for r in rows])
+        batch[name] = torch.from_numpy(arr.astype(np.int64 if arr.dtype.kind in "ui" and name != "hidden"
+                                                  else np.float32))
+    if "hidden_scale" in batch:
+        batch["hidden"] = batch["hidden"] * batch.pop("hidden_scale")[..., None]
+    batch["sample_ids"] = torch.from_numpy(np.asarray(indices, np.int64))
+    return batch
+
+
+def target_bytes(reader: CacheReader, index: int) -> int:
+    """UTF-8 bytes of the text that a sequence's targets (tokens 1..L-1) cover: for bits per byte."""
+    seq = reader.sequence(index)
+    return len(seq.text[int(seq.char_end[0]):].encode("utf-8"))

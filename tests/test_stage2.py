@@ -1,0 +1,160 @@
+"""Stage 2 on a tiny cache: training reads only the cache, resume is bit-exact (also after
+SIGKILL), every KD mode trains, and bad checkpoints are refused with one line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, stage1_overrides, stage2_overrides
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from stage1_teacher_cache.run import cache_teacher
+from stage2_student_train.train import train
+
+VOLATILE = ("tokens_per_s", "mem_mb")
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), **kw)
+
+
+def train_records(run_dir):
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in recs]
+
+
+def assert_same_run(a, b, step):
+    sa = load_file(a / "final" / "student" / "model.safetensors")
+    sb = load_file(b / "final" / "student" / "model.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ca = torch.load(a / "checkpoints" / f"step-{step:08d}" / "state.pt", weights_only=False)
+    cb = torch.load(b / "checkpoints" / f"step-{step:08d}" / "state.pt", weights_only=False)
+    for k in ca["ema"]["shadow"]:
+        assert torch.equal(ca["ema"]["shadow"][k], cb["ema"]["shadow"][k]), k
+    for pid, st in ca["optimizer"]["state"].items():
+        for name, value in st.items():
+            assert torch.equal(value, cb["optimizer"]["state"][pid][name]), (pid, name)
+    wa = load_file(a / "checkpoints" / f"step-{step:08d}" / "student" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / f"step-{step:08d}" / "student" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ca["data"] == cb["data"]
+    assert train_records(a) == train_records(b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_cache, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    result = train(load_config(None, stage2_overrides(tiny_cache, runs, "full")), show_progress=False)
+    return runs / "full", result
+
+
+def test_training_learns_and_writes_the_run_directory(uninterrupted):
+    run_dir, result = uninterrupted
+    from transformers import AutoModelForCausalLM
+
+    recs = train_records(run_dir)
+    train_recs = [r for r in recs if "split" not in r]
+    evals = [r for r in recs if r.get("split") == "eval"]
+    assert [r["step"] for r in train_recs] == list(range(1, 7))
+    assert [r["step"] for r in evals] == [3, 6]
+    for r in train_recs:
+        assert set(r) >= {"step", "loss", "ce", "kd", "lr"} and r["kd"] > 0
+    for r in evals:
+        assert set(r) >= {"ce", "ppl", "bpb", "teacher_top1_agree"} and 0 <= r["teacher_top1_agree"] <= 1
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    assert (run_dir / "LATEST").read_text().strip() == "checkpoints/step-00000006"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "student")
+    assert model.config.hidden_size == 32
+    # The export holds the EMA weights, not the raw ones.
+    raw = load_file(run_dir / "checkpoints" / "step-00000006" / "student" / "model.safetensors")
+    ema = torch.load(run_dir / "checkpoints" / "step-00000006" / "state.pt", weights_only=False)["ema"]["shadow"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(model.state_dict()[name], ema[name]) and not torch.equal(raw[name], ema[name])
+
+
+def test_stop_then_resume_is_bit_identical(uninterrupted, tiny_cache, tmp_path):
+    full, _ = uninterrupted
+    train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "full", **{"train.stop_after": 3})),
+          show_progress=False)
+    run_dir = tmp_path / "full"
+    assert not (run_dir / "final").exists()
+    r = cli("resume", str(run_dir / "checkpoints" / "step-00000003"), "train.stop_after=0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(full, run_dir, 6)
+
+
+def test_sigkill_mid_run_then_resume_from_latest_is_bit_identical(uninterrupted, tiny_cache, tmp_path):
+    full, _ = uninterrupted
+    args = [sys.executable, "-m", "pipeline", "train-student", *stage2_overrides(tiny_cache, tmp_path, "full")]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    latest = tmp_path / "full" / "LATEST"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if latest.exists() and "step-00000004" in latest.read_text():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = tmp_path / "full" / latest.read_text().strip()
+    assert (ckpt / "state.pt").is_file() and (ckpt / "student" / "model.safetensors").is_file()
+    r = cli("resume", str(ckpt))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(full, tmp_path / "full", 6)
+
+
+def test_training_never_loads_the_teacher(tiny_teacher_dir, corpus_dir, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher_dir, teacher)
+    cache = tmp_path / "cache"
+    cache_teacher(load_config(None, stage1_overrides(teacher, corpus_dir, cache)), show_progress=False)
+    for weights in teacher.glob("*.safetensors"):
+        weights.unlink()  # only the tokenizer files remain
+    out = train(load_config(None, stage2_overrides(cache, tmp_path / "runs", **{"train.steps": 3})),
+                show_progress=False)
+    assert out["step"] == 3 and out["eval"]["ppl"] > 1
+
+
+@pytest.mark.parametrize("mode", ["none", "topk_renorm", "union"])
+def test_every_kd_mode_trains(tiny_cache, tmp_path, mode):
+    extra = {"kd.mode": mode, "train.steps": 3, "kd.temperature": 2.0, "kd.temperature_final": 1.0}
+    if mode == "union":
+        extra["kd.feature_weight"] = 0.5
+    out = train(load_config(None, stage2_overrides(tiny_cache, tmp_path, mode, **extra)), show_progress=False)
+    recs = train_records(tmp_path / mode)
+    assert out["step"] == 3
+    assert all((r["kd"] > 0) == (mode != "none") for r in recs if "split" not in r)
+    assert [r["temperature"] for r in recs if "split" not in r] == [2.0, 1.5, 1.0]
+
+
+def test_bad_checkpoints_are_refused_in_one_line(uninterrupted, tiny_cache, tmp_path):
+    full, _ = uninterrupted
+    r = cli("resume", str(tmp_path / "nope" / "checkpoints" / "step-00000002"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # A run copied elsewhere: its checkpoint says it belongs to another run directory.
+    moved = tmp_path / "moved"
+    shutil.copytree(full, moved)
+    r = cli("resume", str(moved / "checkpoints" / "step-00000006"))
+    assert r.returncode == 2 and "belongs to run directory" in r.stderr
+    # A run that already exists is not overwritten by a new train-student.
+    r = cli("train-student", *stage2_overrides(tiny_cache, full.parent, "full"))
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_training_refuses_an_incomplete_cache(tiny_cache, tmp_path):
+    broken = tmp_path / "cache"
+    shutil.copytree(tiny_cache, broken)
+    (broken / "done" / "shard-00001.json").unlink()
+    with pytest.raises(PipelineError, match="incomplete"):
+        train(load_config(None, stage2_overrides(broken, tmp_path / "runs")), show_progress=False)

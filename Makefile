@@ -12,7 +12,7 @@ ARGS     ?=
 CKPT     ?=
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup test cache-teacher train-student resume demo bench doctor inspect clean distclean
+.PHONY: setup test cache-teacher train-student resume demo bench doctor clean distclean
 
 setup: $(STAMP)
 
@@ -49,9 +49,14 @@ resume: setup
 	@test -n "$(CKPT)" || { echo "error: give the checkpoint: make resume CKPT=runs/<run>/checkpoints/step-N"; exit 2; }
 	$(PY) -m pipeline resume $(CKPT) $(ARGS)
 
+# The embedded default end to end: stage 1 (reused when the cache is complete), then a KD
+# student and a CE-only baseline from the same cache (same student, data order and steps),
+# then runs/demo/REPORT.md with plots and generations. Runs go to runs/ (keep run.runs_dir).
 demo: setup
 	$(PY) -m pipeline cache-teacher --config $(CONFIG) $(ARGS)
-	$(PY) -m pipeline inspect $$($(PY) -m pipeline show-config --config $(CONFIG) $(ARGS) | sed -n 's/^dir = "\(.*\)"/\1/p')
+	$(PY) -m pipeline train-student --config $(CONFIG) run.name=demo-kd train.overwrite=true $(ARGS)
+	$(PY) -m pipeline train-student --config $(CONFIG) run.name=demo-ce kd.mode=none train.overwrite=true $(ARGS)
+	$(PY) -m pipeline report runs/demo-kd runs/demo-ce --out runs/demo
 
 bench: setup
 	$(PY) -m pipeline bench --config $(CONFIG) $(ARGS)

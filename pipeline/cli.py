@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-student": ("stage2_student_train.train:main", "stage 2: train a student from a cache"),
     "resume": ("stage2_student_train.train:resume_main", "continue a stage-2 run from a checkpoint"),
     "eval": ("", "evaluate a trained student on the cache's held-out sequences"),
-    "plot": ("", "draw metrics.jsonl curves to PNG"),
+    "plot": ("pipeline.plot:main", "draw metrics.jsonl curves to PNG"),
+    "report": ("pipeline.report:main", "write REPORT.md + plots comparing student runs of one cache"),
     "bench": ("", "measure the performance ratios P1-P6"),
     "inspect": ("pipeline.cli:cmd_inspect", "describe a cache (add --json for machine-readable output)"),
     "doctor": ("pipeline.doctor:main", "report versions, device and the precision the pipeline would use"),
@@ -47,8 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "report":
+            p.add_argument("runs", nargs="+", help="finished run directories")
+            p.add_argument("--out", required=True, help="directory for REPORT.md and curves.png")
+            p.add_argument("--no-generations", action="store_true", help="skip the greedy generations")
         if name == "plot":
             p.add_argument("runs", nargs="+", help="run directories")
+            p.add_argument("--out", help="PNG file (default: RUN/curves.png of the first run)")
     return parser
 
 

@@ -16,6 +16,7 @@ import math
 import resource
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = Tr
 
 
 def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> dict:
+    t_start = time.perf_counter()
     t = cfg.train
     torch.set_num_threads(cpu_threads(dist.local_world, t.num_threads))
     device = resolve_device(t.device)
@@ -186,7 +188,9 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
                                     f"{totals['loss']}); sample ids of that step: {sample_ids}. Lower train.lr, "
                                     "check the cache (inspect) or use train.precision=float32")
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        with warnings.catch_warnings():  # after a skipped step torch warns that the optimizer did not step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            scheduler.step()
         step += 1
         elapsed = time.perf_counter() - t0
         log({"step": step, "loss": totals["loss"], "ce": totals["ce"], "kd": totals["kd"], "lr": lr,
@@ -225,12 +229,17 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
             print(f"stopped at step {step} of {t.steps} (train.stop_after); continue with: "
                   f"make resume CKPT={run_dir}/checkpoints/step-{step:08d} ARGS=train.stop_after=0")
         return {"run_dir": str(run_dir), "step": step, "skipped_steps": skipped, "eval": last_eval}
+    result = {"run_dir": str(run_dir), "step": step, "skipped_steps": skipped, "eval": last_eval,
+              "kd_mode": cfg.kd.mode, "cache": cfg.cache.dir, "wall_s": round(time.perf_counter() - t_start, 1),
+              "resumed_from": str(resume_from) if resume_from else None,
+              "student_parameters": sum(p.numel() for p in model.parameters())}
     if dist.is_main:
         final = run_dir / "final" / "student"
         shutil.rmtree(final, ignore_errors=True)
         save_student(model_with_ema(model, ema), tokenizer, final)
         metrics.close()
-    return {"run_dir": str(run_dir), "step": step, "skipped_steps": skipped, "eval": last_eval}
+        (run_dir / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 # ---------------------------------------------------------------- helpers

@@ -158,3 +158,46 @@ def test_training_refuses_an_incomplete_cache(tiny_cache, tmp_path):
     (broken / "done" / "shard-00001.json").unlink()
     with pytest.raises(PipelineError, match="incomplete"):
         train(load_config(None, stage2_overrides(broken, tmp_path / "runs")), show_progress=False)
+
+
+def test_torchrun_two_processes_train_like_one_and_resume(uninterrupted, tiny_cache, tmp_path):
+    """Two ranks with half the batch each see the same global batches as one process with the
+    whole batch, so their losses agree to float rounding; their checkpoint resumes under torchrun."""
+    full, _ = uninterrupted
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pipeline"]
+    args = stage2_overrides(tiny_cache, tmp_path, "full", **{"train.batch_size": 2, "train.stop_after": 4})
+    r = subprocess.run([*launch, "train-student", *args], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "full" / "checkpoints" / "step-00000004" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["rng"]) == 2  # one RNG state per rank
+    r = subprocess.run([*launch, "resume", str(tmp_path / "full" / "checkpoints" / "step-00000004"),
+                        "train.stop_after=0"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [r for r in train_records(full) if "split" not in r]
+    two = [r for r in train_records(tmp_path / "full") if "split" not in r]
+    assert [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    assert (tmp_path / "full" / "final" / "student" / "model.safetensors").is_file()
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_cache, tmp_path, monkeypatch):
+    import stage2_student_train.train as train_module
+
+    real_build = train_module.build_student
+
+    def poisoned(*a, **kw):  # a student whose forward yields NaN: every step is non-finite
+        model = real_build(*a, **kw)
+        with torch.no_grad():
+            model.model.norm.weight[0] = float("nan")
+        return model
+
+    monkeypatch.setattr(train_module, "build_student", poisoned)
+    cfg = load_config(None, stage2_overrides(tiny_cache, tmp_path, "nan", **{"train.max_bad_steps": 3}))
+    with pytest.raises(train_module.TrainingError, match=r"3 non-finite steps in a row.*sample ids of that step: \[\d+"):
+        train(cfg, show_progress=False)
+    recs = train_records(tmp_path / "nan")
+    assert [r["skipped_steps"] for r in recs] == [1, 2]  # the third raised before its record
+    assert all(r["grad_norm"] is None for r in recs)

@@ -7,8 +7,12 @@ Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
     arrays.zarr/           zarr v3 group; every per-token array is [N, L, ...], sharded along N
                            with one shard = ``shard_sequences`` sequences, Blosc-zstd compressed
       input_ids            [N, L]     uint16 if the vocab fits, else uint32   teacher token ids
-      topk_ids             [N, L, K]  same type                               top-k ids, by logit desc.
-      topk_logprobs        [N, L, K]  float16|float32                         log p of those ids
+      topk_rank_gaps       [N, L, K]  uint16|uint32  topk_encoding=sqrt8 (default): the top-k ids as
+      topk_sqrt_codes      [N, L, K]  uint8          rank gaps, round(sqrt(p) * M) and the tail mass
+      topk_tail_code       [N, L]     uint8          coded alike (see logit_codec.py)
+      rank_to_id           [V]        int64          sqrt8: the per-cache frequency rank table
+      topk_ids             [N, L, K]  id type        topk_encoding=float16|float32: ids by logit desc.
+      topk_logprobs        [N, L, K]  float16|float32   and their log p
       logz                 [N, L]     float32   logsumexp of the full-vocab logits (logit = logprob + logz)
       next_logprob         [N, L]     float32   log p(input_ids[t+1]); 0 at t = L-1 (no target there)
       hidden               [N, L, D]  float16|int8  post-norm last hidden state
@@ -21,6 +25,9 @@ Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
                            token t in text; doc_id[t]: the document token t comes from
     done/shard-SSSSS.json  commit marker: written last, atomically; lists every file of the shard
                            with size and CRC32, and the shard's summary statistics
+
+Readers see the logical arrays (``LOGICAL``): ``topk_ids`` (by descending probability) and
+``topk_logprobs`` are decoded from the sqrt8 arrays when the cache uses that encoding.
 
 A shard is complete exactly when its marker exists; a crash at any moment leaves at most
 unfinished shards, which a rerun redoes. Each rank of a multi-process run writes only its own
@@ -36,7 +43,7 @@ import shutil
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +51,7 @@ import pyarrow.ipc as ipc
 import zarr
 from zarr.codecs import BloscCodec
 
+from . import logit_codec
 from .errors import CacheError, FingerprintMismatch
 
 SCHEMA_VERSION = 1
@@ -52,6 +60,9 @@ ARRAYS = "arrays.zarr"
 META = "meta"
 DONE = "done"
 SPLITS = ("train", "eval")
+LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "hidden_scale")
+SQRT8_ARRAYS = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
+COMPACT_ZSTD_LEVEL = 9  # the small coded arrays: level 9 saves ~5 B/token over 3 on the gaps, for little CPU
 
 META_SCHEMA = pa.schema([
     ("seq_index", pa.int64()),
@@ -94,7 +105,9 @@ class CacheSpec:
     fingerprint: dict[str, Any]
     """The inputs that determine the cache's content; a rerun must match it exactly."""
     hidden_dtype: str = "float16"
-    topk_dtype: str = "float16"
+    topk_encoding: str = "sqrt8"
+    """sqrt8 (compact, see logit_codec.py), float16 or float32 log-probs."""
+    sqrt_levels: int = logit_codec.SQRT_LEVELS
     store_hidden: bool = True
     shard_sequences: int = 32
     chunk_sequences: int = 4
@@ -117,21 +130,30 @@ class CacheSpec:
         raise IndexError(seq_index)
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """name -> (shape, dtype) of every per-token array."""
+        """name -> (shape, dtype) of every per-token array as stored."""
         n, length, k, d = self.num_sequences, self.seq_len, self.top_k, self.hidden_dim
         ids = id_dtype(self.vocab_size)
-        specs = {
-            "input_ids": ((n, length), ids),
-            "topk_ids": ((n, length, k), ids),
-            "topk_logprobs": ((n, length, k), np.dtype(self.topk_dtype)),
+        specs = {"input_ids": ((n, length), ids)}
+        if self.topk_encoding == "sqrt8":
+            specs.update({"topk_rank_gaps": ((n, length, k), ids), "topk_sqrt_codes": ((n, length, k), np.dtype(np.uint8)),
+                          "topk_tail_code": ((n, length), np.dtype(np.uint8))})
+        else:
+            specs.update({"topk_ids": ((n, length, k), ids),
+                          "topk_logprobs": ((n, length, k), np.dtype(self.topk_encoding))})
+        specs.update({
             "logz": ((n, length), np.dtype(np.float32)),
             "next_logprob": ((n, length), np.dtype(np.float32)),
-        }
+        })
         if self.store_hidden:
             specs["hidden"] = ((n, length, d), np.dtype(np.int8 if self.hidden_dtype == "int8" else np.float16))
             if self.hidden_dtype == "int8":
                 specs["hidden_scale"] = ((n, length), np.dtype(np.float32))
         return specs
+
+    def logical_arrays(self) -> tuple[str, ...]:
+        """The arrays a writer is given and a reader returns (decoded, whatever the encoding)."""
+        stored = self.array_specs()
+        return tuple(name for name in LOGICAL if name in stored or name in ("topk_ids", "topk_logprobs"))
 
 
 # ---------------------------------------------------------------- small file helpers
@@ -209,14 +231,17 @@ class CacheWriter:
     def __init__(self, root: Path, spec: CacheSpec, manifest: dict[str, Any]):
         self.root, self.spec, self.manifest = root, spec, manifest
         self._group = zarr.open_group(str(root / ARRAYS), mode="r+")
+        self._rank_to_id = self._group["rank_to_id"][:] if spec.topk_encoding == "sqrt8" else None
 
     @classmethod
-    def open(cls, root: str | Path, spec: CacheSpec, *, overwrite: bool = False, create: bool = True) -> CacheWriter:
+    def open(cls, root: str | Path, spec: CacheSpec, *, overwrite: bool = False, create: bool = True,
+             rank_table: Callable[[], np.ndarray] | None = None) -> CacheWriter:
         """Create the cache, or reopen an existing one built from the same fingerprint.
 
         ``create=False`` (non-zero ranks) waits for nothing and only reopens what rank 0 made.
         An existing cache with another fingerprint is refused with the differing fields named;
-        ``overwrite=True`` deletes it first.
+        ``overwrite=True`` deletes it first. ``rank_table()`` gives the sqrt8 rank -> id table; it
+        is called only when a cache is created.
         """
         root = Path(root)
         if create and overwrite and root.exists():
@@ -239,18 +264,32 @@ class CacheWriter:
         if root.exists() and any(root.iterdir()):
             raise CacheError(f"{root} exists, is not empty and holds no cache manifest; "
                              "choose another cache.dir or remove it")
-        root.mkdir(parents=True, exist_ok=True)
-        (root / META).mkdir(exist_ok=True)
-        (root / DONE).mkdir(exist_ok=True)
-        group = zarr.open_group(str(root / ARRAYS), mode="w")
-        compressor = BloscCodec(cname="zstd", clevel=spec.zstd_level, shuffle="shuffle")
+        # Build the skeleton beside the target and rename it into place: a crash leaves either
+        # nothing or a whole skeleton, never a directory that is neither a cache nor empty.
+        tmp = root.parent / f".{root.name}.creating"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / META).mkdir(parents=True)
+        (tmp / DONE).mkdir()
+        group = zarr.open_group(str(tmp / ARRAYS), mode="w")
         for name, (shape, dtype) in spec.array_specs().items():
-            inner = (spec.chunk_sequences,) + shape[1:]
-            outer = (spec.shard_sequences,) + shape[1:]
-            group.create_array(name, shape=shape, dtype=dtype, chunks=inner, shards=outer,
-                               compressors=compressor, fill_value=0, config={"write_empty_chunks": True})
+            level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS else spec.zstd_level
+            group.create_array(name, shape=shape, dtype=dtype, chunks=(spec.chunk_sequences,) + shape[1:],
+                               shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
+                               compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
+                               config={"write_empty_chunks": True})
+        if spec.topk_encoding == "sqrt8":
+            if rank_table is None:
+                raise ValueError("a sqrt8 cache needs its rank table at creation")
+            table = np.asarray(rank_table(), np.int64)
+            if sorted(table.tolist()) != list(range(spec.vocab_size)):
+                raise ValueError("the rank table must be a permutation of the vocabulary")
+            group.create_array("rank_to_id", shape=table.shape, dtype=np.int64, chunks=table.shape)[:] = table
         manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {}}
-        atomic_write_json(root / MANIFEST, manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, root)
         return cls(root, spec, manifest)
 
     # -- documents and head are written once, by rank 0, before any shard
@@ -284,13 +323,30 @@ class CacheWriter:
         done = self.done_shards()
         return [s for s in range(self.spec.num_shards) if s not in done]
 
+    def encode_topk(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Logical arrays -> stored arrays, and the summed KL(exact || stored) over K+1 buckets
+        (the encoding's fidelity, measured on every position written)."""
+        out = dict(arrays)
+        ids, logprobs = out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32)
+        if self.spec.topk_encoding == "sqrt8":
+            gaps, codes, tail = logit_codec.encode(ids, logprobs, self._rank_to_id, self.spec.sqrt_levels)
+            out.update(topk_rank_gaps=gaps, topk_sqrt_codes=codes, topk_tail_code=tail)
+            stored = logit_codec.roundtrip(logprobs, self.spec.sqrt_levels)
+        else:
+            out.update(topk_ids=ids, topk_logprobs=logprobs)
+            stored = logprobs.astype(self.spec.topk_encoding).astype(np.float32)
+        return out, float(logit_codec.bucket_kl(logprobs, stored).sum())
+
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],
                     stats: dict[str, float]) -> None:
-        """Write every array region and the metadata of one shard, then its commit marker."""
+        """Write one shard: its logical arrays (encoded as the spec says) and metadata, then its
+        commit marker. ``stats`` are sums; ``topk_encoding_kl_sum`` is added here."""
         start, stop = self.spec.shard_range(shard)
+        if set(arrays) != set(self.spec.logical_arrays()):
+            raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(self.spec.logical_arrays())}")
+        arrays, kl_sum = self.encode_topk(arrays)
+        stats = {**stats, "topk_encoding_kl_sum": kl_sum}
         specs = self.spec.array_specs()
-        if set(arrays) != set(specs):
-            raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(specs)}")
         files: dict[str, dict[str, int]] = {}
         for name, (shape, dtype) in specs.items():
             data = arrays[name]
@@ -388,6 +444,7 @@ class CacheReader:
         try:
             group = zarr.open_group(str(self.root / ARRAYS), mode="r")
             self._arrays = {name: group[name] for name in self.spec.array_specs()}
+            self._rank_to_id = group["rank_to_id"][:] if self.spec.topk_encoding == "sqrt8" else None
             self._head = group["head"] if "head" in group else None
         except Exception as e:  # zarr raises many types for missing/corrupt metadata
             raise CacheError(f"{self.root / ARRAYS} is damaged ({e.__class__.__name__}: {e}); "
@@ -450,13 +507,29 @@ class CacheReader:
         self._verified.add(shard)
 
     def read_range(self, start: int, stop: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Arrays for sequences [start, stop), which must lie in committed shards."""
+        """Logical arrays (``CacheSpec.logical_arrays``) for sequences [start, stop), which must
+        lie in committed shards; top-k arrays come decoded whatever the encoding."""
         if not 0 <= start < stop <= self.spec.num_sequences:
             raise IndexError(f"sequences [{start}, {stop}) outside [0, {self.spec.num_sequences})")
+        names = tuple(names or self.spec.logical_arrays())
+        unknown = set(names) - set(self.spec.logical_arrays())
+        if unknown:
+            raise CacheError(f"cache {self.root} has no array {sorted(unknown)[0]!r} "
+                             f"(it has {', '.join(self.spec.logical_arrays())})")
+        decode = self._rank_to_id is not None and ("topk_ids" in names or "topk_logprobs" in names)
+        stored = [n for n in names if n not in ("topk_ids", "topk_logprobs") or not decode]
+        out = self._read_stored(start, stop, tuple(stored) + (SQRT8_ARRAYS if decode else ()))
+        if decode:
+            ids, logprobs = logit_codec.decode(*(out.pop(n) for n in SQRT8_ARRAYS), self._rank_to_id,
+                                               self.spec.sqrt_levels)
+            out.update(topk_ids=ids.astype(id_dtype(self.spec.vocab_size)), topk_logprobs=logprobs)
+        return {n: out[n] for n in names}
+
+    def _read_stored(self, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         for shard in range(start // self.spec.shard_sequences, (stop - 1) // self.spec.shard_sequences + 1):
             self._check_shard(shard)
         out = {}
-        for name in names or tuple(self._arrays):
+        for name in names:
             try:
                 out[name] = self._arrays[name][start:stop]
             except KeyError:
@@ -520,6 +593,8 @@ class CacheReader:
         eval_targets = tot.get("eval_targets", 0.0)
         out: dict[str, Any] = {
             "topk_mass_mean": tot.get("topk_mass_sum", 0.0) / positions if positions else None,
+            "topk_encoding_kl_mean": tot["topk_encoding_kl_sum"] / positions
+            if positions and "topk_encoding_kl_sum" in tot else None,
             "teacher_eval_ppl": math.exp(tot["eval_nll_sum"] / eval_targets) if eval_targets else None,
             "teacher_eval_bpb": (tot["eval_nll_sum"] / math.log(2) / tot["eval_target_bytes"]
                                  if tot.get("eval_target_bytes") else None),
@@ -549,7 +624,7 @@ class CacheReader:
             "vocab_size": spec.vocab_size,
             "hidden_dim": spec.hidden_dim,
             "hidden_dtype": spec.hidden_dtype if spec.store_hidden else None,
-            "topk_dtype": spec.topk_dtype,
+            "topk_encoding": spec.topk_encoding,
             "has_head": self._head is not None,
             "teacher": spec.fingerprint.get("teacher"),
             "teacher_facts": spec.teacher,
@@ -558,9 +633,15 @@ class CacheReader:
             "head_bytes": head,
             "bytes_per_token": (size - head) / tokens if tokens else None,
             "array_bytes_per_token": self.array_bytes_per_token(),
+            "logit_bytes_per_token": self.logit_bytes_per_token(),
             **stats,
             **{k: v for k, v in self.manifest.get("summary", {}).items() if k not in stats},
         }
+
+    def logit_bytes_per_token(self) -> float:
+        """Bytes per token of what top-k KD needs: ids + values (+ tail) + logZ."""
+        per = self.array_bytes_per_token()
+        return round(sum(v for k, v in per.items() if k.startswith("topk_") or k == "logz"), 2)
 
     def array_bytes_per_token(self) -> dict[str, float]:
         tokens = self.spec.num_sequences * self.spec.seq_len

@@ -90,8 +90,11 @@ class CacheConfig:
     top_k: int = 64
     hidden_dtype: Literal["float16", "int8"] = "float16"
     """int8 stores a per-token scale beside the codes (~2x smaller, bounded error)."""
-    topk_dtype: Literal["float16", "float32"] = "float16"
-    """Storage type of the top-k log-probabilities (fp16 is precise near 0, where it matters)."""
+    topk_encoding: Literal["sqrt8", "float16", "float32"] = "sqrt8"
+    """How top-k values are stored: sqrt8 (rank-gap ids + uint8 sqrt(p) codes + explicit tail,
+    ~90 B/token at k=64 with mean KL ~4e-4 nats), or float16/float32 log-probs with plain ids."""
+    pilot_sequences: int = 8
+    """sqrt8: sequences the teacher runs first to rank tokens by how often they are in top-k lists."""
     shard_sequences: int = 32
     """Sequences per shard: the unit of commit, resume and work split between ranks."""
     chunk_sequences: int = 4
@@ -107,7 +110,7 @@ class CacheConfig:
 
     def validate(self) -> None:
         _require(bool(self.dir.strip()), "cache.dir", "must not be empty")
-        _positive(self, "cache", "top_k", "shard_sequences", "chunk_sequences", "writer_queue")
+        _positive(self, "cache", "top_k", "shard_sequences", "chunk_sequences", "writer_queue", "pilot_sequences")
         _require(self.shard_sequences % self.chunk_sequences == 0, "cache.shard_sequences",
                  f"must be a multiple of cache.chunk_sequences ({self.chunk_sequences})")
         _require(1 <= self.zstd_level <= 22, "cache.zstd_level", "must be in 1..22")

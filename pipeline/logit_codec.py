@@ -55,6 +55,15 @@ def decode(gaps: np.ndarray, codes: np.ndarray, tail_code: np.ndarray, rank_to_i
     return np.take_along_axis(ids, order, -1), np.log(np.take_along_axis(probs, order, -1)).astype(np.float32)
 
 
+def roundtrip(logprobs: np.ndarray, levels: int = SQRT_LEVELS) -> np.ndarray:
+    """The log-probs a reader gets back for ``logprobs``, in the same order (for fidelity stats)."""
+    probs = np.exp(logprobs.astype(np.float64))
+    tail = np.clip(1.0 - probs.sum(-1), 0.0, 1.0)
+    q = _dequantize(np.rint(np.sqrt(probs) * levels), levels)
+    total = q.sum(-1) + _dequantize(np.rint(np.sqrt(tail) * levels), levels)
+    return np.log(q / total[..., None]).astype(np.float32)
+
+
 def _dequantize(codes: np.ndarray, levels: int) -> np.ndarray:
     c = codes.astype(np.float64)
     return (np.where(c == 0, 0.25, c) / levels) ** 2

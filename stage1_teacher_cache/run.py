@@ -58,9 +58,11 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
                           {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens},
                           show_progress=progress)
         spec = make_spec(cfg, source, tokenizer, plan, documents, precision.name)
+        teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
 
         def create() -> CacheWriter:
-            writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite)
+            writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite,
+                                      rank_table=lambda: pilot_rank_table(teacher(), plan, cfg, spec.vocab_size))
             if not (writer.root / "meta" / "documents.arrow").exists():
                 writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
                                        [d.split for d in documents], [len(d.text) for d in documents])
@@ -84,7 +86,7 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
         mine = [s for s in pending if s % dist.world == dist.rank]
         ok, stats = False, {}
         try:
-            stats = run_teacher(cfg, spec, source, plan, writer, mine, device, precision.dtype, progress, dist)
+            stats = run_teacher(cfg, spec, teacher, plan, writer, mine, progress, dist)
             ok = True
         finally:
             all_ok = dist.all_ok(ok)
@@ -122,13 +124,13 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documen
         "max_eval_tokens": cfg.data.max_eval_tokens,
         "doc_separator": cfg.data.doc_separator,
         "top_k": cfg.cache.top_k,
-        "topk_dtype": cfg.cache.topk_dtype,
+        "topk_encoding": cfg.cache.topk_encoding,
         "hidden_dtype": cfg.cache.hidden_dtype if cfg.cache.store_hidden else "none",
     }
     return CacheSpec(
         num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
         hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
-        hidden_dtype=cfg.cache.hidden_dtype, topk_dtype=cfg.cache.topk_dtype, store_hidden=cfg.cache.store_hidden,
+        hidden_dtype=cfg.cache.hidden_dtype, topk_encoding=cfg.cache.topk_encoding, store_hidden=cfg.cache.store_hidden,
         shard_sequences=cfg.cache.shard_sequences, chunk_sequences=cfg.cache.chunk_sequences,
         zstd_level=cfg.cache.zstd_level,
         teacher={"name": source.name, "path": source.path, "gguf_file": source.gguf_file,
@@ -136,19 +138,49 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documen
     )
 
 
-def run_teacher(cfg: Config, spec: CacheSpec, source: TeacherSource, plan: Plan, writer: CacheWriter,
-                shards: list[int], device: torch.device, dtype: torch.dtype, progress: bool, dist: Dist) -> dict:
+class LazyTeacher:
+    """Loads the teacher on first use (a rerun with nothing left to do never loads it) and
+    checks once that its logits are its head applied to its last hidden state."""
+
+    def __init__(self, cfg: Config, source: TeacherSource, spec: CacheSpec, plan: Plan, device, dtype):
+        self.cfg, self.source, self.spec, self.plan, self.device, self.dtype = cfg, source, spec, plan, device, dtype
+        self.teacher: TeacherPass | None = None
+        self.facts: dict = {}
+
+    def __call__(self) -> TeacherPass:
+        if self.teacher is None:
+            t_load = time.perf_counter()
+            model = load_model(self.source, self.dtype, self.device)
+            teacher = TeacherPass(model, self.spec.top_k, self.cfg.teacher.logits_chunk)
+            head_diff = teacher.check_head(torch.from_numpy(self.plan.sequences[0].input_ids[None]))
+            if head_diff > HEAD_TOLERANCE * (1 if self.dtype == torch.float32 else 50):
+                raise TeacherError(f"this teacher's logits are not its head applied to its last hidden state "
+                                   f"(max difference {head_diff:.3g}); such models are not supported")
+            self.teacher = teacher
+            self.facts = {"teacher_load_s": round(time.perf_counter() - t_load, 2), "head_check_max_diff": head_diff}
+        return self.teacher
+
+
+def pilot_rank_table(teacher: TeacherPass, plan: Plan, cfg: Config, vocab: int) -> np.ndarray:
+    """sqrt8's rank table: tokens by how often they are in the teacher's top-k on the first
+    ``pilot_sequences`` sequences, then by frequency in the text, then by id. Deterministic, so
+    a rerun after a crash at creation rebuilds the same table."""
+    pilot = range(min(cfg.cache.pilot_sequences, plan.num_sequences))
+    topk_counts = np.zeros(vocab, np.int64)
+    for b in range(0, len(pilot), cfg.teacher.batch_size):
+        rows = pilot[b:b + cfg.teacher.batch_size]
+        out = teacher(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+        topk_counts += np.bincount(out["topk_ids"].ravel(), minlength=vocab)
+    text_counts = np.bincount(np.concatenate([s.input_ids for s in plan.sequences]), minlength=vocab)
+    return np.lexsort((np.arange(vocab), -text_counts, -topk_counts))
+
+
+def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, writer: CacheWriter,
+                shards: list[int], progress: bool, dist: Dist) -> dict:
     """Run the teacher over ``shards`` and hand each finished shard to the background writer."""
     if not shards and not (cfg.cache.store_head and dist.is_main and not writer.manifest.get("has_head")):
         return {}
-    t_load = time.perf_counter()
-    model = load_model(source, dtype, device)
-    teacher = TeacherPass(model, spec.top_k, cfg.teacher.logits_chunk)
-    load_s = time.perf_counter() - t_load
-    head_diff = teacher.check_head(torch.from_numpy(plan.sequences[0].input_ids[None]))
-    if head_diff > HEAD_TOLERANCE * (1 if dtype == torch.float32 else 50):
-        raise TeacherError(f"this teacher's logits are not its head applied to its last hidden state "
-                           f"(max difference {head_diff:.3g}); such models are not supported")
+    teacher = lazy()
     if cfg.cache.store_head and dist.is_main and not writer.manifest.get("has_head"):
         writer.write_head(teacher.head.weight.detach().float().cpu().numpy())
 
@@ -170,8 +202,7 @@ def run_teacher(cfg: Config, spec: CacheSpec, source: TeacherSource, plan: Plan,
             background.submit(shard, to_storage(arrays, spec), shard_meta(plan, start, stop), stats)
     bar.close()
     run_s = time.perf_counter() - t_run
-    return {"teacher_load_s": round(load_s, 2), "head_check_max_diff": head_diff,
-            "teacher_tokens_per_s": round(total / run_s, 1) if run_s > 0 and total else None,
+    return {**lazy.facts, "teacher_tokens_per_s": round(total / run_s, 1) if run_s > 0 and total else None,
             "writer_stall_s": round(background.stall_s, 3)}
 
 
@@ -217,17 +248,13 @@ def print_summary(info: dict, wall: float) -> None:
         ("tokens", f"{info['tokens']} (seq_len {info['seq_len']})"),
         ("bytes on disk", f"{info['bytes_on_disk'] / 2**20:.1f} MiB"),
         ("bytes / token", f"{fmt(info['bytes_per_token'], '.1f')} "
-                          f"(logits part: {fmt(logit_bytes(info), '.1f')})"),
+                          f"(top-k ids + values + logZ: {fmt(info['logit_bytes_per_token'], '.1f')})"),
         ("top-k mass mean", f"{fmt(info['topk_mass_mean'], '.3f')} (k={info['top_k']})"),
+        ("top-k encoding", f"{info['topk_encoding']}, mean KL to exact top-k+tail "
+                           f"{fmt(info['topk_encoding_kl_mean'], '.2e')} nats"),
         ("teacher eval ppl", f"{fmt(info['teacher_eval_ppl'], '.2f')}  bpb {fmt(info['teacher_eval_bpb'], '.3f')}"),
         ("teacher tokens/s", fmt(info.get("teacher_tokens_per_s"), ".1f")),
         ("wall time", f"{wall:.1f} s"),
     ]
     print("\n".join(f"{k:<17} {v}" for k, v in rows))
-
-
-def logit_bytes(info: dict) -> float | None:
-    per = info.get("array_bytes_per_token") or {}
-    keys = ("topk_ids", "topk_logprobs", "logz")
-    return sum(per[k] for k in keys) if all(k in per for k in keys) else None
 

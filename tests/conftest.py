@@ -86,7 +86,7 @@ def stage1_overrides(teacher_dir: Path, corpus: Path, cache_dir: Path, **extra) 
         "cache.top_k": 8,
         "cache.shard_sequences": 4,
         "cache.chunk_sequences": 2,
-        "cache.topk_dtype": "float32",
+        "cache.topk_encoding": "float32",
         "cache.store_head": False,
     }
     values.update(extra)

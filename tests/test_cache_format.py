@@ -14,18 +14,29 @@ from pipeline.errors import CacheError, FingerprintMismatch
 N, L, K, D = 10, 6, 5, 8
 
 
-def make_spec(vocab=50_000, hidden_dtype="float16", topk_dtype="float16", **kw) -> CacheSpec:
+def make_spec(vocab=50_000, hidden_dtype="float16", topk_encoding="float16", **kw) -> CacheSpec:
     return CacheSpec(num_sequences=N, seq_len=L, top_k=K, vocab_size=vocab, hidden_dim=D,
                      splits={"train": [0, 7], "eval": [7, N]}, fingerprint={"teacher": "t", "top_k": K},
-                     hidden_dtype=hidden_dtype, topk_dtype=topk_dtype, shard_sequences=4, chunk_sequences=2, **kw)
+                     hidden_dtype=hidden_dtype, topk_encoding=topk_encoding, shard_sequences=4, chunk_sequences=2, **kw)
+
+
+def random_topk(rng: np.random.Generator, shape: tuple[int, ...], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ids per position, with log-probs of a random distribution (descending, mass < 1)."""
+    ids = np.stack([rng.choice(vocab, size=K, replace=False) for _ in range(int(np.prod(shape)))]).reshape(*shape, K)
+    logits = rng.standard_normal((*shape, K + 20)) * 2.5
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return ids, -np.sort(-logp[..., :K], axis=-1)
 
 
 def random_shard(spec: CacheSpec, shard: int, rng: np.random.Generator):
     start, stop = spec.shard_range(shard)
     n = stop - start
-    specs = spec.array_specs()
+    stored = spec.array_specs()
     arrays = {}
-    for name, (shape, dtype) in specs.items():
+    for name in spec.logical_arrays():
+        if name in ("topk_ids", "topk_logprobs"):
+            continue
+        shape, dtype = stored[name]
         shape = (n,) + shape[1:]
         if dtype.kind == "u":
             arrays[name] = rng.integers(0, spec.vocab_size, shape).astype(dtype)
@@ -33,6 +44,10 @@ def random_shard(spec: CacheSpec, shard: int, rng: np.random.Generator):
             arrays[name] = rng.integers(-127, 128, shape).astype(dtype)
         else:
             arrays[name] = (rng.standard_normal(shape) * 3).astype(dtype)
+    ids, logp = random_topk(rng, (n, L), spec.vocab_size)
+    value_dtype = np.float32 if spec.topk_encoding == "sqrt8" else spec.topk_encoding
+    arrays["topk_ids"] = ids.astype(id_dtype(spec.vocab_size))
+    arrays["topk_logprobs"] = logp.astype(value_dtype)
     texts = ["".join(rng.choice(list("abcé東 \n"), size=rng.integers(1, 20))) for _ in range(n)]
     meta = {"text": texts, "char_end": [sorted(rng.integers(0, len(t) + 1, L).tolist()) for t in texts],
             "doc_id": [rng.integers(0, 3, L).tolist() for _ in range(n)]}
@@ -40,7 +55,7 @@ def random_shard(spec: CacheSpec, shard: int, rng: np.random.Generator):
 
 
 def write_all(root, spec, rng, shards=None):
-    w = CacheWriter.open(root, spec)
+    w = CacheWriter.open(root, spec, rank_table=lambda: rng.permutation(spec.vocab_size))
     w.write_documents([0, 1, 2], ["a", "b", "c"], ["train", "train", "eval"], [10, 20, 30])
     written = {}
     for s in range(spec.num_shards) if shards is None else shards:
@@ -50,12 +65,12 @@ def write_all(root, spec, rng, shards=None):
     return w, written
 
 
-@pytest.mark.parametrize("vocab, hidden_dtype, topk_dtype", [
+@pytest.mark.parametrize("vocab, hidden_dtype, topk_encoding", [
     (50_000, "float16", "float16"), (50_000, "int8", "float32"), (150_000, "float16", "float32"),
 ])
-def test_every_array_round_trips_bit_exactly(tmp_path, vocab, hidden_dtype, topk_dtype):
+def test_every_array_round_trips_bit_exactly(tmp_path, vocab, hidden_dtype, topk_encoding):
     rng = np.random.default_rng(0)
-    spec = make_spec(vocab, hidden_dtype, topk_dtype)
+    spec = make_spec(vocab, hidden_dtype, topk_encoding)
     w, written = write_all(tmp_path / "c", spec, rng)
     w.finalize()
     r = CacheReader(tmp_path / "c")
@@ -135,13 +150,13 @@ def test_corrupted_shard_bytes_are_detected(tmp_path):
     rng = np.random.default_rng(4)
     spec = make_spec()
     write_all(tmp_path / "c", spec, rng)
-    victim = tmp_path / "c" / ARRAYS / "topk_logprobs" / "c" / "1" / "0" / "0"
+    victim = tmp_path / "c" / ARRAYS / "logz" / "c" / "1" / "0"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     r = CacheReader(tmp_path / "c")
     r.sequence(0)  # other shards still read
-    with pytest.raises(CacheError, match=r"topk_logprobs.*shard 1 is corrupt"):
+    with pytest.raises(CacheError, match=r"logz.*shard 1 is corrupt"):
         r.sequence(5)
 
 
@@ -228,3 +243,40 @@ def test_inspect_cli_json_and_error(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("vocab", [50_000, 150_000])
+def test_sqrt8_encoding_round_trip_and_fidelity(tmp_path, vocab):
+    from pipeline.logit_codec import bucket_kl
+
+    rng = np.random.default_rng(10)
+    spec = make_spec(vocab, topk_encoding="sqrt8")
+    w, written = write_all(tmp_path / "c", spec, rng)
+    w.finalize()
+    r = CacheReader(tmp_path / "c")
+    stored = set(r.spec.array_specs())
+    assert {"topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code"} <= stored and "topk_ids" not in stored
+    kl_total, positions = 0.0, 0
+    for s, (arrays, _) in written.items():
+        start, stop = spec.shard_range(s)
+        got = r.read_range(start, stop, ("input_ids", "topk_ids", "topk_logprobs", "hidden"))
+        assert np.array_equal(got["input_ids"], arrays["input_ids"])
+        assert np.array_equal(got["hidden"], arrays["hidden"])
+        assert got["topk_ids"].dtype == id_dtype(vocab)
+        # Same id set per position, ordered by descending decoded probability.
+        assert np.array_equal(np.sort(got["topk_ids"], -1), np.sort(arrays["topk_ids"], -1))
+        assert np.all(np.diff(got["topk_logprobs"], axis=-1) <= 0)
+        # Align the exact values to the decoded order and measure the K+1-bucket KL.
+        order = np.argsort(arrays["topk_ids"], -1)
+        sorted_ids = np.take_along_axis(arrays["topk_ids"], order, -1)
+        pos = np.stack([[np.searchsorted(sorted_ids[i, j], got["topk_ids"][i, j]) for j in range(L)]
+                        for i in range(stop - start)])
+        exact = np.take_along_axis(np.take_along_axis(arrays["topk_logprobs"], order, -1), pos, -1)
+        kl = bucket_kl(exact, got["topk_logprobs"])
+        assert np.all(kl >= -1e-12) and kl.mean() < 1e-3
+        # sqrt(p) is off by at most about half a step (plus renormalisation).
+        assert np.abs(np.sqrt(np.exp(got["topk_logprobs"])) - np.sqrt(np.exp(exact))).max() < 1.5 / spec.sqrt_levels
+        kl_total += kl.sum()
+        positions += kl.size
+    # The writer measured the same fidelity on every position it wrote.
+    assert r.info()["topk_encoding_kl_mean"] == pytest.approx(kl_total / positions, rel=1e-6)

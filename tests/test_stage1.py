@@ -79,7 +79,7 @@ def test_cached_values_match_a_float64_recomputation(built, tiny_teacher_dir):
 def test_int8_hidden_and_fp16_logprobs_stay_close(built, tiny_teacher_dir, corpus_dir, tmp_path):
     _, ref_cache, _ = built
     cfg = load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, tmp_path / "c",
-                                             **{"cache.hidden_dtype": "int8", "cache.topk_dtype": "float16"}))
+                                             **{"cache.hidden_dtype": "int8", "cache.topk_encoding": "float16"}))
     cache_teacher(cfg, show_progress=False)
     ref, got = CacheReader(ref_cache), CacheReader(tmp_path / "c")
     for i in (0, len(ref) - 1):
@@ -89,6 +89,21 @@ def test_int8_hidden_and_fp16_logprobs_stay_close(built, tiny_teacher_dir, corpu
         np.testing.assert_allclose(b["topk_logprobs"], a["topk_logprobs"], atol=2e-2, rtol=1e-3)
         scale = b["hidden_scale"][:, None]
         assert np.all(np.abs(b.hidden() - a.hidden()) <= scale / 2 + 2e-3 * np.abs(a.hidden()) + 1e-3)
+
+
+def test_sqrt8_cache_holds_the_same_topk_sets_at_the_stated_fidelity(built, tiny_teacher_dir, corpus_dir, tmp_path):
+    _, ref_cache, _ = built
+    cfg = load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, tmp_path / "c",
+                                             **{"cache.topk_encoding": "sqrt8"}))
+    info = cache_teacher(cfg, show_progress=False)
+    assert info["topk_encoding"] == "sqrt8" and 0 < info["topk_encoding_kl_mean"] < 1e-3
+    ref, got = CacheReader(ref_cache), CacheReader(tmp_path / "c")
+    a, b = ref.read_range(0, len(ref)), got.read_range(0, len(got))
+    assert np.array_equal(np.sort(a["topk_ids"], -1), np.sort(b["topk_ids"], -1))
+    assert np.array_equal(a["logz"], b["logz"]) and np.array_equal(a["hidden"], b["hidden"])
+    # Decoded probabilities agree with the exact ones to about a sqrt-step.
+    pa_, pb = np.exp(a["topk_logprobs"]), np.exp(b["topk_logprobs"])
+    assert np.abs(np.sort(np.sqrt(pa_), -1) - np.sort(np.sqrt(pb), -1)).max() < 1.5 / got.spec.sqrt_levels
 
 
 def test_rerun_skips_and_a_foreign_config_is_refused(built, capsys):
@@ -132,7 +147,7 @@ def big_corpus(tmp_path, corpus_dir, copies=12):
 
 def test_sigkill_at_random_points_then_rerun_gives_the_same_cache(tiny_teacher_dir, corpus_dir, tmp_path):
     corpus = big_corpus(tmp_path, corpus_dir)
-    extra = {"data.eval_documents": ["omega-00.txt", "omega-01.txt"]}
+    extra = {"data.eval_documents": ["omega-00.txt", "omega-01.txt"], "cache.topk_encoding": "sqrt8"}
     ref = tmp_path / "ref"
     r = run_cli(["cache-teacher", *stage1_overrides(tiny_teacher_dir, corpus, ref, **extra)])
     assert r.returncode == 0, r.stderr

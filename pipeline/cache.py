@@ -54,7 +54,7 @@ from zarr.codecs import BloscCodec
 from . import logit_codec
 from .errors import CacheError, FingerprintMismatch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.zarr"
 META = "meta"

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("", "evaluate a trained student on the cache's held-out sequences"),
     "plot": ("pipeline.plot:main", "draw metrics.jsonl curves to PNG"),
     "report": ("pipeline.report:main", "write REPORT.md + plots comparing student runs of one cache"),
-    "bench": ("", "measure the performance ratios P1-P6"),
+    "bench": ("bench.run:main", "measure the performance ratios P1-P6"),
     "inspect": ("pipeline.cli:cmd_inspect", "describe a cache (add --json for machine-readable output)"),
     "doctor": ("pipeline.doctor:main", "report versions, device and the precision the pipeline would use"),
     "show-config": ("pipeline.cli:cmd_show_config", "print the resolved config"),
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in CONFIG_COMMANDS:
             p.add_argument("--config", help="TOML config file (default: built-in defaults)")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+        if name == "bench":
+            p.add_argument("--sequences", type=int, default=16, help="sequences of 256 tokens to cache")
+            p.add_argument("--batch-size", type=int, default=8, help="student micro-batch")
+            p.add_argument("--repeats", type=int, default=5, help="timings per measurement")
         if name == "inspect":
             p.add_argument("cache", help="cache directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")

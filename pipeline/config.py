@@ -60,6 +60,8 @@ class DataConfig:
     hub dataset id (loaded with ``datasets``)."""
     split: str = "train"
     """Split of a hub dataset to read."""
+    subset: str = ""
+    """Configuration name of a hub dataset (e.g. wikitext-103-raw-v1), if it has several."""
     text_field: str = "text"
     """Column holding the text in .jsonl/.parquet/hub datasets."""
     seq_len: int = 256
@@ -189,8 +191,9 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    mode: Literal["none", "topk_tail", "topk_renorm", "union"] = "topk_tail"
-    """none: cross-entropy only (the baseline)."""
+    mode: Literal["none", "topk_tail", "topk_renorm", "union", "mapped"] = "topk_tail"
+    """none: cross-entropy only (the baseline). topk_tail / topk_renorm / union: same tokenizer.
+    mapped: a student with another tokenizer (teacher top-k through the byte-identical vocab map)."""
     weight: float = 1.0
     weight_final: float = -1.0
     """KD weight at the end of training, linear from ``weight`` (-1: constant)."""

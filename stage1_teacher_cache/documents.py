@@ -51,7 +51,7 @@ def _load_raw(cfg: DataConfig) -> tuple[list[str], list[str]]:
             kwargs = {"sample_by": "document"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(source), split="train", **kwargs)
         else:
-            ds = datasets.load_dataset(cfg.source, split=cfg.split)
+            ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split)
     except DataError:
         raise
     except Exception as e:  # datasets raises a zoo of types for a missing/offline/bad dataset

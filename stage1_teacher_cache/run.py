@@ -60,9 +60,15 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
         spec = make_spec(cfg, source, tokenizer, plan, documents, precision.name)
         teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
 
+        def rank_table() -> np.ndarray:
+            teacher()  # load outside the pilot's timing
+            t_pilot = time.perf_counter()
+            table = pilot_rank_table(teacher, plan, cfg, spec.vocab_size)
+            teacher.facts["pilot_s"] = round(time.perf_counter() - t_pilot, 2)
+            return table
+
         def create() -> CacheWriter:
-            writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite,
-                                      rank_table=lambda: pilot_rank_table(teacher(), plan, cfg, spec.vocab_size))
+            writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite, rank_table=rank_table)
             if not (writer.root / "meta" / "documents.arrow").exists():
                 writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
                                        [d.split for d in documents], [len(d.text) for d in documents])
@@ -146,6 +152,8 @@ class LazyTeacher:
         self.cfg, self.source, self.spec, self.plan, self.device, self.dtype = cfg, source, spec, plan, device, dtype
         self.teacher: TeacherPass | None = None
         self.facts: dict = {}
+        self.pilot_outputs: dict[tuple[int, int], dict] = {}
+        """Outputs of the sqrt8 pilot by (first, end) sequence: the shard pass reuses them."""
 
     def __call__(self) -> TeacherPass:
         if self.teacher is None:
@@ -161,15 +169,17 @@ class LazyTeacher:
         return self.teacher
 
 
-def pilot_rank_table(teacher: TeacherPass, plan: Plan, cfg: Config, vocab: int) -> np.ndarray:
+def pilot_rank_table(lazy: LazyTeacher, plan: Plan, cfg: Config, vocab: int) -> np.ndarray:
     """sqrt8's rank table: tokens by how often they are in the teacher's top-k on the first
     ``pilot_sequences`` sequences, then by frequency in the text, then by id. Deterministic, so
-    a rerun after a crash at creation rebuilds the same table."""
+    a rerun after a crash at creation rebuilds the same table. The pilot runs the first shard's
+    batches exactly as the shard pass would, which then reuses them instead of recomputing."""
     pilot = range(min(cfg.cache.pilot_sequences, plan.num_sequences))
     topk_counts = np.zeros(vocab, np.int64)
     for b in range(0, len(pilot), cfg.teacher.batch_size):
         rows = pilot[b:b + cfg.teacher.batch_size]
-        out = teacher(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+        out = lazy()(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+        lazy.pilot_outputs[(rows[0], rows[-1] + 1)] = out
         topk_counts += np.bincount(out["topk_ids"].ravel(), minlength=vocab)
     text_counts = np.bincount(np.concatenate([s.input_ids for s in plan.sequences]), minlength=vocab)
     return np.lexsort((np.arange(vocab), -text_counts, -topk_counts))
@@ -194,15 +204,19 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
             parts = []
             for b in range(start, stop, cfg.teacher.batch_size):
                 rows = range(b, min(b + cfg.teacher.batch_size, stop))
-                ids = torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows]))
-                parts.append(teacher(ids))
+                out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
+                if out is None:
+                    out = teacher(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+                parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             stats = shard_stats(arrays, plan, start, stop, spec)
             background.submit(shard, to_storage(arrays, spec), shard_meta(plan, start, stop), stats)
     bar.close()
     run_s = time.perf_counter() - t_run
-    return {**lazy.facts, "teacher_tokens_per_s": round(total / run_s, 1) if run_s > 0 and total else None,
+    pass_s = run_s + lazy.facts.get("pilot_s", 0.0)
+    return {**lazy.facts, "stage1_pass_s": round(pass_s, 3),
+            "teacher_tokens_per_s": round(total / pass_s, 1) if pass_s > 0 and total else None,
             "writer_stall_s": round(background.stall_s, 3)}
 
 

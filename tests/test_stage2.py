@@ -201,3 +201,30 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_cache, tmp_p
     recs = train_records(tmp_path / "nan")
     assert [r["skipped_steps"] for r in recs] == [1, 2]  # the third raised before its record
     assert all(r["grad_norm"] is None for r in recs)
+
+
+def test_cross_tokenizer_student_trains_from_the_same_cache(tiny_cache, smollm2_tokenizer_dir, tmp_path):
+    """The tiny cache's teacher speaks GPT-2 BPE; this student speaks SmolLM2's tokenizer. The
+    view (alignment + vocab map) is built once beside the cache and reused; KD flows."""
+    from pipeline.cache import CacheReader
+    from stage2_student_train.cross import view_dir
+    from transformers import AutoTokenizer
+
+    extra = {"student.tokenizer": str(smollm2_tokenizer_dir), "kd.mode": "mapped", "train.steps": 3}
+    out = train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "x", **extra)), show_progress=False)
+    cov = out["cross_tokenizer"]
+    assert 0.5 < cov["student_positions_aligned"] <= 1.0 and 0.0 < cov["teacher_topk_mass_mapped"] < 1.0
+    folder = view_dir(CacheReader(tiny_cache), AutoTokenizer.from_pretrained(smollm2_tokenizer_dir))
+    stamp = (folder / "view.npz").stat().st_mtime_ns
+    recs = train_records(tmp_path / "x")
+    assert all(r["kd"] > 0 for r in recs if "split" not in r)
+    evals = [r for r in recs if r.get("split") == "eval"]
+    assert evals and 0 < evals[-1]["bpb"] < 20
+    # A second run reuses the stored view instead of re-aligning.
+    train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "y", **{**extra, "train.steps": 1, "train.warmup_steps": 0})),
+          show_progress=False)
+    assert (folder / "view.npz").stat().st_mtime_ns == stamp
+    # Same-tokenizer KD modes are refused for a student with another tokenizer.
+    with pytest.raises(PipelineError, match="kd.mode=topk_tail needs the teacher's tokenizer"):
+        train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "z", **{**extra, "kd.mode": "topk_tail"})),
+              show_progress=False)

@@ -1,0 +1,218 @@
+"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P6 of DESIGN.md,
+measured side by side in one run on this machine, with the embedded teacher and a small student.
+
+Each timing is repeated; the table gives the median ratio and its spread (min-max over the
+repeats, ratios taken pairwise from interleaved runs so machine noise hits both sides alike).
+Writes ``bench/results.json`` and ``bench/results.md``. This package sits above both stages
+(like the tests): it may import them; they never import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cache import CacheReader
+from pipeline.config import Config, load_config
+from pipeline.device import choose_precision, resolve_device
+from stage1_teacher_cache.run import cache_teacher
+from stage1_teacher_cache.teacher import TeacherPass, load_model, resolve_teacher
+from stage2_student_train.data import TRAIN_ARRAYS, BatchStream, load_batch
+from stage2_student_train.objective import Weights, batch_objective
+from stage2_student_train.optim import build_optimizer
+from stage2_student_train.student import build_student, load_student_tokenizer
+
+OUT = Path(__file__).resolve().parent
+TARGETS = {
+    "P1": ("stage-1 wall / pure teacher forward, same tokens", "<=", 1.10),
+    "P2": ("KD step / CE-only step, same student and batch", "<=", 1.10),
+    "P3": ("offline KD step / online KD step (teacher in the loop)", "<=", 0.5),
+    "P4": ("logit bytes/token at k=64 (ids + values + logZ)", "<=", 100.0),
+    "P5": ("cache reader tokens/s / student training tokens/s", ">=", 5.0),
+    "P6": ("stage-2 peak memory with KD / without KD", "<=", 1.2),
+}
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def summarize(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bench_config(cache_dir: Path, args: argparse.Namespace, overrides: list[str]) -> Config:
+    return load_config(args.config, [
+        f"cache.dir={json.dumps(str(cache_dir))}", "cache.overwrite=true", "cache.store_head=false",
+        f"data.max_train_tokens={args.sequences * 256}", "data.max_eval_tokens=256", "data.seq_len=256",
+        "cache.top_k=64", "cache.topk_encoding=\"sqrt8\"", "cache.shard_sequences=8",
+        f"train.batch_size={args.batch_size}", *overrides])
+
+
+# ---------------------------------------------------------------- P1: stage 1 vs pure forward
+
+
+def p1(cfg: Config, repeats: int) -> tuple[dict, dict]:
+    """Stage-1 time = its teacher pass (forward + top-k + stats + encoding + compression and
+    writes in the background thread) plus the sqrt8 pilot; model load and tokenization excluded
+    on both sides. Pure forward = ``model(input_ids).logits`` over the same sequences."""
+    device = resolve_device(cfg.teacher.device)
+    precision = choose_precision(device, cfg.teacher.dtype)
+    model = load_model(resolve_teacher(cfg.teacher), precision.dtype, device)
+    ratios, stage1_s, forward_s, info = [], [], [], {}
+    for _ in range(repeats):
+        info = cache_teacher(cfg, show_progress=False)
+        reader = CacheReader(cfg.cache.dir, verify=False)
+        t_stage1 = info["stage1_pass_s"]
+        ids = torch.from_numpy(reader.read_range(0, len(reader), ("input_ids",))["input_ids"].astype(np.int64))
+
+        def forward():
+            with torch.inference_mode():
+                for b in range(0, len(ids), cfg.teacher.batch_size):
+                    model(input_ids=ids[b:b + cfg.teacher.batch_size].to(device), use_cache=False)
+
+        (t_fwd,) = timed(forward, 1)
+        stage1_s.append(t_stage1)
+        forward_s.append(t_fwd)
+        ratios.append(t_stage1 / t_fwd)
+    return ({"ratio": summarize(ratios), "stage1_s": summarize(stage1_s), "forward_s": summarize(forward_s),
+             "tokens": info["tokens"]}, {"model": model, "info": info})
+
+
+# ---------------------------------------------------------------- P2, P3, P5: stage-2 steps
+
+
+def student_setup(cfg: Config):
+    reader = CacheReader(cfg.cache.dir)
+    tokenizer, _ = load_student_tokenizer(cfg, reader)
+    torch.manual_seed(0)
+    model = build_student(cfg, len(tokenizer), reader.spec.seq_len)
+    optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
+    stream = BatchStream(reader.split_indices("train"), cfg.train.batch_size, 0,
+                         lambda ids: load_batch(reader, ids, TRAIN_ARRAYS))
+    return reader, model, optimizer, stream
+
+
+def train_step(model, optimizer, batch, mode: str, cfg: Config) -> None:
+    kd = type(cfg.kd)(mode=mode)
+    optimizer.zero_grad(set_to_none=True)
+    batch_objective(model, batch, kd, Weights(1.0, 1.0 if mode != "none" else 0.0, 1.0, 0.0, 0.0),
+                    chunk=cfg.train.loss_chunk_size, backward=True)
+    optimizer.step()
+
+
+def p2_p3_p5(cfg: Config, teacher_model, repeats: int) -> dict:
+    reader, model, optimizer, stream = student_setup(cfg)
+    batch = stream.next_batch()
+    teacher = TeacherPass(teacher_model, cfg.cache.top_k, cfg.teacher.logits_chunk)
+    train_step(model, optimizer, batch, "topk_tail", cfg)  # warm-up
+    kd_s, ce_s, online_s = [], [], []
+    for _ in range(repeats):  # interleaved so drift hits all three alike
+        kd_s += timed(lambda: train_step(model, optimizer, batch, "topk_tail", cfg), 1)
+        ce_s += timed(lambda: train_step(model, optimizer, batch, "none", cfg), 1)
+
+        def online():
+            out = teacher(batch["input_ids"])  # the teacher runs inside the step
+            live = dict(batch, topk_ids=torch.from_numpy(out["topk_ids"].astype(np.int64)),
+                        topk_logprobs=torch.from_numpy(out["topk_logprobs"]), logz=torch.from_numpy(out["logz"]))
+            train_step(model, optimizer, live, "topk_tail", cfg)
+
+        online_s += timed(online, 1)
+    tokens = batch["input_ids"].numel()
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one reader core
+    fresh = BatchStream(reader.split_indices("train"), cfg.train.batch_size, 1,
+                        lambda ids: load_batch(reader, ids, TRAIN_ARRAYS))
+    reader_s = timed(fresh.next_batch, max(repeats, 8))
+    torch.set_num_threads(torch_threads)
+    return {
+        "P2": {"ratio": summarize([k / c for k, c in zip(kd_s, ce_s)]), "kd_step_s": summarize(kd_s),
+               "ce_step_s": summarize(ce_s)},
+        "P3": {"ratio": summarize([k / o for k, o in zip(kd_s, online_s)]), "online_step_s": summarize(online_s)},
+        "P5": {"ratio": summarize([(tokens / r) / (tokens / statistics.median(kd_s)) for r in reader_s]),
+               "reader_tokens_per_s": tokens / statistics.median(reader_s),
+               "train_tokens_per_s": tokens / statistics.median(kd_s)},
+        "student_parameters": sum(p.numel() for p in model.parameters()),
+        "batch_tokens": tokens,
+    }
+
+
+# ---------------------------------------------------------------- P6: peak memory
+
+
+def p6(args: argparse.Namespace, cache_dir: Path) -> dict:
+    """Peak RSS of a fresh process over 3 training steps, with and without KD: the peak is reset
+    once model and batch are built, and the ratio is of the growth above that size (what the
+    step itself costs; the process's fixed size would only pull the ratio towards 1)."""
+    out = {}
+    for mode in ("topk_tail", "none"):
+        cmd = [sys.executable, "-m", "bench.memprobe", "--cache", str(cache_dir), "--mode", mode,
+               "--batch-size", str(args.batch_size)] + (["--config", args.config] if args.config else [])
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    growth = out["topk_tail"]["peak_mb"] - out["topk_tail"]["base_mb"], out["none"]["peak_mb"] - out["none"]["base_mb"]
+    return {"ratio": {"median": growth[0] / growth[1], "min": growth[0] / growth[1], "max": growth[0] / growth[1], "n": 1},
+            "total_peak_ratio": out["topk_tail"]["peak_mb"] / out["none"]["peak_mb"], "probes": out}
+
+
+# ---------------------------------------------------------------- report
+
+
+def verdict(pid: str, value: float) -> bool:
+    _, op, target = TARGETS[pid]
+    return value <= target if op == "<=" else value >= target
+
+
+def main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        cache_dir = Path(tmp) / "cache"
+        cfg = bench_config(cache_dir, args, args.overrides)
+        print(f"bench: {args.sequences} sequences x 256 tokens, teacher {cfg.teacher.model}, "
+              f"student d={cfg.student.hidden_size} x {cfg.student.num_layers} layers, batch {args.batch_size}")
+        results: dict = {}
+        results["P1"], shared = p1(cfg, args.repeats)
+        print(f"P1 done ({time.perf_counter() - t0:.0f} s)")
+        steps = p2_p3_p5(cfg, shared["model"], args.repeats)
+        results.update({k: steps[k] for k in ("P2", "P3", "P5")})
+        print(f"P2/P3/P5 done ({time.perf_counter() - t0:.0f} s)")
+        info = shared["info"]
+        results["P4"] = {"ratio": {"median": info["logit_bytes_per_token"], "min": info["logit_bytes_per_token"],
+                                   "max": info["logit_bytes_per_token"], "n": 1},
+                         "topk_encoding_kl_mean": info["topk_encoding_kl_mean"], "top_k": info["top_k"],
+                         "arrays": info["array_bytes_per_token"]}
+        results["P6"] = p6(args, cache_dir)
+    sizes = {"sequences": args.sequences, "seq_len": 256, "tokens": results["P1"]["tokens"],
+             "batch_size": args.batch_size, "student_parameters": steps["student_parameters"],
+             "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "device": str(resolve_device("auto")),
+             "wall_s": round(time.perf_counter() - t0, 1)}
+    table = ["| id | what | target | measured (median) | spread | pass |", "|---|---|---|---|---|---|"]
+    for pid in sorted(TARGETS):
+        what, op, target = TARGETS[pid]
+        r = results[pid]["ratio"]
+        extra = ""
+        if pid == "P4":
+            extra = f" at mean KL {results['P4']['topk_encoding_kl_mean']:.1e} nats"
+        table.append(f"| {pid} | {what} | {op} {target:g} | {r['median']:.3f}{extra} | {r['min']:.3f}-{r['max']:.3f} "
+                     f"(n={r['n']}) | {'pass' if verdict(pid, r['median']) else 'FAIL'} |")
+    results["sizes"] = sizes
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    md = "\n".join([f"Sizes: {json.dumps(sizes)}", "", *table]) + "\n"
+    (OUT / "results.md").write_text(md)
+    print(md)
+    return 0

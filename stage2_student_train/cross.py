@@ -1,0 +1,134 @@
+"""Cross-tokenizer view of a cache: the same cached text, seen through the student's tokenizer.
+
+For every cached sequence the student re-tokenizes ``text``; student position j is aligned to
+teacher position t when both tokens end at the same character (``align.py``). The teacher's
+top-k ids reach the student vocabulary through the byte-identical vocab map. All of it is
+computed once per (cache, student tokenizer) and stored beside the cache::
+
+    CACHE/student-views/<tokenizer hash>/view.npz       ids [N, Ls] (-1 pad), aligned [N, Ls] (-1),
+                                                         vmap [V_teacher] (-1: no twin)
+    CACHE/student-views/<tokenizer hash>/coverage.json  fraction of student positions aligned,
+                                                         teacher top-k mass that maps, lengths
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import CacheReader, atomic_write_bytes, atomic_write_json
+from pipeline.fingerprint import tokenizer_hash
+
+from . import align
+
+
+@dataclass
+class StudentView:
+    ids: np.ndarray      # [N, Ls] int64, -1 = padding
+    aligned: np.ndarray  # [N, Ls] int64, teacher position or -1
+    vmap: np.ndarray     # [V_teacher] int64, student id or -1
+    first_end: np.ndarray  # [N] int64, char end of each sequence's first student token
+    coverage: dict
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
+
+
+def view_dir(reader: CacheReader, student_tok) -> Path:
+    return reader.root / "student-views" / tokenizer_hash(student_tok)
+
+
+def load_or_build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:
+    """The stored view if there is one for this (cache, tokenizer), else build and store it."""
+    folder = view_dir(reader, student_tok)
+    if (folder / "view.npz").is_file() and (folder / "coverage.json").is_file():
+        with np.load(folder / "view.npz") as z:
+            return StudentView(z["ids"], z["aligned"], z["vmap"], z["first_end"],
+                               json.loads((folder / "coverage.json").read_text()))
+    view = build_view(reader, teacher_tok, student_tok, show_progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, ids=view.ids, aligned=view.aligned, vmap=view.vmap, first_end=view.first_end)
+    atomic_write_bytes(folder / "view.npz", buf.getvalue())
+    atomic_write_json(folder / "coverage.json", view.coverage)
+    return view
+
+
+def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:
+    rows_ids, rows_aligned, first_end = [], [], []
+    for i in tqdm(range(len(reader)), desc="align student tokens", unit="seq", disable=not show_progress):
+        seq = reader.sequence(i)
+        ids, ends = align.student_tokens(student_tok, seq.text)
+        rows_ids.append(ids)
+        rows_aligned.append(align.align_positions(seq.char_end, ends))
+        first_end.append(int(ends[0]) if len(ends) else 0)
+    length = max(len(r) for r in rows_ids)
+    ids = np.full((len(rows_ids), length), -1, np.int64)
+    aligned = np.full((len(rows_ids), length), -1, np.int64)
+    for i, (r, a) in enumerate(zip(rows_ids, rows_aligned)):
+        ids[i, :len(r)], aligned[i, :len(a)] = r, a
+    vmap = align.vocab_map(teacher_tok, student_tok)
+    sample = reader.read_range(0, min(len(reader), 32), ("topk_ids", "topk_logprobs"))
+    coverage = {
+        "student_positions_aligned": align.alignment_coverage(rows_aligned),
+        "teacher_topk_mass_mapped": align.mapped_mass(sample["topk_ids"].reshape(-1, reader.spec.top_k).astype(np.int64),
+                                                      sample["topk_logprobs"].reshape(-1, reader.spec.top_k), vmap),
+        "teacher_vocab_mapped": float((vmap >= 0).mean()),
+        "student_tokens_per_teacher_token": float((ids >= 0).sum() / (len(reader) * reader.spec.seq_len)),
+        "student_seq_len": int(length),
+        "student_tokenizer_hash": tokenizer_hash(student_tok),
+    }
+    return StudentView(ids, aligned, vmap, np.asarray(first_end, np.int64), coverage)
+
+
+def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
+                need_hidden: bool = False) -> dict[str, torch.Tensor]:
+    """A batch in student token space. Per student position j < Ls-1: the target (next student
+    token) and its mask; the teacher's top-k at the aligned position, mapped to student ids, with
+    a mask that drops unaligned positions, ids without a twin and repeated twins."""
+    names = ("topk_ids", "topk_logprobs") + (("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8"
+                                                           else ()) if need_hidden else ())
+    rows = [reader.read_range(int(i), int(i) + 1, names) for i in indices]
+    teacher = {n: np.concatenate([r[n] for r in rows]) for n in names}
+    ids = view.ids[indices]
+    aligned = view.aligned[indices][:, :-1]
+    target_mask = ids[:, 1:] >= 0
+    t = np.clip(aligned, 0, None)
+    top_ids = np.take_along_axis(teacher["topk_ids"].astype(np.int64), t[..., None], 1)
+    top_lp = np.take_along_axis(teacher["topk_logprobs"], t[..., None], 1)
+    mapped = view.vmap[top_ids]
+    kd_mask = (mapped >= 0) & (aligned >= 0)[..., None] & target_mask[..., None]
+    kd_mask &= ~_repeats(mapped)
+    batch = {
+        "input_ids": torch.from_numpy(np.clip(ids, 0, None)),
+        "target_mask": torch.from_numpy(target_mask),
+        "topk_ids": torch.from_numpy(np.clip(mapped, 0, None)),
+        "topk_logprobs": torch.from_numpy(top_lp.astype(np.float32)),
+        "topk_mask": torch.from_numpy(kd_mask),
+        "sample_ids": torch.from_numpy(np.asarray(indices, np.int64)),
+    }
+    if need_hidden:
+        hidden = teacher["hidden"].astype(np.float32)
+        if "hidden_scale" in teacher:
+            hidden = hidden * teacher["hidden_scale"][..., None]
+        batch["hidden"] = torch.from_numpy(np.take_along_axis(hidden, t[..., None], 1))
+        batch["hidden_mask"] = torch.from_numpy((aligned >= 0) & target_mask)
+    return batch
+
+
+def _repeats(ids: np.ndarray) -> np.ndarray:
+    """True where an id already occurred earlier in its row (last axis)."""
+    order = np.argsort(ids, axis=-1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, -1)
+    dup_sorted = np.zeros_like(sorted_ids, dtype=bool)
+    dup_sorted[..., 1:] = sorted_ids[..., 1:] == sorted_ids[..., :-1]
+    out = np.zeros_like(dup_sorted)
+    np.put_along_axis(out, order, dup_sorted, -1)
+    return out

@@ -191,9 +191,11 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    mode: Literal["none", "topk_tail", "topk_renorm", "union", "mapped"] = "topk_tail"
+    mode: Literal["none", "topk_tail", "topk_renorm", "union", "mapped", "projected"] = "topk_tail"
     """none: cross-entropy only (the baseline). topk_tail / topk_renorm / union: same tokenizer.
-    mapped: a student with another tokenizer (teacher top-k through the byte-identical vocab map)."""
+    mapped: a student with another tokenizer (teacher top-k through the byte-identical vocab map).
+    projected: another tokenizer; the target is the projector/router's reading of the cached
+    teacher hidden state through the student's head (see [router])."""
     weight: float = 1.0
     weight_final: float = -1.0
     """KD weight at the end of training, linear from ``weight`` (-1: constant)."""
@@ -218,6 +220,29 @@ class KDConfig:
 
 
 @dataclass
+class RouterConfig:
+    """The projector and student-aware router of kd.mode=projected."""
+
+    num_experts: int = 4
+    """E expert maps teacher hidden -> student hidden (1: a plain projector)."""
+    initial_top_k: int = 2
+    final_top_k: int = 1
+    """Experts kept per position, scheduled linearly from initial_top_k to final_top_k."""
+    noise_std: float = 1.0
+    """Gaussian noise on the gate logits in training (exploration)."""
+    load_balance_weight: float = 0.01
+    projector_weight: float = 1.0
+    """Weight of the projector's own loss (next student token + mapped teacher distribution)."""
+
+    def validate(self) -> None:
+        _positive(self, "router", "num_experts", "initial_top_k", "final_top_k")
+        _require(max(self.initial_top_k, self.final_top_k) <= self.num_experts, "router.initial_top_k",
+                 f"and router.final_top_k must be <= router.num_experts ({self.num_experts})")
+        _require(self.noise_std >= 0 and self.load_balance_weight >= 0 and self.projector_weight >= 0,
+                 "router.noise_std", "load_balance_weight and projector_weight must be >= 0")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -226,6 +251,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -112,16 +112,20 @@ def kd_mapped(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, mask: Tenso
     return temperature ** 2 * _kl(log_t, log_s, bmask)
 
 
-def kd_topk_renorm(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0) -> Tensor:
+def kd_topk_renorm(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0,
+                   mask: Tensor | None = None) -> Tensor:
     """Renormalised top-k KD: ``tau^2 * KL(q || s)`` over the K cached ids.
 
     ``q = softmax(teacher_logprobs / tau)``, ``log s = log_softmax(logp[ids] / tau)`` with
     ``student_logp_at_ids`` = ``logp.gather(-1, teacher_ids)`` (= the student's logits at the
-    ids, tempered and renormalised over them: log Z cancels).
+    ids, tempered and renormalised over them: log Z cancels). ``teacher_logprobs`` may be any
+    logits (only their differences matter). ``mask`` [N, K] drops entries from both sides.
     """
-    log_t = torch.log_softmax(teacher_logprobs.to(student_logp_at_ids.dtype) / temperature, dim=-1)
-    log_s = torch.log_softmax(student_logp_at_ids / temperature, dim=-1)
-    return temperature ** 2 * _kl(log_t, log_s)
+    log_t = teacher_logprobs.to(student_logp_at_ids.dtype) / temperature
+    log_s = student_logp_at_ids / temperature
+    if mask is not None:
+        log_t, log_s = log_t.masked_fill(~mask, float("-inf")), log_s.masked_fill(~mask, float("-inf"))
+    return temperature ** 2 * _kl(torch.log_softmax(log_t, dim=-1), torch.log_softmax(log_s, dim=-1), mask)
 
 
 def kd_union(logp: Tensor, teacher_hidden: Tensor, head: Tensor, teacher_logz: Tensor,

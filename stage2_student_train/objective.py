@@ -16,6 +16,7 @@ import torch
 from pipeline.config import KDConfig
 
 from . import losses
+from . import router as routing
 
 
 @dataclass
@@ -25,6 +26,9 @@ class Weights:
     temperature: float
     label_smoothing: float
     feature: float
+    router_k: int = 1
+    projector: float = 0.0
+    load_balance: float = 0.0
 
 
 def kd_per_position(mode: str, logp, at_ids, batch: dict, rows: slice, head, kd: KDConfig, temperature: float):
@@ -60,7 +64,29 @@ def flat_targets(batch: dict, device) -> dict:
     return out
 
 
-def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, feature_map=None,
+def projected_terms(router, lm_head, flat: dict, rows: slice, needed, picked, w: Weights):
+    """kd.mode=projected on the aligned positions of one chunk: the student's KD term against the
+    projector's distribution over [next token, mapped teacher ids] (used DETACHED), and the
+    projector/router's own loss, which reads only student-independent targets (the next student
+    token, the mapped teacher distribution) through the student's head DETACHED."""
+    sel = flat["hidden_mask"][rows]
+    if not bool(sel.any()):
+        zero = picked.sum() * 0.0
+        return zero, zero, None
+    out = router(flat["hidden"][rows][sel], flat["student_hidden"][rows][sel], w.router_k)
+    head_w = lm_head.weight.detach()
+    cand = needed[sel]
+    mapped_ok = flat["topk_mask"][rows][sel] & (cand[:, 1:] != cand[:, :1])  # no twin of the target twice
+    cand_mask = torch.cat([torch.ones_like(mapped_ok[:, :1]), mapped_ok], dim=1)
+    target_logits = routing.projected_logits(out.projected.detach(), head_w, cand).float()
+    kd_sum = losses.kd_topk_renorm(picked[sel], target_logits, w.temperature, cand_mask).sum()
+    own = routing.projector_targets_loss(out.projected, head_w, cand[:, 0], cand[:, 1:],
+                                         flat["topk_logprobs"][rows][sel], flat["topk_mask"][rows][sel], cand)
+    aux = (w.projector * own + w.load_balance * out.load_balance) * int(sel.sum())  # sums, like the other terms
+    return kd_sum, aux, out.utilisation
+
+
+def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, feature_map=None, router=None,
                     chunk: int = 1024, backward: bool = False, loss_scale: float = 1.0,
                     autocast=None) -> dict[str, float]:
     """Mean per-position CE, KD, feature and total loss; with ``backward`` also their gradients
@@ -74,7 +100,9 @@ def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, 
     valid = flat.get("target_mask")
     n = h.shape[0] if valid is None else max(1, int(valid.sum()))
     h_leaf = h.detach().requires_grad_(backward)
+    flat["student_hidden"] = h_leaf  # what the router's gate reads (it detaches it again)
     lm_head = model.get_output_embeddings()
+    utilisation = None
     sums = {"ce": 0.0, "kd": 0.0, "nll": 0.0, "top1": 0.0, "top1_n": 0.0, "kl": 0.0}
     for s in range(0, n, chunk):
         rows = slice(s, s + chunk)
@@ -91,7 +119,12 @@ def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, 
         ce_pos = losses.cross_entropy(picked[:, 0], w.label_smoothing, smoothing_mean)
         ce = (ce_pos if valid is None else ce_pos * valid[rows]).sum()
         loss = w.ce * ce
-        if kd.mode != "none" and w.kd > 0:
+        if kd.mode == "projected" and router is not None:
+            kd_sum, aux, util = projected_terms(router, lm_head, flat, rows, needed, picked, w)
+            utilisation = util if util is not None else utilisation
+            loss = loss + w.kd * kd_sum + aux
+            sums["kd"] += float(kd_sum.detach())
+        elif kd.mode != "none" and w.kd > 0:
             kd_sum = kd_per_position(kd.mode, logp, at_ids, flat, rows, head, kd, w.temperature).sum()
             loss = loss + w.kd * kd_sum
             sums["kd"] += float(kd_sum.detach())
@@ -126,5 +159,7 @@ def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, 
         outputs = [h] + ([feature * (w.feature * loss_scale)] if feature is not None else [])
         torch.autograd.backward(outputs, grads)
     out["loss"] = w.ce * out["ce"] + w.kd * out["kd"] + w.feature * out.get("feature", 0.0)
+    if utilisation is not None:
+        out["router_utilisation"] = [round(float(u), 4) for u in utilisation]
     out["positions"] = n
     return out

@@ -35,6 +35,7 @@ from .data import target_bytes as cached_target_bytes
 from .evaluate import evaluate
 from .objective import Weights, batch_objective
 from .optim import EMA, build_optimizer, build_scheduler, kd_schedule
+from .router import ProjectorRouter, topk_schedule
 from .student import build_student, load_student_tokenizer, load_teacher_tokenizer, save_student
 
 
@@ -88,7 +89,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     # -- tokenizer and data: the cache's own tokens, or its text through the student's tokenizer
     tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
     check_kd_mode(cfg.kd.mode, same_tokenizer)
-    need_hidden = cfg.kd.mode == "union" or cfg.kd.feature_weight > 0
+    need_hidden = cfg.kd.mode in ("union", "projected") or cfg.kd.feature_weight > 0
     if same_tokenizer:
         names = array_names(reader, need_hidden)
         load = lambda ids: load_batch(reader, ids, names)  # noqa: E731
@@ -117,13 +118,18 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     feature_map = None
     if cfg.kd.feature_weight > 0:
         feature_map = torch.nn.Linear(model.config.hidden_size, reader.spec.hidden_dim, bias=False).to(device)
+    router = None
+    if cfg.kd.mode == "projected":
+        r = cfg.router
+        router = ProjectorRouter(reader.spec.hidden_dim, model.config.hidden_size, r.num_experts, r.noise_std).to(device)
     head = None
     if cfg.kd.mode == "union":
         if reader.head() is None:
             raise ConfigError("kd.mode=union needs the teacher head in the cache; rebuild it with cache.store_head=true")
         head = torch.from_numpy(reader.head()).to(device)
-    named = list(model.named_parameters()) + ([(f"feature_map.{n}", p) for n, p in feature_map.named_parameters()]
-                                              if feature_map is not None else [])
+    extras = {"feature_map": feature_map, "router": router}
+    named = list(model.named_parameters()) + [(f"{name}.{n}", p) for name, module in extras.items()
+                                              if module is not None for n, p in module.named_parameters()]
     params = [p for _, p in named if p.requires_grad]
     optimizer = build_optimizer(named, t)
     scheduler = build_scheduler(optimizer, t)
@@ -138,8 +144,9 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        if feature_map is not None:
-            feature_map.load_state_dict(state["feature_map"])
+        for name, module in extras.items():
+            if module is not None:
+                module.load_state_dict(state[name])
         data.load_state_dict(state["data"])
         step, skipped = state["step"], state["skipped_steps"]
         set_rng_state(state["rng"][dist.rank] if dist.rank < len(state["rng"]) else state["rng"][0])
@@ -163,17 +170,20 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         t0 = time.perf_counter()
         kd_weight, temperature = kd_schedule(cfg.kd, step, t.steps)
         weights = Weights(ce=cfg.kd.ce_weight if cfg.kd.mode != "none" else 1.0, kd=kd_weight,
-                          temperature=temperature, label_smoothing=t.label_smoothing, feature=cfg.kd.feature_weight)
+                          temperature=temperature, label_smoothing=t.label_smoothing, feature=cfg.kd.feature_weight,
+                          router_k=topk_schedule(cfg.router.initial_top_k, cfg.router.final_top_k, step / max(1, t.steps - 1)),
+                          projector=cfg.router.projector_weight, load_balance=cfg.router.load_balance_weight)
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         sample_ids: list[int] = []
         for _ in range(t.grad_accum):
             batch = data.next_batch()
             sample_ids += batch["sample_ids"].tolist()
-            out = batch_objective(model, batch, cfg.kd, weights, head=head, feature_map=feature_map,
+            out = batch_objective(model, batch, cfg.kd, weights, head=head, feature_map=feature_map, router=router,
                                   chunk=t.loss_chunk_size, backward=True, autocast=autocast,
                                   loss_scale=scaler.get_scale() / t.grad_accum if scaler.is_enabled()
                                   else 1.0 / t.grad_accum)
+            utilisation = out.pop("router_utilisation", None)
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v / t.grad_accum
         if dist.enabled:  # data parallel: average gradients (and losses, for the log) over ranks
@@ -216,7 +226,8 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         elapsed = time.perf_counter() - t0
         log({"step": step, "loss": totals["loss"], "ce": totals["ce"], "kd": totals["kd"], "lr": lr,
              "grad_norm": grad_norm, "skipped_steps": skipped, "kd_weight": kd_weight, "temperature": temperature,
-             "tokens_per_s": round(tokens_per_step / elapsed, 1), "mem_mb": memory_mb(device)})
+             "tokens_per_s": round(tokens_per_step / elapsed, 1), "mem_mb": memory_mb(device),
+             **({"router_k": weights.router_k, "router_utilisation": utilisation} if router is not None else {})})
         bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
         bar.update(1)
 
@@ -236,7 +247,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
                     "step": step, "skipped_steps": skipped,
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
-                    "feature_map": feature_map.state_dict() if feature_map is not None else None,
+                    **{name: module.state_dict() if module is not None else None for name, module in extras.items()},
                     "data": data.state_dict(), "rng": gather_rng(dist),
                     "config_toml": to_toml(cfg), "cache_fingerprint": reader.fingerprint,
                     "student_config": model.config.to_dict(),
@@ -269,7 +280,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
 
 
 SAME_TOKENIZER_MODES = ("none", "topk_tail", "topk_renorm", "union")
-CROSS_TOKENIZER_MODES = ("none", "mapped")
+CROSS_TOKENIZER_MODES = ("none", "mapped", "projected")
 
 
 def check_kd_mode(mode: str, same_tokenizer: bool) -> None:

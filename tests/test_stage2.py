@@ -228,3 +228,19 @@ def test_cross_tokenizer_student_trains_from_the_same_cache(tiny_cache, smollm2_
     with pytest.raises(PipelineError, match="kd.mode=topk_tail needs the teacher's tokenizer"):
         train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "z", **{**extra, "kd.mode": "topk_tail"})),
               show_progress=False)
+
+
+def test_projected_mode_trains_the_router_from_the_cache(tiny_cache, smollm2_tokenizer_dir, tmp_path):
+    extra = {"student.tokenizer": str(smollm2_tokenizer_dir), "kd.mode": "projected", "train.steps": 3,
+             "train.warmup_steps": 1, "train.save_every": 3, "router.num_experts": 3, "router.initial_top_k": 2,
+             "router.final_top_k": 1}
+    out = train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "p", **extra)), show_progress=False)
+    assert out["step"] == 3
+    recs = [r for r in train_records(tmp_path / "p") if "split" not in r]
+    assert [r["router_k"] for r in recs] == [2, 2, 1]  # the k schedule, halves rounded up
+    for r in recs:
+        assert r["kd"] > 0 and len(r["router_utilisation"]) == 3
+        assert sum(r["router_utilisation"]) == pytest.approx(1.0, abs=1e-3)
+    state = torch.load(tmp_path / "p" / "checkpoints" / "step-00000003" / "state.pt", weights_only=False)
+    assert {"weight", "bias", "gate.weight"} <= set(state["router"])
+    assert any(k.startswith("router.") for k in state["ema"]["shadow"])  # EMA covers the router too

@@ -90,8 +90,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def fail(message: str, code: int = 2) -> int:
+    _close_progress_bars()
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _close_progress_bars() -> None:
+    """A progress bar still open when an error surfaces would swallow the start of the message
+    line; close them so the error stands on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ---------------------------------------------------------------- small commands

@@ -226,7 +226,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         elapsed = time.perf_counter() - t0
         log({"step": step, "loss": totals["loss"], "ce": totals["ce"], "kd": totals["kd"], "lr": lr,
              "grad_norm": grad_norm, "skipped_steps": skipped, "kd_weight": kd_weight, "temperature": temperature,
-             "tokens_per_s": round(tokens_per_step / elapsed, 1), "mem_mb": memory_mb(device),
+             "tokens_per_s": round(tokens_per_step / elapsed, 1), **memory_mb(device),
              **({"router_k": weights.router_k, "router_utilisation": utilisation} if router is not None else {})})
         bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{tokens_per_step / elapsed:.0f}")
         bar.update(1)
@@ -342,7 +342,17 @@ def model_with_ema(model, ema: EMA | None):
     return copy_model
 
 
-def memory_mb(device: torch.device) -> float:
+def memory_mb(device: torch.device) -> dict:
+    """CUDA: peak allocated by torch, and the device's free/total (mem_get_info, which sees other
+    processes too). CPU: the process's resident set now and at its peak."""
     if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        free, total = torch.cuda.mem_get_info(device)
+        return {"mem_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+                "gpu_free_mb": round(free / 2**20, 1), "gpu_total_mb": round(total / 2**20, 1)}
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = round(int(f.read().split()[1]) * resource.getpagesize() / 2**20, 1)
+    except OSError:  # not Linux
+        rss = peak
+    return {"mem_mb": rss, "mem_peak_mb": peak}

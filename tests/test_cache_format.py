@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.cache import (ARRAYS, DONE, MANIFEST, CacheReader, CacheSpec, CacheWriter, id_dtype,
+from pipeline.cache import (ARRAYS, MANIFEST, CacheReader, CacheSpec, CacheWriter, id_dtype,
                             quantize_hidden_int8)
 from pipeline.errors import CacheError, FingerprintMismatch
 

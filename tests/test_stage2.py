@@ -4,10 +4,8 @@ SIGKILL), every KD mode trains, and bad checkpoints are refused with one line.""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +17,7 @@ from pipeline.errors import PipelineError
 from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.train import train
 
-VOLATILE = ("tokens_per_s", "mem_mb")
+VOLATILE = ("tokens_per_s", "mem_mb", "mem_peak_mb")
 
 
 def cli(*args, **kw):
@@ -91,27 +89,6 @@ def test_stop_then_resume_is_bit_identical(uninterrupted, tiny_cache, tmp_path):
     r = cli("resume", str(run_dir / "checkpoints" / "step-00000003"), "train.stop_after=0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_run(full, run_dir, 6)
-
-
-def test_sigkill_mid_run_then_resume_from_latest_is_bit_identical(uninterrupted, tiny_cache, tmp_path):
-    full, _ = uninterrupted
-    args = [sys.executable, "-m", "pipeline", "train-student", *stage2_overrides(tiny_cache, tmp_path, "full")]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
-    latest = tmp_path / "full" / "LATEST"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if latest.exists() and "step-00000004" in latest.read_text():
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    ckpt = tmp_path / "full" / latest.read_text().strip()
-    assert (ckpt / "state.pt").is_file() and (ckpt / "student" / "model.safetensors").is_file()
-    r = cli("resume", str(ckpt))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert_same_run(full, tmp_path / "full", 6)
 
 
 def test_training_never_loads_the_teacher(tiny_teacher_dir, corpus_dir, tmp_path):

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("stage1_teacher_cache.run:main", "stage 1: run the teacher once and cache its outputs"),
     "train-student": ("stage2_student_train.train:main", "stage 2: train a student from a cache"),
     "resume": ("stage2_student_train.train:resume_main", "continue a stage-2 run from a checkpoint"),
-    "eval": ("", "evaluate a trained student on the cache's held-out sequences"),
+    "eval": ("stage2_student_train.evaluate:main", "evaluate a trained student on the cache's held-out sequences"),
     "plot": ("pipeline.plot:main", "draw metrics.jsonl curves to PNG"),
     "report": ("pipeline.report:main", "write REPORT.md + plots comparing student runs of one cache"),
     "bench": ("bench.run:main", "measure the performance ratios P1-P6"),

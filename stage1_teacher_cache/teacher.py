@@ -33,9 +33,9 @@ class TeacherSource:
     def kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
-    def content_hash(self) -> str:
-        """Hash of the weights' identity: the GGUF file itself, or a local directory's config
-        and weight-file sizes, or the hub id."""
+    def content_hash(self, model_config=None) -> str:
+        """Identity of the weights: the GGUF file's bytes, a local directory's config and weight
+        files' bytes, or a hub id at its resolved commit (hub files are immutable per commit)."""
         if self.gguf_file:
             return sha256_file(Path(self.path) / self.gguf_file)[:16]
         local = Path(self.path)
@@ -43,9 +43,10 @@ class TeacherSource:
             parts = [(local / "config.json").read_text() if (local / "config.json").is_file() else ""]
             for f in sorted(local.iterdir()):
                 if f.suffix in (".safetensors", ".bin", ".pt"):
-                    parts.append(f"{f.name}:{f.stat().st_size}")
+                    parts.append(f"{f.name}:{sha256_file(f)}")
             return sha256_text(parts)[:16]
-        return sha256_text([self.name])[:16]
+        revision = getattr(model_config, "_commit_hash", None) or "unresolved-revision"
+        return sha256_text([self.name, revision])[:16]
 
 
 def resolve_teacher(cfg: TeacherConfig) -> TeacherSource:

@@ -53,9 +53,12 @@ def save_checkpoint(run_dir: Path, step: int, save_student, state: dict[str, Any
     save_student(tmp / "student")
     torch.save(state, tmp / "state.pt")
     (tmp / "config.toml").write_text(state["config_toml"])
-    if final.exists():  # a rerun of the same step: replace it only once the new one is whole
-        shutil.rmtree(final)
+    old = ckpt_root / f".step-{step:08d}.old"
+    if final.exists():  # a rerun of the same step: move the old one aside, never leave a gap
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     atomic_write_bytes(run_dir / LATEST, f"checkpoints/{final.name}\n".encode())
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -104,7 +104,7 @@ def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, 
     lm_head = model.get_output_embeddings()
     utilisation = None
     sums = {"ce": 0.0, "kd": 0.0, "nll": 0.0, "top1": 0.0, "top1_n": 0.0, "kl": 0.0}
-    for s in range(0, n, chunk):
+    for s in range(0, h.shape[0], chunk):  # every row; n (valid rows) is only the denominator
         rows = slice(s, s + chunk)
         with autocast:
             logits = lm_head(h_leaf[rows])

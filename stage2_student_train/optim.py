@@ -61,7 +61,9 @@ class EMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay, self.updates, self.shadow = state["decay"], state["updates"], state["shadow"]
+        """Checkpoints load on the CPU; the shadow lives beside the weights it follows."""
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.shadow = {n: t.to(self.shadow[n].device) if n in self.shadow else t for n, t in state["shadow"].items()}
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module, prefix: str = "") -> None:

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.config import Config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import tokenizer_hash
 
 
@@ -54,7 +54,11 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     from transformers import AutoTokenizer
 
     if not cfg.student.tokenizer:
-        return load_teacher_tokenizer(reader), True
+        tok = load_teacher_tokenizer(reader)
+        if tokenizer_hash(tok) != reader.fingerprint["tokenizer_hash"]:
+            raise CacheError(f"the teacher tokenizer at {reader.spec.teacher['path']} changed since cache "
+                             f"{reader.root} was built; its token ids no longer match: rebuild the cache")
+        return tok, True
     try:
         tok = gpt2_tokenizer() if cfg.student.tokenizer == EMBEDDED_GPT2 else AutoTokenizer.from_pretrained(
             cfg.student.tokenizer)

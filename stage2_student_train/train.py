@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.cache import CacheReader
 from pipeline.config import Config, load_config, to_toml
-from pipeline.device import choose_precision, cpu_threads, resolve_device
+from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
 from pipeline.distributed import init_distributed
 from pipeline.errors import ConfigError, PipelineError
 
@@ -69,6 +69,8 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     precision = choose_precision(device, t.precision)
+    if (problem := check_cuda_build(device)) is not None:
+        raise ConfigError(problem)
     autocast = (torch.autocast("cuda", dtype=precision.dtype) if device.type == "cuda" and precision.dtype != torch.float32
                 else torch.autocast(device.type, enabled=False))
 
@@ -80,16 +82,26 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     state = load_state(resume_from) if resume_from else None
     if state is not None:
         check_resumable(state, cfg, reader, resume_from)
-    elif dist.is_main:
-        prepare_run_dir(run_dir, cfg)
-    dist.barrier()
 
     # -- tokenizer and data: the cache's own tokens, or its text through the student's tokenizer
     tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
     check_kd_mode(cfg.kd.mode, same_tokenizer)
     need_hidden = cfg.kd.mode in ("union", "projected") or cfg.kd.feature_weight > 0
+    if need_hidden and not reader.spec.store_hidden:
+        raise ConfigError(f"kd.mode={cfg.kd.mode} / kd.feature_weight need the teacher hidden states, and cache "
+                          f"{cfg.cache.dir} has none; rebuild it with cache.store_hidden=true cache.overwrite=true")
+    if cfg.kd.mode == "union":
+        if reader.head() is None:
+            raise ConfigError("kd.mode=union needs the teacher head in the cache; run cache-teacher again with "
+                              "cache.store_head=true (it adds the head to a complete cache)")
+        if reader.spec.teacher.get("final_logit_softcapping"):
+            raise ConfigError("kd.mode=union computes teacher logits as hidden . head, which a soft-capped teacher "
+                              "does not use; choose kd.mode=topk_tail")
     access = data_access(reader, tokenizer, same_tokenizer, need_hidden, dist, show_progress)
     load, target_bytes, student_len = access.load, access.target_bytes, access.seq_len
+    if state is None and dist.is_main:  # only once everything above is known to work
+        prepare_run_dir(run_dir, cfg)
+    dist.barrier()
 
     # -- model, extra modules, optimizer, schedules
     torch.manual_seed(cfg.run.seed)
@@ -97,7 +109,9 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(resume_from / "student", dtype=torch.float32)
     else:
-        model = build_student(cfg, len(tokenizer), student_len)
+        # Same tokenizer: the cached ids range over the teacher's head, which may exceed len(tokenizer).
+        vocab = max(len(tokenizer), reader.spec.vocab_size) if same_tokenizer else len(tokenizer)
+        model = build_student(cfg, vocab, student_len)
     model.to(device).train()
     feature_map = None
     if cfg.kd.feature_weight > 0:
@@ -106,11 +120,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     if cfg.kd.mode == "projected":
         r = cfg.router
         router = ProjectorRouter(reader.spec.hidden_dim, model.config.hidden_size, r.num_experts, r.noise_std).to(device)
-    head = None
-    if cfg.kd.mode == "union":
-        if reader.head() is None:
-            raise ConfigError("kd.mode=union needs the teacher head in the cache; rebuild it with cache.store_head=true")
-        head = torch.from_numpy(reader.head()).to(device)
+    head = torch.from_numpy(reader.head()).to(device) if cfg.kd.mode == "union" else None
     extras = {"feature_map": feature_map, "router": router}
     named = list(model.named_parameters()) + [(f"{name}.{n}", p) for name, module in extras.items()
                                               if module is not None for n, p in module.named_parameters()]
@@ -118,6 +128,9 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
     optimizer = build_optimizer(named, t)
     scheduler = build_scheduler(optimizer, t)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.use_grad_scaler)
+    # Chunks are scaled by hand (loss_scale below), so create the scale tensor the way scale() does.
+    init_scaler = (lambda: scaler.scale(torch.ones((), device=device))) if scaler.is_enabled() else (lambda: None)
+    init_scaler()
     ema = EMA(named, t.ema_decay) if t.ema_decay > 0 else None
     data = BatchStream(reader.split_indices("train"), t.batch_size, cfg.run.seed, load, rank=dist.rank,
                        world=dist.world)
@@ -126,6 +139,7 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        init_scaler()
         if ema is not None:
             ema.load_state_dict(state["ema"])
         for name, module in extras.items():
@@ -171,19 +185,26 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + v / t.grad_accum
         if dist.enabled:  # data parallel: average gradients (and losses, for the log) over ranks
-            for p in params:
+            has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+            torch.distributed.all_reduce(has_grad)
+            for p, any_rank in zip(params, has_grad.tolist()):
+                if not any_rank:
+                    continue  # no rank used it (e.g. an unrouted expert): AdamW skips it, as in one process
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 torch.distributed.all_reduce(p.grad)
                 p.grad.div_(dist.world)
             for k in ("loss", "ce", "kd"):
-                v = torch.tensor([totals.get(k, 0.0)], dtype=torch.float64)
+                v = torch.tensor([totals.get(k, 0.0)], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(v)
                 totals[k] = float(v) / dist.world
         if scaler.is_enabled():
             scaler.unscale_(optimizer)
-        finite = math.isfinite(totals["loss"]) and all(bool(torch.isfinite(p.grad).all())
-                                                        for p in params if p.grad is not None)
+        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+        finite = math.isfinite(totals["loss"]) and grads_finite
+        # fp16 overflow: a finite loss with inf scaled gradients is the GradScaler's business (it
+        # skips the step and halves the scale), not a bad step, until the scale itself is absurd.
+        overflow = scaler.is_enabled() and math.isfinite(totals["loss"]) and not grads_finite and scaler.get_scale() >= 1.0
         grad_norm = None
         if finite:
             if t.grad_clip > 0:
@@ -193,6 +214,10 @@ def _train(cfg: Config, resume_from: Path | None, show_progress: bool, dist) -> 
             if ema is not None:
                 ema.update(named)
             bad_in_row = 0
+        elif overflow:
+            scaler.step(optimizer)  # sees the infs and skips
+            scaler.update()  # lowers the scale
+            skipped += 1
         else:  # skip the update, count it; never clamp a loss to make it look finite
             skipped += 1
             bad_in_row += 1

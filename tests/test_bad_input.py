@@ -138,6 +138,14 @@ def test_a_directory_that_is_not_a_cache_is_not_touched(capsys, tiny_teacher_dir
                    r"not empty and holds no cache manifest", precious)
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_cache(capsys, tiny_teacher_dir, corpus_dir, tmp_path):
+    precious = tmp_path / "data"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    argv = ["cache-teacher", *stage1_overrides(tiny_teacher_dir, corpus_dir, precious, **{"cache.overwrite": True})]
+    assert_refused(capsys, argv, r"is not a cache .*only replaces caches", precious)
+
+
 def test_nan_in_a_cached_tensor_is_reported_with_its_sequence(capsys, cache_copy, tmp_path):
     import zarr
 
@@ -169,6 +177,12 @@ def test_union_mode_needs_the_stored_head(capsys, tiny_teacher_dir, corpus_dir, 
     cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache)), show_progress=False)
     assert_refused(capsys, train_args(cache, tmp_path / "runs", **{"kd.mode": "union"}),
                    r"union needs the teacher head.*store_head=true", cache)
+    assert not (tmp_path / "runs" / "r").exists()  # a refused run leaves no run directory behind
+    # Following the message works: the head is added to the complete cache, then union trains.
+    assert run(capsys, "cache-teacher", *stage1_overrides(tiny_teacher_dir, corpus_dir, cache,
+                                                          **{"cache.store_head": True}))[0] == 0
+    assert CacheReader(cache).head() is not None
+    assert run(capsys, *train_args(cache, tmp_path / "runs", **{"kd.mode": "union"}))[0] == 0
 
 
 # -- checkpoints and runs ---------------------------------------------------------------------

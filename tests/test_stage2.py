@@ -3,10 +3,12 @@ SIGKILL), every KD mode trains, and bad checkpoints are refused with one line.""
 
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -233,3 +235,28 @@ def test_eval_command_reproduces_the_final_eval_record(uninterrupted, tiny_cache
     last = [r for r in train_records(run_dir) if r.get("split") == "eval"][-1]
     # The exported student is the EMA model the last in-training eval used.
     assert got["ppl"] == pytest.approx(last["ppl"], rel=1e-6) and got["bpb"] == pytest.approx(last["bpb"], rel=1e-6)
+
+
+def test_cross_tokenizer_objective_does_not_depend_on_the_chunk_size(tiny_cache, smollm2_tokenizer_dir):
+    """Padded cross-tokenizer batches: every valid target counts, however positions are chunked."""
+    from transformers import AutoTokenizer
+
+    from pipeline.cache import CacheReader
+    from pipeline.config import KDConfig
+    from stage2_student_train.data import data_access
+    from stage2_student_train.objective import Weights, batch_objective
+    from stage2_student_train.student import build_student
+
+    reader = CacheReader(tiny_cache)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    access = data_access(reader, tok, False, need_hidden=False, show_progress=False)
+    batch = access.load(np.arange(6))
+    assert not bool(batch["target_mask"].all())  # the batch really is padded
+    torch.manual_seed(0)
+    cfg = load_config(None, stage2_overrides(tiny_cache, Path("/unused")))
+    model = build_student(cfg, len(tok), access.seq_len)
+    w = Weights(1.0, 1.0, 1.0, 0.0, 0.0)
+    outs = [batch_objective(model, batch, KDConfig(mode="mapped"), w, chunk=c) for c in (7, 64, 100000)]
+    for o in outs[1:]:
+        assert o["ce"] == pytest.approx(outs[0]["ce"], rel=1e-6) and o["kd"] == pytest.approx(outs[0]["kd"], rel=1e-6)
+    assert outs[0]["positions"] == int(batch["target_mask"].sum())

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":
             p.add_argument("cache", help="cache directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.add_argument("--audit", action="store_true",
+                           help="also rerun the teacher on a sample: top-k mass and KL for k in 8..128")
+            p.add_argument("--audit-sequences", type=int, default=4, help="sequences the audit samples")
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -117,7 +120,12 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cache import CacheReader
-    info = CacheReader(args.cache, verify=False).info()
+    reader = CacheReader(args.cache, verify=not args.audit)
+    info = reader.info()
+    if args.audit:
+        from .audit import audit
+        reader.require_complete()
+        info["audit"] = audit(reader, args.audit_sequences)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0

@@ -280,3 +280,20 @@ def test_sqrt8_encoding_round_trip_and_fidelity(tmp_path, vocab):
         positions += kl.size
     # The writer measured the same fidelity on every position it wrote.
     assert r.info()["topk_encoding_kl_mean"] == pytest.approx(kl_total / positions, rel=1e-6)
+
+
+def test_audit_against_the_teacher(tiny_cache, capsys):
+    """inspect --audit reruns the (tiny) teacher: mass grows with k, the truncation KL falls with
+    k, and a float32 cache's stored distribution matches the fresh teacher pass."""
+    from pipeline.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["inspect", str(tiny_cache), "--json", "--audit", "--audit-sequences", "3"]) == 0
+    audit = json.loads(capsys.readouterr().out)["audit"]
+    masses = [audit["per_k"][str(k)]["mass"] for k in (8, 16, 32, 64, 128)]
+    kls = [audit["per_k"][str(k)]["kl_topk_tail"] for k in (8, 16, 32, 64, 128)]
+    assert all(0 < m < 1 for m in masses) and masses == sorted(masses)
+    assert kls == sorted(kls, reverse=True) and kls[-1] >= 0
+    assert len(audit["sequences"]) == 3 and audit["stored_k"] == 8
+    assert audit["kl_stored"] < 1e-6  # float32 log-probs, same teacher, same tokens
+    assert audit["per_k"]["8"]["mass"] == pytest.approx(CacheReader(tiny_cache).info()["topk_mass_mean"], rel=0.5)

@@ -131,18 +131,19 @@ def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, 
         if backward:
             (loss * (loss_scale / n)).backward()
         else:  # eval extras: unsmoothed NLL, agreement with the teacher's top-1, KL to its top-k+tail
-            keep = 1.0 if valid is None else valid[rows]
-            sums["nll"] += float((-picked[:, 0] * keep).sum())
-            if "topk_mask" in flat:  # cross-tokenizer: over the aligned positions whose top-1 maps
-                top1_ok = flat["topk_mask"][rows, 0]
-                sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())
-                sums["top1_n"] += float(top1_ok.sum())
-                sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows],
-                                                     flat["topk_mask"][rows], 1.0).sum())
-            elif "topk_ids" in flat:
-                sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
-                sums["top1_n"] += len(picked)
-                sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0).sum())
+            with torch.no_grad():
+                keep = 1.0 if valid is None else valid[rows]
+                sums["nll"] += float((-picked[:, 0] * keep).sum())
+                if "topk_mask" in flat:  # cross-tokenizer: over the aligned positions whose top-1 maps
+                    top1_ok = flat["topk_mask"][rows, 0]
+                    sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())
+                    sums["top1_n"] += float(top1_ok.sum())
+                    sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows],
+                                                         flat["topk_mask"][rows], 1.0).sum())
+                elif "topk_ids" in flat:
+                    sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
+                    sums["top1_n"] += len(picked)
+                    sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0).sum())
         sums["ce"] += float(ce.detach())
     out = {k: v / n for k, v in sums.items()}
     out["top1_n"] = sums["top1_n"]

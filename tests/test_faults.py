@@ -32,12 +32,12 @@ def finish(args: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def kill_when(proc: subprocess.Popen, ready, rng: random.Random, timeout: float = 120) -> bool:
+def kill_when(proc: subprocess.Popen, ready, rng: random.Random, timeout: float = 120, max_delay: float = 0.3) -> bool:
     """SIGKILL ``proc`` a random moment after ``ready()`` holds; False if it ended first."""
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline and not ready():
         time.sleep(0.005)
-    time.sleep(rng.uniform(0, 0.3))
+    time.sleep(rng.uniform(0, max_delay))
     if proc.poll() is not None:
         return False
     proc.send_signal(signal.SIGKILL)
@@ -95,7 +95,8 @@ def assert_checkpoints_sound(run_dir: Path) -> None:
 
 
 def test_stage2_killed_at_random_points_resumes_bit_identical(tiny_cache, tmp_path):
-    extra = {"train.steps": 12, "train.save_every": 1, "train.eval_every": 4, "train.keep_checkpoints": 2}
+    # Enough steps that 10 kills, each after at least one more checkpoint, fit before the end.
+    extra = {"train.steps": 60, "train.save_every": 1, "train.eval_every": 20, "train.keep_checkpoints": 2}
     ref_runs, runs = tmp_path / "ref", tmp_path / "runs"
     finish(["train-student", *stage2_overrides(tiny_cache, ref_runs, "r", **extra)])
     run_dir = runs / "r"
@@ -107,7 +108,7 @@ def test_stage2_killed_at_random_points_resumes_bit_identical(tiny_cache, tmp_pa
         step_now = int(latest.read_text().strip().split("-")[1]) if latest.exists() else 0
         target = step_now + 1  # at least one more checkpoint each time, then a random moment later
         killed = kill_when(proc, lambda: latest.exists() and int(latest.read_text().strip().split("-")[1]) >= target,
-                           rng)
+                           rng, max_delay=0.15)
         kills += killed
         assert_checkpoints_sound(run_dir)
         if not killed or kills == KILLS:
@@ -116,15 +117,15 @@ def test_stage2_killed_at_random_points_resumes_bit_identical(tiny_cache, tmp_pa
             proc = start(["resume", str(run_dir / latest.read_text().strip())])
         else:  # killed before the first checkpoint: start over (the run directory is refused otherwise)
             proc = start(["train-student", *stage2_overrides(tiny_cache, runs, "r", **{**extra, "train.overwrite": True})])
-    assert kills >= KILLS
     latest = run_dir / "LATEST"
+    assert kills >= KILLS, f"only {kills} kills before the run ended ({latest.read_text().strip()})"
     if not (run_dir / "final").exists():
         finish(["resume", str(run_dir / latest.read_text().strip())])
     assert_checkpoints_sound(run_dir)
     ref_w = load_file(ref_runs / "r" / "final" / "student" / "model.safetensors")
     got_w = load_file(run_dir / "final" / "student" / "model.safetensors")
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
-    ref_state = torch.load(ref_runs / "r" / "checkpoints" / "step-00000012" / "state.pt", weights_only=False)
-    got_state = torch.load(run_dir / "checkpoints" / "step-00000012" / "state.pt", weights_only=False)
+    ref_state = torch.load(ref_runs / "r" / "checkpoints" / "step-00000060" / "state.pt", weights_only=False)
+    got_state = torch.load(run_dir / "checkpoints" / "step-00000060" / "state.pt", weights_only=False)
     for k, v in ref_state["ema"]["shadow"].items():
         assert torch.equal(v, got_state["ema"]["shadow"][k]), k

@@ -560,10 +560,19 @@ class CacheReader:
                                  "rebuild with cache.overwrite=true") from None
         return self._meta[shard]
 
+    def text(self, index: int) -> tuple[str, np.ndarray]:
+        """A sequence's text and per-token char ends, from the Arrow metadata only (no arrays
+        decoded): what re-tokenizing and bits-per-byte need."""
+        rec = self._meta_row(index)
+        return rec["text"], np.asarray(rec["char_end"], np.int64)
+
+    def _meta_row(self, index: int) -> dict:
+        shard, row = divmod(index, self.spec.shard_sequences)
+        return self.meta(shard).slice(row, 1).to_pylist()[0]
+
     def sequence(self, index: int) -> Sequence:
         arrays = {k: v[0] for k, v in self.read_range(index, index + 1).items()}
-        shard, row = divmod(index, self.spec.shard_sequences)
-        rec = self.meta(shard).slice(row, 1).to_pylist()[0]
+        rec = self._meta_row(index)
         return Sequence(index=index, split=rec["split"], arrays=arrays, text=rec["text"],
                         char_end=np.asarray(rec["char_end"], np.int64), doc_id=np.asarray(rec["doc_id"], np.int64))
 

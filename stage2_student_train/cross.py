@@ -64,10 +64,10 @@ def load_or_build_view(reader: CacheReader, teacher_tok, student_tok, show_progr
 def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:
     rows_ids, rows_aligned, first_end = [], [], []
     for i in tqdm(range(len(reader)), desc="align student tokens", unit="seq", disable=not show_progress):
-        seq = reader.sequence(i)
-        ids, ends = align.student_tokens(student_tok, seq.text)
+        text, teacher_ends = reader.text(i)
+        ids, ends = align.student_tokens(student_tok, text)
         rows_ids.append(ids)
-        rows_aligned.append(align.align_positions(seq.char_end, ends))
+        rows_aligned.append(align.align_positions(teacher_ends, ends))
         first_end.append(int(ends[0]) if len(ends) else 0)
     length = max(len(r) for r in rows_ids)
     ids = np.full((len(rows_ids), length), -1, np.int64)

@@ -85,8 +85,8 @@ def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...])
 
 def target_bytes(reader: CacheReader, index: int) -> int:
     """UTF-8 bytes of the text that a sequence's targets (tokens 1..L-1) cover: for bits per byte."""
-    seq = reader.sequence(index)
-    return len(seq.text[int(seq.char_end[0]):].encode("utf-8"))
+    text, char_end = reader.text(index)
+    return len(text[int(char_end[0]):].encode("utf-8"))
 
 
 @dataclass
@@ -122,7 +122,7 @@ def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidde
                                               for k, v in view.coverage.items()))
 
     def cross_bytes(i: int) -> int:
-        return len(reader.sequence(i).text[int(view.first_end[i]):].encode("utf-8"))
+        return len(reader.text(i)[0][int(view.first_end[i]):].encode("utf-8"))
 
     return DataAccess(lambda ids: cross_batch(reader, view, ids, need_hidden), cross_bytes, view.seq_len,
                       view.coverage)

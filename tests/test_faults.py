@@ -65,7 +65,7 @@ def test_stage1_killed_at_random_points_ends_identical(tiny_teacher_dir, corpus_
         target = done_before + rng.randint(0, 3)  # sometimes during set-up, sometimes mid-shards
         proc = start(args)
         killed = kill_when(proc, lambda: (victim / "done").is_dir() and
-                           len(list((victim / "done").glob("*.json"))) >= target, rng)
+                           len(list((victim / "done").glob("*.json"))) >= target, rng, max_delay=0.1)
         kills += killed
         if (victim / "manifest.json").exists():  # after every kill: a readable cache whose committed
             reader = CacheReader(victim)           # shards all verify
@@ -75,7 +75,7 @@ def test_stage1_killed_at_random_points_ends_identical(tiny_teacher_dir, corpus_
             assert not victim.exists() or not any(victim.iterdir())  # nothing half-made under the name
         if not killed:
             break
-    assert kills >= KILLS or CacheReader(victim).complete
+    assert kills >= KILLS, f"only {kills} kills before the cache was complete"
     finish(args)
     assert_same_cache(ref, victim)
     assert shards >= 40

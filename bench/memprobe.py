@@ -26,15 +26,16 @@ def main() -> None:
     from bench.run import student_setup, train_step
 
     cfg = load_config(a.config, [f"cache.dir={json.dumps(a.cache)}", f"train.batch_size={a.batch_size}"])
-    _, model, optimizer, stream = student_setup(cfg)
-    batch = stream.next_batch()
-    train_step(model, optimizer, batch, a.mode, cfg)  # optimizer state exists from here on
+    run, state = student_setup(cfg)
+    batch = state.data.next_batch()
+    train_step(run, state, batch, a.mode, cfg)  # optimizer state exists from here on
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark to the current size
     base = status_mb("VmRSS")
     for _ in range(3):
-        train_step(model, optimizer, batch, a.mode, cfg)
+        train_step(run, state, batch, a.mode, cfg)
     peak = status_mb("VmHWM")
+    state.data.close()
     print(json.dumps({"mode": a.mode, "base_mb": round(base, 1), "peak_mb": round(peak, 1)}))
 
 

@@ -1,4 +1,4 @@
-"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P6 of DESIGN.md,
+"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P6 and P8,
 measured side by side in one run on this machine, with the embedded teacher and a small student.
 
 Each timing is repeated; the table gives the median ratio and its spread (min-max over the
@@ -10,6 +10,7 @@ Writes ``bench/results.json`` and ``bench/results.md``. This package sits above 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -26,10 +27,11 @@ from pipeline.config import Config, load_config
 from pipeline.device import choose_precision, resolve_device
 from stage1_teacher_cache.run import cache_teacher
 from stage1_teacher_cache.teacher import TeacherPass, load_model, resolve_teacher
+from pipeline.distributed import Dist
 from stage2_student_train.data import TRAIN_ARRAYS, BatchStream, load_batch
-from stage2_student_train.objective import Weights, batch_objective
-from stage2_student_train.optim import build_optimizer
-from stage2_student_train.student import build_student, load_student_tokenizer
+from stage2_student_train.state import build_state, setup_run
+from stage2_student_train.step import step_weights
+from stage2_student_train.step import train_step as recipe_step
 
 OUT = Path(__file__).resolve().parent
 TARGETS = {
@@ -39,6 +41,7 @@ TARGETS = {
     "P4": ("logit bytes/token at k=64 (ids + values + logZ)", "<=", 100.0),
     "P5": ("cache reader tokens/s / student training tokens/s", ">=", 5.0),
     "P6": ("stage-2 peak memory with KD / without KD", "<=", 1.2),
+    "P8": ("stage-2 step with prefetched input / same step with the batch in memory", "<=", 1.05),
 }
 
 
@@ -97,39 +100,35 @@ def p1(cfg: Config, repeats: int) -> tuple[dict, dict]:
 
 
 def student_setup(cfg: Config):
-    reader = CacheReader(cfg.cache.dir)
-    tokenizer, _ = load_student_tokenizer(cfg, reader)
-    torch.manual_seed(0)
-    model = build_student(cfg, len(tokenizer), reader.spec.seq_len)
-    optimizer = build_optimizer(list(model.named_parameters()), cfg.train)
-    stream = BatchStream(reader.split_indices("train"), cfg.train.batch_size, 0,
-                         lambda ids: load_batch(reader, ids, TRAIN_ARRAYS))
-    return reader, model, optimizer, stream
+    """The recipe's own state (student, optimizer, EMA, prefetching data) on one process."""
+    run = setup_run(cfg, Dist(), show_progress=False)
+    return run, build_state(run)
 
 
-def train_step(model, optimizer, batch, mode: str, cfg: Config) -> None:
-    kd = type(cfg.kd)(mode=mode)
-    optimizer.zero_grad(set_to_none=True)
-    batch_objective(model, batch, kd, Weights(1.0, 1.0 if mode != "none" else 0.0, 1.0, 0.0, 0.0),
-                    chunk=cfg.train.loss_chunk_size, backward=True)
-    optimizer.step()
+def train_step(run, state, batch, mode: str, cfg: Config) -> None:
+    """The recipe's ``train_step`` on ``batch`` with KD mode ``mode`` (none: CE only)."""
+    mode_cfg = dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, mode=mode))
+    recipe_step(state, [batch], mode_cfg, step_weights(mode_cfg, 0), dist=run.dist, kind=run.parallel,
+                autocast=run.autocast(), head=run.teacher_head())
 
 
-def p2_p3_p5(cfg: Config, teacher_model, repeats: int) -> dict:
-    reader, model, optimizer, stream = student_setup(cfg)
-    batch = stream.next_batch()
+def p2_p3_p5_p8(cfg: Config, teacher_model, repeats: int) -> dict:
+    run, state = student_setup(cfg)
+    reader = run.reader
+    batch = state.data.next_batch()
     teacher = TeacherPass(teacher_model, cfg.cache.top_k, cfg.teacher.logits_chunk)
-    train_step(model, optimizer, batch, "topk_tail", cfg)  # warm-up
-    kd_s, ce_s, online_s = [], [], []
-    for _ in range(repeats):  # interleaved so drift hits all three alike
-        kd_s += timed(lambda: train_step(model, optimizer, batch, "topk_tail", cfg), 1)
-        ce_s += timed(lambda: train_step(model, optimizer, batch, "none", cfg), 1)
+    train_step(run, state, batch, "topk_tail", cfg)  # warm-up
+    kd_s, ce_s, online_s, fetched_s = [], [], [], []
+    for _ in range(repeats):  # interleaved so drift hits all of them alike
+        kd_s += timed(lambda: train_step(run, state, batch, "topk_tail", cfg), 1)
+        ce_s += timed(lambda: train_step(run, state, batch, "none", cfg), 1)
+        fetched_s += timed(lambda: train_step(run, state, state.data.next_batch(), "topk_tail", cfg), 1)
 
         def online():
             out = teacher(batch["input_ids"])  # the teacher runs inside the step
             live = dict(batch, topk_ids=torch.from_numpy(out["topk_ids"].astype(np.int64)),
                         topk_logprobs=torch.from_numpy(out["topk_logprobs"]), logz=torch.from_numpy(out["logz"]))
-            train_step(model, optimizer, live, "topk_tail", cfg)
+            train_step(run, state, live, "topk_tail", cfg)
 
         online_s += timed(online, 1)
     tokens = batch["input_ids"].numel()
@@ -139,6 +138,7 @@ def p2_p3_p5(cfg: Config, teacher_model, repeats: int) -> dict:
                         lambda ids: load_batch(reader, ids, TRAIN_ARRAYS))
     reader_s = timed(fresh.next_batch, max(repeats, 8))
     torch.set_num_threads(torch_threads)
+    state.data.close()
     return {
         "P2": {"ratio": summarize([k / c for k, c in zip(kd_s, ce_s)]), "kd_step_s": summarize(kd_s),
                "ce_step_s": summarize(ce_s)},
@@ -146,7 +146,9 @@ def p2_p3_p5(cfg: Config, teacher_model, repeats: int) -> dict:
         "P5": {"ratio": summarize([(tokens / r) / (tokens / statistics.median(kd_s)) for r in reader_s]),
                "reader_tokens_per_s": tokens / statistics.median(reader_s),
                "train_tokens_per_s": tokens / statistics.median(kd_s)},
-        "student_parameters": sum(p.numel() for p in model.parameters()),
+        "P8": {"ratio": summarize([f / k for f, k in zip(fetched_s, kd_s)]), "prefetched_step_s": summarize(fetched_s),
+               "data_stall_s": round(state.data.stall_s, 4)},
+        "student_parameters": sum(p.numel() for p in state.parts.student.parameters()),
         "batch_tokens": tokens,
     }
 
@@ -188,9 +190,9 @@ def main(args: argparse.Namespace) -> int:
         results: dict = {}
         results["P1"], shared = p1(cfg, args.repeats)
         print(f"P1 done ({time.perf_counter() - t0:.0f} s)")
-        steps = p2_p3_p5(cfg, shared["model"], args.repeats)
-        results.update({k: steps[k] for k in ("P2", "P3", "P5")})
-        print(f"P2/P3/P5 done ({time.perf_counter() - t0:.0f} s)")
+        steps = p2_p3_p5_p8(cfg, shared["model"], args.repeats)
+        results.update({k: steps[k] for k in ("P2", "P3", "P5", "P8")})
+        print(f"P2/P3/P5/P8 done ({time.perf_counter() - t0:.0f} s)")
         info = shared["info"]
         results["P4"] = {"ratio": {"median": info["logit_bytes_per_token"], "min": info["logit_bytes_per_token"],
                                    "max": info["logit_bytes_per_token"], "n": 1},

@@ -172,6 +172,9 @@ class TrainConfig:
     num_threads: int = 0
     overwrite: bool = False
     """Delete an existing run directory of the same name first."""
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """Under torchrun: ddp (replicated student, gradients all-reduced) or fsdp (FSDP2: parameters,
+    gradients and optimizer state sharded across ranks). auto: ddp under torchrun, else none."""
     stop_after: int = 0
     """Stop after this many steps in this invocation, with a checkpoint (0: run to the end). For
     time-boxed sessions: ``resume`` continues exactly where it stopped."""
@@ -191,11 +194,10 @@ class TrainConfig:
 
 @dataclass
 class KDConfig:
-    mode: Literal["none", "topk_tail", "topk_renorm", "union", "mapped", "projected"] = "topk_tail"
-    """none: cross-entropy only (the baseline). topk_tail / topk_renorm / union: same tokenizer.
-    mapped: a student with another tokenizer (teacher top-k through the byte-identical vocab map).
-    projected: another tokenizer; the target is the projector/router's reading of the cached
-    teacher hidden state through the student's head (see [router])."""
+    mode: str = "topk_tail"
+    """The KD term, one of stage 2's registry of modes (checked before a run writes anything):
+    none (cross-entropy only), topk_tail, topk_renorm, union (same tokenizer); mapped, projected
+    (another tokenizer). See the README's table of KD modes."""
     weight: float = 1.0
     weight_final: float = -1.0
     """KD weight at the end of training, linear from ``weight`` (-1: constant)."""
@@ -210,6 +212,7 @@ class KDConfig:
     and the cached teacher hidden state (0: off)."""
 
     def validate(self) -> None:
+        _require(bool(self.mode.strip()), "kd.mode", "must not be empty (none: cross-entropy only)")
         _require(self.weight >= 0 and self.ce_weight >= 0, "kd.weight", "and kd.ce_weight must be >= 0")
         _require(self.temperature > 0, "kd.temperature", "must be > 0")
         _require(self.temperature_final == -1 or self.temperature_final > 0, "kd.temperature_final",

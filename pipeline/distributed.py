@@ -46,6 +46,15 @@ class Dist:
         dist.all_reduce(flag)
         return int(flag) == 0
 
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks, in float64 (one collective); the values themselves alone."""
+        if not self.enabled:
+            return [float(v) for v in values]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def run_on_main(self, fn: Callable[[], T]) -> T | None:
         """Run ``fn`` on rank 0 only; a PipelineError there is raised on every rank (no hang)."""
         error: list[str | None] = [None]

@@ -42,17 +42,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, save_student, state: dict[str, Any], keep: int) -> Path:
-    """``save_student(path)`` writes the HF directory; ``state`` goes to state.pt."""
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh temp directory for the checkpoint of ``step`` (rank 0; others write into it)."""
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step:08d}"
     tmp = ckpt_root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_student(tmp / "student")
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.toml").write_text(state["config_toml"])
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int) -> Path:
+    """Rename the finished temp directory into place, point ``LATEST`` at it, keep the last N."""
+    ckpt_root = run_dir / "checkpoints"
+    final = ckpt_root / f"step-{step:08d}"
     old = ckpt_root / f".step-{step:08d}.old"
     if final.exists():  # a rerun of the same step: move the old one aside, never leave a gap
         shutil.rmtree(old, ignore_errors=True)
@@ -60,9 +63,35 @@ def save_checkpoint(run_dir: Path, step: int, save_student, state: dict[str, Any
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     atomic_write_bytes(run_dir / LATEST, f"checkpoints/{final.name}\n".encode())
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in sorted(ckpt_root.glob("step-*"))[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def write_state(tmp: Path, state: dict[str, Any], config_toml: str) -> None:
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.toml").write_text(config_toml)
+
+
+def save_sharded(path: Path, parts: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> None:
+    """FSDP: model, optimizer and EMA shards through ``torch.distributed.checkpoint`` (every rank
+    writes its own shards; loads on the same or another world size). A collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(parts, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd, "ema": ema.shadow if ema is not None else {}},
+             checkpoint_id=str(path))
+
+
+def load_sharded(path: Path, parts: torch.nn.Module, optimizer: torch.optim.Optimizer, ema) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(parts, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "ema": ema.shadow if ema is not None else {}}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(parts, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -11,33 +11,41 @@ import torch
 from typing import Callable
 
 from pipeline.config import KDConfig
+from pipeline.distributed import Dist
 
 from .objective import Weights, batch_objective
 
 
 @torch.no_grad()
 def evaluate(model, load: Callable[[np.ndarray], dict], target_bytes: Callable[[int], int], indices: list[int],
-             batch_size: int, chunk: int, autocast) -> dict:
+             batch_size: int, chunk: int, autocast, *, net=None, dist: Dist | None = None) -> dict:
     """``load(ids)`` gives a batch (same- or cross-tokenizer); ``target_bytes(i)`` the UTF-8 bytes
-    its targets cover, so bits per byte compare across tokenizers."""
+    its targets cover, so bits per byte compare across tokenizers. Under torchrun every rank
+    evaluates its share of ``indices`` and the sums are all-reduced; every rank runs the same
+    number of forwards (FSDP gathers parameters in each), a rank with nothing left re-reads one
+    sequence and counts nothing."""
+    dist = dist or Dist()
     was_training = model.training
     model.eval()
-    sums = {"nll": 0.0, "kl": 0.0, "top1": 0.0}
-    positions, top1_n, n_bytes = 0, 0.0, 0
-    for s in range(0, len(indices), batch_size):
-        ids = np.asarray(indices[s:s + batch_size])
+    sums = {"nll": 0.0, "kl": 0.0, "top1": 0.0, "top1_n": 0.0, "positions": 0.0, "bytes": 0.0}
+    for s in range(0, len(indices), batch_size * dist.world):
+        group = indices[s:s + batch_size * dist.world]
+        ids = np.asarray(group[dist.rank::dist.world] or group[:1])
+        weight = 1.0 if group[dist.rank::dist.world] else 0.0
         out = batch_objective(model, load(ids), KDConfig(mode="none"), Weights(1.0, 0.0, 1.0, 0.0, 0.0),
-                              chunk=chunk, backward=False, autocast=autocast)
-        for k in sums:
-            sums[k] += out[k] * out["positions"]
-        positions += out["positions"]
-        top1_n += out["top1_n"]
-        n_bytes += sum(target_bytes(int(i)) for i in ids)
+                              chunk=chunk, backward=False, autocast=autocast, net=net)
+        for k in ("nll", "kl", "top1"):
+            sums[k] += weight * out[k] * out["positions"]
+        sums["positions"] += weight * out["positions"]
+        sums["top1_n"] += weight * out["top1_n"]
+        sums["bytes"] += weight * sum(target_bytes(int(i)) for i in ids)
     model.train(was_training)
-    ce = sums["nll"] / positions
-    return {"ce": ce, "ppl": math.exp(ce), "bpb": sums["nll"] / math.log(2) / n_bytes,
-            "kl_teacher_topk": sums["kl"] / positions,
-            "teacher_top1_agree": sums["top1"] / top1_n if top1_n else None, "positions": positions}
+    sums = dict(zip(sums, dist.all_sum(list(sums.values()))))
+    ce = sums["nll"] / sums["positions"]
+    return {"ce": ce, "ppl": math.exp(ce), "bpb": sums["nll"] / math.log(2) / sums["bytes"],
+            "kl_teacher_topk": sums["kl"] / sums["positions"],
+            "teacher_top1_agree": sums["top1"] / sums["top1_n"] if sums["top1_n"] else None,
+            "positions": int(sums["positions"])}
 
 
 def main(args) -> int:

@@ -1,22 +1,31 @@
-"""The stage-2 objective over one batch, chunked over positions.
+"""The stage-2 objective over one micro-batch, chunked over positions.
 
-The student's last hidden state is computed once; the head, one fp32 ``log_softmax`` (shared
-by CE and KD) and the losses then run over chunks of ``chunk`` positions. With ``backward=True``
-each chunk's loss is backpropagated into a detached copy of the hidden state right away, so at
-most one ``[chunk, V]`` logits tensor (and its graph) exists at a time; the accumulated hidden
-gradient then flows through the transformer in a single backward.
+The student's last hidden state ``h`` is computed once (through the DDP/FSDP wrapper when there
+is one); the head, ONE fp32 ``log_softmax`` (shared by CE and KD) and the losses then run over
+chunks of ``chunk`` positions. With ``backward=True`` each chunk's loss is differentiated right
+away (``autograd.grad``) with respect to its slice of a detached ``h`` and to the modules it
+uses directly (the head, the router), so at most one ``[chunk, V]`` logits tensor and its graph
+exist at a time. Then ONE backward runs from ``h`` (and those modules' accumulated gradients,
+and the terms computed over the whole batch) through the transformer: under DDP/FSDP that is
+the single backward the engine hooks into, reducing gradients bucket by bucket while it runs.
+
+Normalisation: every term is a sum over positions divided by ``denominator``, the number of
+valid targets of the whole optimizer step (all micro-batches, all ranks), so how a step is cut
+into micro-batches, ranks or chunks does not change the gradient.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from torch import Tensor, nn
 
 from pipeline.config import KDConfig
 
-from . import losses
-from . import router as routing
+from . import kd_modes, losses
+from .router import step_load_balance
 
 
 @dataclass
@@ -31,19 +40,42 @@ class Weights:
     load_balance: float = 0.0
 
 
-def kd_per_position(mode: str, logp, at_ids, batch: dict, rows: slice, head, kd: KDConfig, temperature: float):
-    """The KD term per position; ``at_ids`` = the student's log-probs at the teacher's top-k ids
-    (in cross-tokenizer batches: at their student twins)."""
-    if mode == "mapped":
-        return losses.kd_mapped(at_ids, batch["topk_logprobs"][rows], batch["topk_mask"][rows], temperature)
-    if mode == "topk_tail":
-        return losses.kd_topk_tail(at_ids, batch["topk_logprobs"][rows], temperature)
-    if mode == "topk_renorm":
-        return losses.kd_topk_renorm(at_ids, batch["topk_logprobs"][rows], temperature)
-    if mode == "union":
-        return losses.kd_union(logp, batch["hidden"][rows], head, batch["logz"][rows], batch["topk_ids"][rows],
-                               kd.union_student_k, temperature)
-    raise ValueError(mode)
+class Trainable(nn.Module):
+    """The student and the modules trained beside it, as one module: DDP and FSDP wrap (and
+    synchronise) everything that is optimised in one place. ``forward`` = the student's last
+    hidden state [B, L, Ds] (the head runs chunked, outside)."""
+
+    def __init__(self, student: nn.Module, feature_map: nn.Module | None = None, router: nn.Module | None = None):
+        super().__init__()
+        self.student, self.feature_map, self.router = student, feature_map, router
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.student.model(input_ids=input_ids).last_hidden_state
+
+    def extras(self) -> dict[str, nn.Module | None]:
+        return {"feature_map": self.feature_map, "router": self.router}
+
+
+def as_trainable(model: nn.Module) -> Trainable:
+    return model if isinstance(model, Trainable) else Trainable(model)
+
+
+@dataclass
+class GateStats:
+    """Routing statistics gathered over an optimizer step, for its one load-balance term."""
+
+    inputs: list[Tensor] = field(default_factory=list)
+    counts: Tensor | None = None
+
+    def add(self, term: kd_modes.KDTerm) -> None:
+        if term.gate_input is None:
+            return
+        self.inputs.append(term.gate_input)
+        self.counts = term.gate_counts if self.counts is None else self.counts + term.gate_counts
+
+    @property
+    def positions(self) -> int:
+        return sum(len(x) for x in self.inputs)
 
 
 PER_POSITION = ("topk_ids", "topk_logprobs", "logz", "hidden", "target_mask", "topk_mask", "hidden_mask")
@@ -54,113 +86,136 @@ def flat_targets(batch: dict, device) -> dict:
 
     Same-tokenizer batches hold per-token arrays [B, L, ...]; cross-tokenizer batches (they have
     ``target_mask``) hold them for the positions with a target already [B, L-1, ...]."""
-    out = {"input_ids": batch["input_ids"].to(device)}
+    out = {"input_ids": batch["input_ids"].to(device, non_blocking=True)}
     out["targets"] = out["input_ids"][:, 1:].reshape(-1)
     cross = "target_mask" in batch
     for name in PER_POSITION:
         if name in batch:
             t = batch[name] if cross else batch[name][:, :-1]
-            out[name] = t.reshape(-1, *t.shape[2:]).to(device)
+            out[name] = t.reshape(-1, *t.shape[2:]).to(device, non_blocking=True)
     return out
 
 
-def projected_terms(router, lm_head, flat: dict, rows: slice, needed, picked, w: Weights):
-    """kd.mode=projected on the aligned positions of one chunk: the student's KD term against the
-    projector's distribution over [next token, mapped teacher ids] (used DETACHED), and the
-    projector/router's own loss, which reads only student-independent targets (the next student
-    token, the mapped teacher distribution) through the student's head DETACHED."""
-    sel = flat["hidden_mask"][rows]
-    if not bool(sel.any()):
-        zero = picked.sum() * 0.0
-        return zero, zero, None
-    out = router(flat["hidden"][rows][sel], flat["student_hidden"][rows][sel], w.router_k)
-    head_w = lm_head.weight.detach()
-    cand = needed[sel]
-    mapped_ok = flat["topk_mask"][rows][sel] & (cand[:, 1:] != cand[:, :1])  # no twin of the target twice
-    cand_mask = torch.cat([torch.ones_like(mapped_ok[:, :1]), mapped_ok], dim=1)
-    target_logits = routing.projected_logits(out.projected.detach(), head_w, cand).float()
-    kd_sum = losses.kd_topk_renorm(picked[sel], target_logits, w.temperature, cand_mask).sum()
-    own = routing.projector_targets_loss(out.projected, head_w, cand[:, 0], cand[:, 1:],
-                                         flat["topk_logprobs"][rows][sel], flat["topk_mask"][rows][sel], cand)
-    aux = (w.projector * own + w.load_balance * out.load_balance) * int(sel.sum())  # sums, like the other terms
-    return kd_sum, aux, out.utilisation
+def valid_targets(batch: dict) -> int:
+    """Positions of a batch that have a next token to predict (what every loss is averaged over)."""
+    if "target_mask" in batch:
+        return int(batch["target_mask"].sum())
+    ids = batch["input_ids"]
+    return ids.shape[0] * (ids.shape[1] - 1)
 
 
-def batch_objective(model, batch: dict, kd: KDConfig, w: Weights, *, head=None, feature_map=None, router=None,
+def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, head: Tensor | None = None,
                     chunk: int = 1024, backward: bool = False, loss_scale: float = 1.0,
-                    autocast=None) -> dict[str, float]:
-    """Mean per-position CE, KD, feature and total loss; with ``backward`` also their gradients
-    (times ``loss_scale``, e.g. 1/grad_accum times a GradScaler's scale)."""
-    device = next(model.parameters()).device
+                    denominator: int | None = None, autocast=None, net: Callable | None = None,
+                    gate: GateStats | None = None, finish: Callable[[], Tensor] | None = None) -> dict:
+    """One micro-batch: mean per-position CE, KD, feature and total loss over its own valid
+    targets (for logging), and with ``backward`` their gradients, each term summed over positions
+    and times ``loss_scale / denominator`` (``denominator``: the step's global count of valid
+    targets; default this batch's).
+
+    ``model``: a ``Trainable`` (or a bare HF causal LM); ``net``: what runs its forward (the
+    DDP/FSDP wrapper; default ``model``). ``gate`` collects the router's statistics over a step;
+    ``finish()`` gives a last scalar term (the step's load balance) for the one backward. Without
+    ``gate``, a projected batch is its own step."""
+    parts = as_trainable(model)
+    net = net or parts
+    mode = kd_modes.get(kd.mode)
+    device = next(parts.parameters()).device
     flat = flat_targets(batch, device)
     autocast = autocast or torch.autocast(device.type, enabled=False)
     with autocast:
-        hidden = model.model(input_ids=flat["input_ids"]).last_hidden_state  # [B, L, Ds]
+        hidden = net(flat["input_ids"])  # [B, L, Ds]
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     valid = flat.get("target_mask")
     n = h.shape[0] if valid is None else max(1, int(valid.sum()))
-    h_leaf = h.detach().requires_grad_(backward)
-    flat["student_hidden"] = h_leaf  # what the router's gate reads (it detaches it again)
-    lm_head = model.get_output_embeddings()
-    utilisation = None
+    scale = loss_scale / (denominator or n)
+    lm_head = parts.student.get_output_embeddings()
+    router = parts.router if "router" in mode.modules else None
+    if router is not None and gate is None and backward:  # a lone batch is a whole step
+        gate = GateStats()
+        finish = lambda: w.load_balance * step_load_balance(router, gate.inputs, gate.counts, gate.positions)
+    side = [p for m in (lm_head, router) if m is not None for p in m.parameters() if p.requires_grad]
+    side_grads: list[Tensor | None] = [None] * len(side)
+    h_detached = h.detach()
+    h_grad = torch.zeros_like(h) if backward else None
+    use_kd = mode.loss is not None and (w.kd > 0 or router is not None)
     sums = {"ce": 0.0, "kd": 0.0, "nll": 0.0, "top1": 0.0, "top1_n": 0.0, "kl": 0.0}
     for s in range(0, h.shape[0], chunk):  # every row; n (valid rows) is only the denominator
         rows = slice(s, s + chunk)
+        h_rows = h_detached[rows].requires_grad_(backward)
         with autocast:
-            logits = lm_head(h_leaf[rows])
+            logits = lm_head(h_rows)
         logp = torch.log_softmax(logits.float(), dim=-1)
         # One gather for every id the terms need: the target, then the teacher's top-k.
         needed = flat["targets"][rows, None]
         if "topk_ids" in flat:
             needed = torch.cat([needed, flat["topk_ids"][rows]], dim=1)
         picked = logp.gather(1, needed)
-        at_ids = picked[:, 1:]
         smoothing_mean = logp.mean(-1) if w.label_smoothing > 0 else None
         ce_pos = losses.cross_entropy(picked[:, 0], w.label_smoothing, smoothing_mean)
         ce = (ce_pos if valid is None else ce_pos * valid[rows]).sum()
         loss = w.ce * ce
-        if kd.mode == "projected" and router is not None:
-            kd_sum, aux, util = projected_terms(router, lm_head, flat, rows, needed, picked, w)
-            utilisation = util if util is not None else utilisation
-            loss = loss + w.kd * kd_sum + aux
-            sums["kd"] += float(kd_sum.detach())
-        elif kd.mode != "none" and w.kd > 0:
-            kd_sum = kd_per_position(kd.mode, logp, at_ids, flat, rows, head, kd, w.temperature).sum()
+        if use_kd:
+            view = {k: v[rows] for k, v in flat.items() if k in PER_POSITION}
+            term = mode.loss(kd_modes.Chunk(logp, picked, {**view, "needed": needed}, w.temperature,
+                                            kd.union_student_k, head, router, lm_head, h_rows, w.router_k))
+            kd_sum = term.per_position.sum()
             loss = loss + w.kd * kd_sum
+            if term.aux_sum is not None:
+                loss = loss + w.projector * term.aux_sum
+            if gate is not None:
+                gate.add(term)
             sums["kd"] += float(kd_sum.detach())
         if backward:
-            (loss * (loss_scale / n)).backward()
-        else:  # eval extras: unsmoothed NLL, agreement with the teacher's top-1, KL to its top-k+tail
-            with torch.no_grad():
-                keep = 1.0 if valid is None else valid[rows]
-                sums["nll"] += float((-picked[:, 0] * keep).sum())
-                if "topk_mask" in flat:  # cross-tokenizer: over the aligned positions whose top-1 maps
-                    top1_ok = flat["topk_mask"][rows, 0]
-                    sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())
-                    sums["top1_n"] += float(top1_ok.sum())
-                    sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows],
-                                                         flat["topk_mask"][rows], 1.0).sum())
-                elif "topk_ids" in flat:
-                    sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
-                    sums["top1_n"] += len(picked)
-                    sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0).sum())
+            grads = torch.autograd.grad(loss * scale, [h_rows, *side], allow_unused=True)
+            h_grad[rows] += grads[0]
+            for i, g in enumerate(grads[1:]):
+                if g is not None:
+                    side_grads[i] = g if side_grads[i] is None else side_grads[i].add_(g)
+        else:
+            _eval_extras(sums, flat, rows, logp, picked, valid)
         sums["ce"] += float(ce.detach())
     out = {k: v / n for k, v in sums.items()}
     out["top1_n"] = sums["top1_n"]
-    feature = None
-    if feature_map is not None and w.feature > 0:
+    feature_sum = None
+    if parts.feature_map is not None and w.feature > 0:
         with autocast:
-            mapped = feature_map(h)
+            mapped = parts.feature_map(h)
         err = ((mapped.float() - flat["hidden"]) ** 2).mean(-1)
         keep = flat.get("hidden_mask")
-        feature = err.mean() if keep is None else (err * keep).sum() / keep.sum().clamp(min=1)
-        out["feature"] = float(feature.detach())
+        feature_sum = err.sum() if keep is None else (err * keep).sum()
+        out["feature"] = float(feature_sum.detach()) / (h.shape[0] if keep is None else max(1, int(keep.sum())))
     if backward:
-        grads = [h_leaf.grad] + ([None] if feature is not None else [])
-        outputs = [h] + ([feature * (w.feature * loss_scale)] if feature is not None else [])
-        torch.autograd.backward(outputs, grads)
+        roots: list[Tensor] = [h] + [p for p, g in zip(side, side_grads) if g is not None]
+        grads_in: list[Tensor | None] = [h_grad] + [g for g in side_grads if g is not None]
+        last = sum(p.sum() for m in parts.extras().values() if m is not None for p in m.parameters()) * 0.0
+        if feature_sum is not None:  # every trainable module gets a gradient (DDP waits for each)
+            last = last + w.feature * feature_sum * scale
+        if finish is not None:
+            last = last + finish() * loss_scale
+        if torch.is_tensor(last):
+            roots.append(last)
+            grads_in.append(None)
+        torch.autograd.backward(roots, grads_in)
     out["loss"] = w.ce * out["ce"] + w.kd * out["kd"] + w.feature * out.get("feature", 0.0)
-    if utilisation is not None:
-        out["router_utilisation"] = [round(float(u), 4) for u in utilisation]
+    if gate is not None and gate.counts is not None:
+        out["router_counts"] = gate.counts.detach()
     out["positions"] = n
     return out
+
+
+@torch.no_grad()
+def _eval_extras(sums: dict, flat: dict, rows: slice, logp: Tensor, picked: Tensor, valid: Tensor | None) -> None:
+    """Unsmoothed NLL, agreement with the teacher's top-1, KL to its top-k + tail."""
+    keep = 1.0 if valid is None else valid[rows]
+    sums["nll"] += float((-picked[:, 0] * keep).sum())
+    at_ids = picked[:, 1:]
+    if "topk_mask" in flat:  # cross-tokenizer: over the aligned positions whose top-1 maps
+        top1_ok = flat["topk_mask"][rows, 0]
+        sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())
+        sums["top1_n"] += float(top1_ok.sum())
+        sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows], flat["topk_mask"][rows], 1.0).sum())
+    elif "topk_ids" in flat:
+        sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
+        sums["top1_n"] += len(picked)
+        sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0).sum())

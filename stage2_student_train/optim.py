@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -70,3 +72,19 @@ class EMA:
         for n, p in module.named_parameters():
             if prefix + n in self.shadow:
                 p.copy_(self.shadow[prefix + n].to(p.dtype))
+
+    @contextmanager
+    def applied(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> Iterator[None]:
+        """The EMA weights in place of the trained ones for the block (eval), restored exactly
+        after. In place, so it works the same through DDP and on FSDP-sharded parameters."""
+        with torch.no_grad():
+            saved = [(p, p.detach().clone()) for n, p in named_params if n in self.shadow]
+            for n, p in named_params:
+                if n in self.shadow:
+                    p.copy_(self.shadow[n].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, original in saved:
+                    p.copy_(original)

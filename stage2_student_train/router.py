@@ -46,6 +46,8 @@ class RouterOutput:
     load_balance: Tensor  # scalar, E * sum_e f_e P_e (0 when E == 1)
     utilisation: Tensor  # [E] fraction of routing assignments per expert (detached, sums to 1)
     gate_probs: Tensor  # [N, E] softmax of the noise-free gate logits
+    gate_input: Tensor  # [N, Ds+Dt] what the gate read (detached): recomputes gate_probs per step
+    counts: Tensor  # [E] routing assignments (detached): f = counts / (N k)
 
 
 class ProjectorRouter(nn.Module):
@@ -67,8 +69,7 @@ class ProjectorRouter(nn.Module):
                              f"got {tuple(teacher_hidden.shape)} and {tuple(student_hidden.shape)}")
         k = max(1, min(int(top_k), num_e))
         gate_in = torch.cat([student_hidden.detach().to(teacher_hidden.dtype), teacher_hidden], dim=-1)
-        logits = self.gate(gate_in)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # >= fp32 routing
+        logits = self.gate_logits(gate_in)
         probs = logits.softmax(dim=-1)
         noisy = logits
         if self.training and self.noise_std > 0:
@@ -95,7 +96,28 @@ class ProjectorRouter(nn.Module):
         f = counts / max(n * k, 1)
         mean_p = probs.sum(dim=0) / max(n, 1)
         load_balance = num_e * (f * mean_p).sum() if num_e > 1 else logits.new_zeros(())
-        return RouterOutput(projected=projected, load_balance=load_balance, utilisation=f, gate_probs=probs)
+        return RouterOutput(projected=projected, load_balance=load_balance, utilisation=f, gate_probs=probs,
+                            gate_input=gate_in.detach(), counts=counts)
+
+    def gate_logits(self, gate_input: Tensor) -> Tensor:
+        """Noise-free gate logits (>= fp32) for ``gate_input`` = [stopgrad(s), t]."""
+        logits = self.gate(gate_input)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def step_load_balance(router: ProjectorRouter, gate_inputs: list[Tensor], counts: Tensor,
+                      positions: int, world: int = 1) -> Tensor:
+    """The Switch load balance over a whole optimizer step, so chunking and micro-batching do not
+    change it: ``E * sum_e f_e P_e`` with ``f = counts / sum(counts)`` and ``P_e`` the mean gate
+    probability over the step's ``positions`` routed positions (all ranks: ``counts`` and
+    ``positions`` must already be global). This rank's share: its gate inputs' probabilities summed,
+    divided by the global count, times ``world`` (data parallelism averages gradients over ranks)."""
+    num_e = router.num_experts
+    if num_e == 1 or not gate_inputs or positions == 0:
+        return router.gate.weight.sum() * 0.0
+    prob_sum = router.gate_logits(torch.cat(gate_inputs)).softmax(dim=-1).sum(dim=0)
+    f = counts / counts.sum().clamp(min=1)
+    return num_e * (f * prob_sum).sum() * (world / positions)
 
 
 def topk_schedule(initial_top_k: int, final_top_k: int, progress: float) -> int:

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.train import train
 
-VOLATILE = ("tokens_per_s", "mem_mb", "mem_peak_mb")
+VOLATILE = ("tokens_per_s", "mem_mb", "mem_peak_mb", "data_stall_s")
 
 
 def cli(*args, **kw):
@@ -163,9 +163,10 @@ def test_torchrun_two_processes_train_like_one_and_resume(uninterrupted, tiny_ca
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_cache, tmp_path, monkeypatch):
+    import stage2_student_train.state as state_module
     import stage2_student_train.train as train_module
 
-    real_build = train_module.build_student
+    real_build = state_module.build_student
 
     def poisoned(*a, **kw):  # a student whose forward yields NaN: every step is non-finite
         model = real_build(*a, **kw)
@@ -173,7 +174,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tiny_cache, tmp_p
             model.model.norm.weight[0] = float("nan")
         return model
 
-    monkeypatch.setattr(train_module, "build_student", poisoned)
+    monkeypatch.setattr(state_module, "build_student", poisoned)
     cfg = load_config(None, stage2_overrides(tiny_cache, tmp_path, "nan", **{"train.max_bad_steps": 3}))
     with pytest.raises(train_module.TrainingError, match=r"3 non-finite steps in a row.*sample ids of that step: \[\d+"):
         train(cfg, show_progress=False)

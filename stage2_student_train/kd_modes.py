@@ -1,0 +1,160 @@
+"""The KD modes, in one registry: what each mode is for, what it needs, and its loss.
+
+A mode is one ``KDMode`` entry. The recipe validates a run against it ("this mode needs X, the
+cache has Y") before anything is written, the data path reads what it ``needs``, and the
+objective calls its ``loss`` once per chunk of positions. Adding a mode = one entry here, its
+loss in ``losses.py``, and their tests.
+
+``loss(chunk)`` returns a ``KDTerm``: the student's KD loss per position (summed by the caller,
+so padding / unaligned positions must be 0) and, for modes with modules of their own (the
+projector/router), their student-independent loss as a sum and their routing statistics.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.errors import ConfigError
+
+from . import losses
+from . import router as routing
+
+
+@dataclass
+class Chunk:
+    """What a KD loss sees for one chunk of positions (rows of the flattened batch)."""
+
+    logp: Tensor            # [n, V] the student's fp32 log-probs (ONE log_softmax, shared with CE)
+    picked: Tensor          # [n, 1+K] logp gathered at [target, teacher top-k ids] (ONE gather)
+    rows: dict[str, Tensor]  # the batch's per-position arrays for these rows (topk_*, logz, hidden, masks)
+    temperature: float
+    union_student_k: int = 8
+    head: Tensor | None = None          # the teacher's output head [V, Dt] (union)
+    router: torch.nn.Module | None = None  # the projector/router (projected)
+    lm_head: torch.nn.Module | None = None  # the student's output head (projected reads it detached)
+    student_hidden: Tensor | None = None  # [n, Ds] the student's hidden state (the router's gate reads it detached)
+    router_k: int = 1
+
+    @property
+    def at_ids(self) -> Tensor:
+        """The student's log-probs at the teacher's top-k ids (cross-tokenizer: their twins)."""
+        return self.picked[:, 1:]
+
+
+@dataclass
+class KDTerm:
+    per_position: Tensor            # [n] the student's KD loss (0 where a position has no KD target)
+    aux_sum: Tensor | None = None   # summed loss of the mode's own modules (student-independent)
+    gate_input: Tensor | None = None  # [m, Ds+Dt] detached router gate inputs (per-step load balance)
+    gate_counts: Tensor | None = None  # [E] routing assignments in this chunk
+
+
+@dataclass(frozen=True)
+class KDMode:
+    name: str
+    tokenizer: Literal["same", "cross", "any"]
+    """same: the student shares the teacher's tokenizer; cross: it has another one."""
+    needs: frozenset[str] = field(default_factory=frozenset)
+    """From the cache: 'topk' (top-k ids + log-probs), 'hidden' (teacher hidden states), 'head'."""
+    loss: Callable[[Chunk], KDTerm] | None = None
+    modules: tuple[str, ...] = ()
+    """Trainable modules the mode adds beside the student ('router')."""
+    summary: str = ""
+    check: Callable[[dict], str | None] | None = None
+    """Extra check on the cache's teacher facts; returns a problem (one line) or None."""
+
+
+def _topk_tail(c: Chunk) -> KDTerm:
+    return KDTerm(losses.kd_topk_tail(c.at_ids, c.rows["topk_logprobs"], c.temperature))
+
+
+def _topk_renorm(c: Chunk) -> KDTerm:
+    return KDTerm(losses.kd_topk_renorm(c.at_ids, c.rows["topk_logprobs"], c.temperature))
+
+
+def _union(c: Chunk) -> KDTerm:
+    return KDTerm(losses.kd_union(c.logp, c.rows["hidden"], c.head, c.rows["logz"], c.rows["topk_ids"],
+                                  c.union_student_k, c.temperature))
+
+
+def _mapped(c: Chunk) -> KDTerm:
+    return KDTerm(losses.kd_mapped(c.at_ids, c.rows["topk_logprobs"], c.rows["topk_mask"], c.temperature))
+
+
+def _projected(c: Chunk) -> KDTerm:
+    """The student's KD term against the projector's distribution over [next token, mapped teacher
+    ids] (used DETACHED), plus the projector/router's own loss, which reads only
+    student-independent targets (the next student token, the mapped teacher distribution)
+    through the student's head DETACHED: a projector that copied the student would gain nothing."""
+    sel = c.rows["hidden_mask"]
+    per_position = c.logp.new_zeros(c.logp.shape[0])
+    if not bool(sel.any()):
+        return KDTerm(per_position)
+    out = c.router(c.rows["hidden"][sel], c.student_hidden[sel], c.router_k)
+    head_w = c.lm_head.weight.detach()
+    cand = c.rows["needed"][sel]
+    mapped_ok = c.rows["topk_mask"][sel] & (cand[:, 1:] != cand[:, :1])  # no twin of the target twice
+    cand_mask = torch.cat([torch.ones_like(mapped_ok[:, :1]), mapped_ok], dim=1)
+    target_logits = routing.projected_logits(out.projected.detach(), head_w, cand).float()
+    kd = losses.kd_topk_renorm(c.picked[sel], target_logits, c.temperature, cand_mask)
+    own = routing.projector_targets_loss(out.projected, head_w, cand[:, 0], cand[:, 1:],
+                                         c.rows["topk_logprobs"][sel], c.rows["topk_mask"][sel], cand)
+    return KDTerm(per_position.masked_scatter(sel, kd), aux_sum=own * int(sel.sum()),
+                  gate_input=out.gate_input, gate_counts=out.counts)
+
+
+def _plain_head(teacher: dict) -> str | None:
+    if teacher.get("final_logit_softcapping"):
+        return ("kd.mode=union computes teacher logits as hidden . head, which a soft-capped teacher "
+                "does not use; choose kd.mode=topk_tail")
+    return None
+
+
+MODES: dict[str, KDMode] = {m.name: m for m in (
+    KDMode("none", "any", summary="cross-entropy only (the baseline)"),
+    KDMode("topk_tail", "same", frozenset({"topk"}), _topk_tail,
+           summary="exact KL over the teacher's top-k + one tail bucket; needs no teacher weights"),
+    KDMode("topk_renorm", "same", frozenset({"topk"}), _topk_renorm,
+           summary="KL of the top-k renormalised at temperature tau, times tau^2"),
+    KDMode("union", "same", frozenset({"topk", "hidden", "head"}), _union, check=_plain_head,
+           summary="exact teacher logits on teacher top-k + student top-k ids, from hidden . head"),
+    KDMode("mapped", "cross", frozenset({"topk"}), _mapped,
+           summary="another tokenizer: teacher top-k through the byte-identical vocab map, + tail"),
+    KDMode("projected", "cross", frozenset({"topk", "hidden"}), _projected, modules=("router",),
+           summary="another tokenizer: a projector/router's reading of the teacher hidden state"),
+)}
+
+
+def get(name: str) -> KDMode:
+    if name not in MODES:
+        close = difflib.get_close_matches(name, list(MODES), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"kd.mode={name!r} is not a KD mode (choose from {', '.join(MODES)}){hint}")
+    return MODES[name]
+
+
+def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict, cache_dir: str) -> KDMode:
+    """The mode ``name``, after checking it fits this student and this cache (ConfigError if not)."""
+    mode = get(name)
+    if mode.tokenizer == "same" and not same_tokenizer:
+        choices = ", ".join(m.name for m in MODES.values() if m.tokenizer != "same")
+        raise ConfigError(f"kd.mode={name} needs the teacher's tokenizer, but student.tokenizer differs from it; "
+                          f"use one of {choices}")
+    if mode.tokenizer == "cross" and same_tokenizer:
+        choices = ", ".join(m.name for m in MODES.values() if m.tokenizer != "cross")
+        raise ConfigError(f"kd.mode={name} is for a student with another tokenizer; this student shares the "
+                          f"teacher's, so use one of {choices}")
+    if "hidden" in mode.needs and "hidden" not in cache_has:
+        raise ConfigError(f"kd.mode={name} needs the teacher hidden states, and cache {cache_dir} has none; "
+                          "rebuild it with cache.store_hidden=true cache.overwrite=true")
+    if "head" in mode.needs and "head" not in cache_has:
+        raise ConfigError(f"kd.mode={name} needs the teacher head in the cache; run cache-teacher again with "
+                          "cache.store_head=true (it adds the head to a complete cache)")
+    if mode.check is not None and (problem := mode.check(teacher)):
+        raise ConfigError(problem)
+    return mode

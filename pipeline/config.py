@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ class RunConfig:
 
     def validate(self) -> None:
         _require(bool(self.name.strip()), "run.name", "must not be empty")
+        _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", self.name) is not None and ".." not in self.name,
+                 "run.name", f"must be a plain name (letters, digits, _ . - + =; no path), got {self.name!r}: "
+                 "runs go to run.runs_dir/run.name")
 
 
 @dataclass
@@ -181,6 +185,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.stop_after >= 0, "train.stop_after", "must be >= 0 (0 = no limit)")
+        _require(self.eval_sequences >= 0, "train.eval_sequences", f"must be >= 0 (0 = all), got {self.eval_sequences}")
         _positive(self, "train", "steps", "batch_size", "grad_accum", "loss_chunk_size", "max_bad_steps",
                   "eval_every", "save_every", "keep_checkpoints")
         _require(self.lr > 0, "train.lr", "must be > 0")

@@ -18,9 +18,16 @@ import numpy as np
 import torch
 
 from pipeline.cache import atomic_write_bytes
-from pipeline.errors import PipelineError
+from pipeline.config import Config, load_config, parse_override
+from pipeline.errors import ConfigError, PipelineError
 
 LATEST = "LATEST"
+RESUMABLE = ("train.steps", "train.stop_after", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+             "train.eval_sequences", "train.max_bad_steps", "train.device", "train.num_threads", "train.parallel",
+             "cache.dir", "run.runs_dir")
+"""The keys a resume may change: how long, how often to eval/save, where it runs, where the cache
+lives (its fingerprint is still checked), where the runs are (the checkpoint must be in it).
+Everything else defines the run being continued."""
 
 
 class CheckpointError(PipelineError):
@@ -105,10 +112,34 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist; give a directory like runs/<run>/checkpoints/step-N "
                               "(runs/<run>/LATEST names the newest)")
-    if not (ckpt / "state.pt").is_file() or not (ckpt / "student").is_dir():
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (state.pt or student/ missing); "
-                              "pick another one under checkpoints/")
+    weights = "sharded" if (ckpt / "sharded").is_dir() else "student/model.safetensors"
+    for need in ("state.pt", "config.toml", "student/config.json", weights):
+        if not (ckpt / need).exists():
+            raise CheckpointError(f"{ckpt} is not a complete checkpoint ({need} is missing); "
+                                  "pick another one under checkpoints/")
     try:
         return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({e.__class__.__name__}); pick an older one") from None
+
+
+def resume_config(ckpt: Path, overrides: list[str]) -> Config:
+    """The checkpoint's config with ``overrides`` applied; an override of a key outside
+    ``RESUMABLE`` that changes its value is refused, naming the key."""
+    saved = load_config(ckpt / "config.toml")
+    cfg = load_config(ckpt / "config.toml", overrides)
+    for item in overrides:
+        key = parse_override(item)[0]
+        old, new = _dotted(saved, key), _dotted(cfg, key)
+        if key not in RESUMABLE and old != new:
+            raise ConfigError(f"resume cannot change {key} (the run has {old!r}, asked {new!r}): it defines the "
+                              f"run being continued; start a new run instead. A resume may change: "
+                              f"{', '.join(RESUMABLE)}")
+    return cfg
+
+
+def _dotted(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node

@@ -61,7 +61,6 @@ def main(args) -> int:
     from pipeline.errors import PipelineError
 
     from .data import data_access
-    from .student import load_student_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     student_dir = Path(cfg.run.runs_dir) / cfg.run.name / "final" / "student"
@@ -69,7 +68,7 @@ def main(args) -> int:
         raise PipelineError(f"{student_dir} holds no exported student; train it first (train-student) or set run.name")
     reader = CacheReader(cfg.cache.dir)
     reader.require_complete()
-    tokenizer, same = load_student_tokenizer(cfg, reader)
+    tokenizer, same = exported_tokenizer(student_dir, reader)
     access = data_access(reader, tokenizer, same, need_hidden=False)
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     ids = list(reader.split_indices("eval"))[: cfg.train.eval_sequences or None]
@@ -77,3 +76,19 @@ def main(args) -> int:
                       torch.autocast("cpu", enabled=False))
     print(json.dumps({"run": str(student_dir.parent.parent), **result}, indent=1))
     return 0
+
+
+def exported_tokenizer(student_dir, reader):
+    """(tokenizer, same_as_teacher) of an exported student: the tokenizer saved beside its
+    weights, whatever the config at hand says (the run's config may not be the one given)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.errors import PipelineError
+    from pipeline.fingerprint import tokenizer_hash
+
+    try:
+        tok = AutoTokenizer.from_pretrained(student_dir)
+    except Exception as e:
+        raise PipelineError(f"the tokenizer saved with {student_dir} is unreadable ({e.__class__.__name__}); "
+                            "export the run again") from None
+    return tok, tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]

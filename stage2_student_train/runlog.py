@@ -36,7 +36,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     last checkpoint); the resumed run writes them again."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the crash
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 

@@ -73,6 +73,9 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
         {"head"} if reader.head() is not None else set())
     mode = kd_modes.check(cfg.kd.mode, same_tokenizer=same_tokenizer, cache_has=cache_has,
                           teacher=reader.spec.teacher, cache_dir=cfg.cache.dir)
+    if mode.name == "union" and cfg.kd.union_student_k > reader.spec.vocab_size:
+        raise ConfigError(f"kd.union_student_k={cfg.kd.union_student_k} exceeds the vocabulary "
+                          f"({reader.spec.vocab_size}); lower it (8 is typical)")
     need_hidden = "hidden" in mode.needs or cfg.kd.feature_weight > 0
     if need_hidden and not reader.spec.store_hidden:
         raise ConfigError(f"kd.feature_weight needs the teacher hidden states, and cache {cfg.cache.dir} has none; "

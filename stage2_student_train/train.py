@@ -12,6 +12,7 @@ pieces it is made of are small builders (``state.py``), one step (``step.py``), 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import time
@@ -23,13 +24,14 @@ from tqdm import tqdm
 
 from pipeline.config import Config, load_config, to_toml
 from pipeline.distributed import Dist, init_distributed
-from pipeline.errors import ConfigError
 
 from .checkpoint import (CheckpointError, begin_checkpoint, commit_checkpoint, load_sharded, load_state,
-                         save_sharded, write_state)
+                         resume_config, save_sharded, write_state)
 from .evaluate import evaluate
 from .parallel import after_eval
+from .rundir import check_location, prepare_run_dir
 from .runlog import MetricsLog, truncate_metrics
+from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
 from .step import TrainingError, step_weights, train_step  # noqa: F401  (TrainingError: part of the API)
 from .student import save_student
@@ -38,15 +40,18 @@ SHARDED = "sharded"  # FSDP checkpoints: the torch.distributed.checkpoint folder
 
 
 def main(args: argparse.Namespace) -> int:
-    train(load_config(args.config, args.overrides))
-    return 0
+    return exit_code(train(load_config(args.config, args.overrides)))
 
 
 def resume_main(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     load_state(ckpt)  # a clear error for a missing or damaged checkpoint before anything else
-    train(load_config(ckpt / "config.toml", args.overrides), resume_from=ckpt)
-    return 0
+    return exit_code(train(resume_config(ckpt, args.overrides), resume_from=ckpt))
+
+
+def exit_code(summary: dict) -> int:
+    """128 + the signal's number when a signal stopped the run (the shell's convention), else 0."""
+    return 128 + summary["signal"] if summary.get("signal") else 0
 
 
 def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = True) -> dict:
@@ -60,41 +65,48 @@ def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = Tr
 def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) -> dict:
     t = cfg.train
     saved = load_state(resume_from) if resume_from else None
+    check_location(Path(cfg.run.runs_dir) / cfg.run.name, cfg.cache.dir)
     setup = setup_run(cfg, dist, show_progress)
     if saved is not None:
         check_resumable(saved, setup, resume_from)
-    elif dist.is_main:  # only once everything above is known to work
-        prepare_run_dir(setup.run_dir, cfg)
-    dist.barrier()
     state = build_state(setup, student=load_student(resume_from) if saved else None)
     if saved is not None:
         resume_state(setup, state, saved, resume_from)
+    elif dist.is_main:  # only once everything above is known to work: a failed load leaves nothing
+        prepare_run_dir(setup.run_dir, cfg)
+    dist.barrier()
     head, autocast = setup.teacher_head(), setup.autocast()
     log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main)
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
     tokens_per_step = t.batch_size * t.grad_accum * dist.world * (setup.reader.spec.seq_len - 1)
     bar = tqdm(total=t.steps, initial=state.step, desc=f"train {cfg.run.name}", unit="step",
                disable=not (show_progress and dist.is_main), mininterval=1.0)
-    last_eval = None
-    while state.step < stop_at:
-        t0 = time.perf_counter()
-        w = step_weights(cfg, state.step)
-        batches = [state.data.next_batch() for _ in range(t.grad_accum)]
-        result = train_step(state, batches, cfg, w, dist=dist, kind=setup.parallel, autocast=autocast, head=head)
-        log.train_record(state, result, w, tokens_per_step / (time.perf_counter() - t0), setup.device,
-                         router=state.parts.router is not None)
-        bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - t0):.0f}")
-        bar.update(1)
-        last_eval = maybe_eval(setup, state, log, show_progress) or last_eval
-        maybe_save(setup, state, stop_at)
+    last_eval, stop = None, StopRequest()
+    with stop:
+        while state.step < stop_at:
+            t0 = time.perf_counter()
+            w = step_weights(cfg, state.step)
+            batches = [state.data.next_batch() for _ in range(t.grad_accum)]
+            result = train_step(state, batches, cfg, w, dist=dist, kind=setup.parallel, autocast=autocast, head=head)
+            log.train_record(state, result, w, tokens_per_step / (time.perf_counter() - t0), setup.device,
+                             router=state.parts.router is not None)
+            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - t0):.0f}")
+            bar.update(1)
+            last_eval = maybe_eval(setup, state, log, show_progress) or last_eval
+            if stop.requested(dist):
+                stop_at = state.step  # save here, then leave
+            maybe_save(setup, state, stop_at)
     bar.close()
     state.data.close()
+    log.close()
     summary = {"run_dir": str(setup.run_dir), "step": state.step, "skipped_steps": state.skipped, "eval": last_eval}
     if state.step < t.steps:
+        why = f"{stop.name} received" if stop_at == state.step and stop.signum is not None else "train.stop_after"
         if dist.is_main:
-            print(f"stopped at step {state.step} of {t.steps} (train.stop_after); continue with: "
-                  f"make resume CKPT={setup.run_dir}/checkpoints/step-{state.step:08d} ARGS=train.stop_after=0")
-        return summary
+            print(f"stopped at step {state.step} of {t.steps} ({why}); continue with: make resume "
+                  f"CKPT={setup.run_dir}/checkpoints/step-{state.step:08d}"
+                  + (" ARGS=train.stop_after=0" if t.stop_after else ""), flush=True)
+        return {**summary, "signal": stop.signum}
     summary.update(kd_mode=cfg.kd.mode, cache=cfg.cache.dir, wall_s=round(time.perf_counter() - setup.t_start, 1),
                    resumed_from=str(resume_from) if resume_from else None, parallel=setup.parallel,
                    student_parameters=sum(p.numel() for _, p in state.named if p in set(state.parts.student.parameters())),
@@ -136,23 +148,33 @@ def maybe_save(setup: RunSetup, state: TrainState, stop_at: int) -> Path | None:
         return None
     rng = gather_rng(dist)
     sharded = setup.parallel == "fsdp"
-    tmp = begin_checkpoint(setup.run_dir, state.step) if dist.is_main else None
-    dist.barrier()
-    tmp = tmp or setup.run_dir / "checkpoints" / f".step-{state.step:08d}.tmp"
-    if sharded:
-        save_sharded(tmp / SHARDED, state.parts, state.optimizer, state.ema)
-    else:
-        export(setup, state, tmp / "student", ema=False)
-    final = None
-    if dist.is_main:
-        if sharded:  # the student's config and tokenizer only; its weights are in the shards
-            state.parts.student.config.save_pretrained(tmp / "student")
-            setup.tokenizer.save_pretrained(tmp / "student")
-        write_state(tmp, {**state.state_dict(rng, sharded=sharded), "config_toml": to_toml(setup.cfg),
-                          "cache_fingerprint": setup.reader.fingerprint, "parallel": setup.parallel,
-                          "student_config": state.parts.student.config.to_dict()}, to_toml(setup.cfg))
-        final = commit_checkpoint(setup.run_dir, state.step, tmp, t.keep_checkpoints)
-    dist.barrier()
+    tmp = setup.run_dir / "checkpoints" / f".step-{state.step:08d}.tmp"
+    final, failure = None, None
+    try:
+        if dist.is_main:
+            begin_checkpoint(setup.run_dir, state.step)
+        dist.barrier()
+        if sharded:
+            save_sharded(tmp / SHARDED, state.parts, state.optimizer, state.ema)
+        else:
+            export(setup, state, tmp / "student", ema=False)
+        if dist.is_main:
+            if sharded:  # the student's config and tokenizer only; its weights are in the shards
+                state.parts.student.config.save_pretrained(tmp / "student")
+                setup.tokenizer.save_pretrained(tmp / "student")
+            write_state(tmp, {**state.state_dict(rng, sharded=sharded), "config_toml": to_toml(setup.cfg),
+                              "cache_fingerprint": setup.reader.fingerprint, "parallel": setup.parallel,
+                              "student_config": state.parts.student.config.to_dict()}, to_toml(setup.cfg))
+            final = commit_checkpoint(setup.run_dir, state.step, tmp, t.keep_checkpoints)
+    except OSError as e:
+        failure = e
+    if not dist.all_ok(failure is None):  # every rank learns of a failure on any rank: no hang
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "the disk is full" if getattr(failure, "errno", None) == errno.ENOSPC else (
+            f"{failure.strerror or failure}" if failure else "another rank failed")
+        latest = f"; the last good one is {setup.run_dir / 'LATEST'}" if (setup.run_dir / "LATEST").exists() else ""
+        raise CheckpointError(f"could not write the checkpoint of step {state.step} ({what}); its temp directory "
+                              f"is removed{latest}: free space and resume")
     return final
 
 
@@ -178,17 +200,6 @@ def export(setup: RunSetup, state: TrainState, path: Path, ema: bool = True) -> 
 # ---------------------------------------------------------------- run directory and resume
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.train.overwrite:
-            raise ConfigError(f"run directory {run_dir} already exists; resume it with "
-                              f"`make resume CKPT={run_dir}/checkpoints/...`, pick another run.name, "
-                              "or set train.overwrite=true")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-
-
 def check_resumable(saved: dict, setup: RunSetup, ckpt: Path) -> None:
     if saved["cache_fingerprint"] != setup.reader.fingerprint:
         from pipeline.cache import fingerprint_diff
@@ -208,9 +219,13 @@ def check_resumable(saved: dict, setup: RunSetup, ckpt: Path) -> None:
 def load_student(ckpt: Path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if (ckpt / SHARDED).is_dir():  # weights come from the shards once the model is sharded
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "student"), dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(ckpt / "student", dtype=torch.float32)
+    try:
+        if (ckpt / SHARDED).is_dir():  # weights come from the shards once the model is sharded
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt / "student"), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(ckpt / "student", dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for a damaged directory
+        raise CheckpointError(f"the student in checkpoint {ckpt} is damaged ({e.__class__.__name__}); "
+                              "pick an older checkpoint") from None
 
 
 def resume_state(setup: RunSetup, state: TrainState, saved: dict, ckpt: Path) -> None:

@@ -1,0 +1,69 @@
+"""The run directory ``runs_dir/name``: made by this tool, marked as such, replaced only when it
+carries the marker, never the cache it trains from, and replaced without a half-deleted state."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.config import Config, to_toml
+from pipeline.errors import ConfigError
+
+RUN_MARKER = ".kd-pipeline-run"
+"""JSON ``{"tool": "kd-pipeline", "kind": "student-run", "name": ..., "created": ...}``."""
+DELETING = ".deleting-"
+
+
+def lock_path(run_dir: Path) -> Path:
+    """Beside the run directory, not in it: replacing the directory keeps the lock."""
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def is_run_dir(path: Path) -> bool:
+    try:
+        marker = json.loads((path / RUN_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("tool") == "kd-pipeline" and marker.get("kind") == "student-run"
+
+
+def check_location(run_dir: Path, cache_dir: str) -> None:
+    """A run directory that is a file, or that is (inside) the cache, is refused."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file; choose another run.name or run.runs_dir")
+    run, cache = run_dir.resolve(), Path(cache_dir).resolve()
+    if run == cache or cache in run.parents or run in cache.parents:
+        raise ConfigError(f"run directory {run_dir} and cache {cache_dir} overlap; put runs elsewhere (run.runs_dir)")
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Create the run directory (with its marker and resolved config). An existing one is
+    replaced only with ``train.overwrite=true`` and only if this tool made it: it is first
+    renamed aside, then deleted, so a kill in between leaves either the old run whole or none
+    (leftovers are removed by the next run)."""
+    remove_leftovers(run_dir.parent)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.train.overwrite:
+            raise ConfigError(f"run directory {run_dir} already exists; resume it with "
+                              f"`make resume CKPT={run_dir}/checkpoints/...`, pick another run.name, "
+                              "or set train.overwrite=true")
+        if not is_run_dir(run_dir):
+            raise ConfigError(f"{run_dir} is not a run directory of this tool (no {RUN_MARKER}); "
+                              "train.overwrite=true only replaces runs it made: pick another run.name")
+        aside = run_dir.parent / f".{run_dir.name}{DELETING}{os.getpid()}"
+        run_dir.rename(aside)
+        shutil.rmtree(aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = {"tool": "kd-pipeline", "kind": "student-run", "name": run_dir.name, "created": time.time()}
+    (run_dir / RUN_MARKER).write_text(json.dumps(marker) + "\n")
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+
+
+def remove_leftovers(runs_dir: Path) -> None:
+    """Directories renamed aside by an overwrite that a kill interrupted."""
+    if runs_dir.is_dir():
+        for p in runs_dir.glob(f".*{DELETING}*"):
+            shutil.rmtree(p, ignore_errors=True)

@@ -3,7 +3,8 @@
 Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
 
     manifest.json          schema, fingerprint, plan (sequences, splits, shard boundaries), array
-                           specs, teacher facts; rewritten atomically (temp file + rename)
+                           specs, teacher facts, ``files``: size + CRC32 of every zarr.json, of
+                           rank_to_id and of meta/documents.arrow; rewritten atomically
     arrays.zarr/           zarr v3 group; every per-token array is [N, L, ...], sharded along N
                            with one shard = ``shard_sequences`` sequences, Blosc-zstd compressed
       input_ids            [N, L]     uint16 if the vocab fits, else uint32   teacher token ids
@@ -25,11 +26,15 @@ Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
                            token t in text; doc_id[t]: the document token t comes from
     done/shard-SSSSS.json  commit marker: written last, atomically; lists every file of the shard
                            with size and CRC32, and the shard's summary statistics
+    done/head.json         the head's commit marker, written last: every head file with size + CRC32
 
 Readers see the logical arrays (``LOGICAL``): ``topk_ids`` (by descending probability) and
 ``topk_logprobs`` are decoded from the sqrt8 arrays when the cache uses that encoding.
 
-A shard is complete exactly when its marker exists; a crash at any moment leaves at most
+A shard is complete exactly when a valid marker exists (``cache_files.read_shard_marker``: a
+truncated or malformed one does not count, for writer and reader alike); the head exists exactly
+when its marker does. Nothing the reader hands out is unvouched by a checksum. A crash at any
+moment leaves at most
 unfinished shards, which a rerun redoes. Each rank of a multi-process run writes only its own
 shard files and markers, so nothing is shared but the manifest, which rank 0 alone writes.
 """
@@ -51,10 +56,11 @@ import pyarrow.ipc as ipc
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import logit_codec
-from .cache_files import (ARRAYS, DONE, MANIFEST, META, VIEWS, atomic_write_bytes, atomic_write_json,  # noqa: F401
-                          check_record, file_crc32, file_record, move_aside, not_a_cache_reason, read_head_marker,
-                          read_shard_marker, records, remove_leftovers, shard_name)
+from . import cache_summary, logit_codec
+from .cache_files import (ARRAYS, DONE, MANIFEST, META, VIEWS, array_metadata_files,  # noqa: F401
+                          atomic_write_bytes, atomic_write_json, check_finite, check_record, chunk_files, file_crc32,
+                          file_record, move_aside, not_a_cache_reason, read_head_marker, read_shard_marker, records,
+                          remove_leftovers, shard_name)
 from .errors import CacheError, FingerprintMismatch, NonFiniteError
 
 SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
@@ -191,28 +197,6 @@ def _spec_from_manifest(manifest: dict[str, Any], root: Path) -> CacheSpec:
         raise CacheError(f"{root / MANIFEST} has a malformed spec ({e}); rebuild with cache.overwrite=true") from None
 
 
-def check_finite(shard: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
-    """Raise ``NonFiniteError`` naming the shard and array if any float array holds NaN/Inf."""
-    for name, data in arrays.items():
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            bad = int((~np.isfinite(data)).sum())
-            raise NonFiniteError(
-                f"the teacher produced NaN/Inf in {name} for shard {shard} (sequences {start}-{stop - 1}, "
-                f"{bad} values); the shard is not committed. Rerun with teacher.dtype=float32 (fp16 overflows)")
-
-
-def _chunk_files(arr: zarr.Array, rel: str) -> list[str]:
-    """Every chunk (or shard) file of a whole array, by path relative to the cache root."""
-    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.shards or arr.chunks)]
-    return [f"{rel}/{arr.metadata.encode_chunk_key(tuple(idx))}" for idx in np.ndindex(*grid)]
-
-
-def _array_metadata_files(root: Path) -> list[str]:
-    """The group's and every array's zarr.json (not the head's: its marker vouches for it)."""
-    return [f"{ARRAYS}/zarr.json"] + sorted(str(p.relative_to(root)) for p in (root / ARRAYS).glob("*/zarr.json")
-                                            if p.parent.name != "head")
-
-
 # ---------------------------------------------------------------- writer
 
 
@@ -290,7 +274,7 @@ class CacheWriter:
                                shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
                                compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
                                config={"write_empty_chunks": True})
-        vouched = _array_metadata_files(tmp)
+        vouched = array_metadata_files(tmp)
         if spec.topk_encoding == "sqrt8":
             if rank_table is None:
                 raise ValueError("a sqrt8 cache needs its rank table at creation")
@@ -300,7 +284,7 @@ class CacheWriter:
             arr = group.create_array("rank_to_id", shape=table.shape, dtype=np.int64, chunks=table.shape,
                                      config={"write_empty_chunks": True})
             arr[:] = table
-            vouched += [f"{ARRAYS}/rank_to_id/zarr.json", *_chunk_files(arr, f"{ARRAYS}/rank_to_id")]
+            vouched += [f"{ARRAYS}/rank_to_id/zarr.json", *chunk_files(arr, f"{ARRAYS}/rank_to_id")]
         manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
                     "files": records(tmp, vouched)}
         atomic_write_json(tmp / MANIFEST, manifest)
@@ -351,7 +335,7 @@ class CacheWriter:
         arr[:] = head.astype(np.float32)
         rel = f"{ARRAYS}/head"
         marker = {"shape": list(head.shape), "dtype": "float32",
-                  "files": records(self.root, [f"{rel}/zarr.json", *_chunk_files(arr, rel)])}
+                  "files": records(self.root, [f"{rel}/zarr.json", *chunk_files(arr, rel)])}
         atomic_write_json(self.root / DONE / "head.json", marker)
         self.manifest["has_head"] = True
         atomic_write_json(self.root / MANIFEST, self.manifest)
@@ -712,79 +696,26 @@ class CacheReader:
         ident = json.dumps([self.spec.fingerprint, self.spec.num_sequences], sort_keys=True, default=str)
         return self.views_dir / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
-    # -- summary
+    # -- summary (pipeline/cache_summary.py)
 
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return cache_summary.bytes_on_disk(self.root)
 
     def head_bytes(self) -> int:
-        d = self.root / ARRAYS / "head"
-        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
+        return cache_summary.bytes_on_disk(self.root / ARRAYS / "head")
 
     def summary_stats(self) -> dict[str, Any]:
         """Aggregate the committed shards' statistics (sums, so shards combine exactly)."""
-        tot: dict[str, float] = {}
-        for marker in self._markers.values():
-            for k, v in marker["stats"].items():
-                tot[k] = tot.get(k, 0.0) + v
-        positions = tot.get("positions", 0.0)
-        eval_targets = tot.get("eval_targets", 0.0)
-        out: dict[str, Any] = {
-            "topk_mass_mean": tot.get("topk_mass_sum", 0.0) / positions if positions else None,
-            "topk_encoding_kl_mean": tot["topk_encoding_kl_sum"] / positions
-            if positions and "topk_encoding_kl_sum" in tot else None,
-            "teacher_eval_ppl": math.exp(tot["eval_nll_sum"] / eval_targets) if eval_targets else None,
-            "teacher_eval_bpb": (tot["eval_nll_sum"] / math.log(2) / tot["eval_target_bytes"]
-                                 if tot.get("eval_target_bytes") else None),
-            "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
-                                  if tot.get("train_targets") else None),
-        }
-        return out
+        return cache_summary.summary_stats(self._markers.values())
 
     def info(self) -> dict[str, Any]:
-        """The fields of ``inspect --json`` (DESIGN.md)."""
-        spec = self.spec
-        tokens = spec.num_sequences * spec.seq_len
-        size = self.bytes_on_disk()
-        head = self.head_bytes()
-        stats = self.summary_stats()
-        return {
-            "path": str(self.root),
-            "schema_version": SCHEMA_VERSION,
-            "complete": self.complete and bool(self.manifest.get("complete")),
-            "shards": spec.num_shards,
-            "shards_committed": len(self._markers),
-            "sequences": spec.num_sequences,
-            "splits": {k: v[1] - v[0] for k, v in spec.splits.items()},
-            "tokens": tokens,
-            "seq_len": spec.seq_len,
-            "top_k": spec.top_k,
-            "vocab_size": spec.vocab_size,
-            "hidden_dim": spec.hidden_dim,
-            "hidden_dtype": spec.hidden_dtype if spec.store_hidden else None,
-            "topk_encoding": spec.topk_encoding,
-            "has_head": self.has_head,
-            "teacher": spec.fingerprint.get("teacher"),
-            "teacher_facts": spec.teacher,
-            "fingerprint": spec.fingerprint,
-            "bytes_on_disk": size,
-            "head_bytes": head,
-            "bytes_per_token": (size - head) / tokens if tokens else None,
-            "array_bytes_per_token": self.array_bytes_per_token(),
-            "logit_bytes_per_token": self.logit_bytes_per_token(),
-            **stats,
-            **{k: v for k, v in self.manifest.get("summary", {}).items() if k not in stats},
-        }
+        """The fields of ``inspect --json``."""
+        return cache_summary.info(self, SCHEMA_VERSION)
 
     def logit_bytes_per_token(self) -> float:
         """Bytes per token of what top-k KD needs: ids + values (+ tail) + logZ."""
-        per = self.array_bytes_per_token()
-        return round(sum(v for k, v in per.items() if k.startswith("topk_") or k == "logz"), 2)
+        return cache_summary.logit_bytes_per_token(self.array_bytes_per_token())
 
     def array_bytes_per_token(self) -> dict[str, float]:
         tokens = self.spec.num_sequences * self.spec.seq_len
-        out = {}
-        for name in self._arrays:
-            d = self.root / ARRAYS / name
-            out[name] = round(sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / tokens, 2)
-        return out
+        return {name: round(cache_summary.bytes_on_disk(self.root / ARRAYS / name) / tokens, 2) for name in self._arrays}

@@ -1,5 +1,5 @@
 """The files of a cache directory: layout names, checksum records, commit markers, and the rules
-for what may be replaced. ``cache.py`` builds the format on these; nothing here knows arrays.
+for what may be replaced. ``cache.py`` builds the format on these.
 
 Integrity rule: every file the reader uses is vouched for by a record ``{"bytes", "crc32"}``
 written *after* the file, at the file's commit time:
@@ -16,11 +16,16 @@ redoes the work) and the reader (which refuses or ignores it) alike.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zlib
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from .errors import NonFiniteError
 
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.zarr"
@@ -124,6 +129,28 @@ def records(root: Path, rels: list[str]) -> dict[str, dict[str, int]]:
     return {rel: file_record(root / rel) for rel in rels}
 
 
+def check_finite(shard: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
+    """Raise ``NonFiniteError`` naming the shard and array if any float array holds NaN/Inf."""
+    for name, data in arrays.items():
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            bad = int((~np.isfinite(data)).sum())
+            raise NonFiniteError(
+                f"the teacher produced NaN/Inf in {name} for shard {shard} (sequences {start}-{stop - 1}, "
+                f"{bad} values); the shard is not committed. Rerun with teacher.dtype=float32 (fp16 overflows)")
+
+
+def chunk_files(arr, rel: str) -> list[str]:
+    """Every chunk (or shard) file of a whole array, by path relative to the cache root."""
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.shards or arr.chunks)]
+    return [f"{rel}/{arr.metadata.encode_chunk_key(tuple(idx))}" for idx in np.ndindex(*grid)]
+
+
+def array_metadata_files(root: Path) -> list[str]:
+    """The group's and every array's zarr.json (not the head's: its marker vouches for it)."""
+    return [f"{ARRAYS}/zarr.json"] + sorted(str(p.relative_to(root)) for p in (root / ARRAYS).glob("*/zarr.json")
+                                            if p.parent.name != "head")
+
+
 # ---------------------------------------------------------------- replacing a cache directory
 
 
@@ -184,4 +211,5 @@ def remove_leftovers(root: Path) -> None:
 
 def lock_path(root: Path) -> Path:
     """The lock of a cache directory: beside it (it must outlive a replacement of the directory)."""
+    root = root.resolve()
     return root.parent / f".{root.name}.lock"

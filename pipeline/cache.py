@@ -3,7 +3,8 @@
 Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
 
     manifest.json          schema, fingerprint, plan (sequences, splits, shard boundaries), array
-                           specs, teacher facts; rewritten atomically (temp file + rename)
+                           specs, teacher facts, ``files``: size + CRC32 of every zarr.json, of
+                           rank_to_id and of meta/documents.arrow; rewritten atomically
     arrays.zarr/           zarr v3 group; every per-token array is [N, L, ...], sharded along N
                            with one shard = ``shard_sequences`` sequences, Blosc-zstd compressed
       input_ids            [N, L]     uint16 if the vocab fits, else uint32   teacher token ids
@@ -25,22 +26,26 @@ Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
                            token t in text; doc_id[t]: the document token t comes from
     done/shard-SSSSS.json  commit marker: written last, atomically; lists every file of the shard
                            with size and CRC32, and the shard's summary statistics
+    done/head.json         the head's commit marker, written last: every head file with size + CRC32
 
 Readers see the logical arrays (``LOGICAL``): ``topk_ids`` (by descending probability) and
 ``topk_logprobs`` are decoded from the sqrt8 arrays when the cache uses that encoding.
 
-A shard is complete exactly when its marker exists; a crash at any moment leaves at most
+A shard is complete exactly when a valid marker exists (``cache_files.read_shard_marker``: a
+truncated or malformed one does not count, for writer and reader alike); the head exists exactly
+when its marker does. Nothing the reader hands out is unvouched by a checksum. A crash at any
+moment leaves at most
 unfinished shards, which a rerun redoes. Each rank of a multi-process run writes only its own
 shard files and markers, so nothing is shared but the manifest, which rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,14 +56,14 @@ import pyarrow.ipc as ipc
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import logit_codec
-from .errors import CacheError, FingerprintMismatch
+from . import cache_summary, logit_codec
+from .cache_files import (ARRAYS, DONE, MANIFEST, META, VIEWS, array_metadata_files,  # noqa: F401
+                          atomic_write_bytes, atomic_write_json, check_finite, check_record, chunk_files, file_crc32,
+                          file_record, move_aside, not_a_cache_reason, read_head_marker, read_shard_marker, records,
+                          remove_leftovers, shard_name)
+from .errors import CacheError, FingerprintMismatch, NonFiniteError
 
 SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
-MANIFEST = "manifest.json"
-ARRAYS = "arrays.zarr"
-META = "meta"
-DONE = "done"
 SPLITS = ("train", "eval")
 LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "hidden_scale")
 SQRT8_ARRAYS = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
@@ -159,32 +164,6 @@ class CacheSpec:
 # ---------------------------------------------------------------- small file helpers
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -192,6 +171,8 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"cache path {root} is a file, not a cache directory; point cache.dir at a directory")
     if not path.is_file():
         raise CacheError(f"{root} is not a teacher cache (no {MANIFEST}); run cache-teacher to build one")
     try:
@@ -204,6 +185,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if manifest["schema_version"] != SCHEMA_VERSION:
         raise CacheError(f"{root} has cache schema version {manifest['schema_version']}, this tool reads "
                          f"version {SCHEMA_VERSION}; rebuild it with cache-teacher cache.overwrite=true")
+    if not isinstance(manifest.get("files", {}), dict):
+        raise CacheError(f"{path} is malformed (files); rebuild with cache-teacher cache.overwrite=true")
     return manifest
 
 
@@ -214,10 +197,6 @@ def _spec_from_manifest(manifest: dict[str, Any], root: Path) -> CacheSpec:
         raise CacheError(f"{root / MANIFEST} has a malformed spec ({e}); rebuild with cache.overwrite=true") from None
 
 
-def _shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
-
-
 # ---------------------------------------------------------------- writer
 
 
@@ -225,12 +204,17 @@ class CacheWriter:
     """Creates (or reopens for resume) a cache and commits it shard by shard.
 
     ``write_shard`` is synchronous and thread-safe for distinct shards; call it from a background
-    thread to keep the teacher busy. Use ``CacheWriter.open`` to get one.
+    thread to keep the teacher busy. Use ``CacheWriter.open`` to get one; hold the cache's lock
+    (``cache_files.lock_path``) around it when several processes could write the same cache.
     """
 
     def __init__(self, root: Path, spec: CacheSpec, manifest: dict[str, Any]):
         self.root, self.spec, self.manifest = root, spec, manifest
         self._group = zarr.open_group(str(root / ARRAYS), mode="r+")
+        # zarr does not store write_empty_chunks: without it a reopened array skips an all-zero
+        # shard, and the shard's file (listed in its marker) would not exist.
+        self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
+                        for name in spec.array_specs()}
         self._rank_to_id = self._group["rank_to_id"][:] if spec.topk_encoding == "sqrt8" else None
 
     @classmethod
@@ -240,16 +224,25 @@ class CacheWriter:
 
         ``create=False`` (non-zero ranks) waits for nothing and only reopens what rank 0 made.
         An existing cache with another fingerprint is refused with the differing fields named;
-        ``overwrite=True`` deletes it first. ``rank_table()`` gives the sqrt8 rank -> id table; it
-        is called only when a cache is created.
+        ``overwrite=True`` replaces it, but only if it is recognisably a cache of this tool
+        (``cache_files.not_a_cache_reason``). The new skeleton is built beside it first and
+        swapped in by renames, so a kill at any moment leaves the old cache or the new one under
+        the name, never a half-deleted tree. ``rank_table()`` gives the sqrt8 rank -> id table;
+        it is called only when a cache is created.
         """
         root = Path(root)
-        if create and overwrite and root.exists():
-            if not (root / MANIFEST).is_file() and any(root.iterdir()):
-                raise CacheError(f"{root} is not a cache (no {MANIFEST}); cache.overwrite=true only replaces "
-                                 "caches: choose another cache.dir")
-            shutil.rmtree(root)
-        if (root / MANIFEST).exists() or not create:
+        if root.exists() and not root.is_dir():
+            raise CacheError(f"cache.dir {root} is a file, not a directory; choose another cache.dir")
+        if create:
+            remove_leftovers(root)
+        replace = False
+        if create and overwrite and root.exists() and any(root.iterdir()):
+            reason = not_a_cache_reason(root)
+            if reason is not None:
+                raise CacheError(f"{root} is not a cache of this tool ({reason}); cache.overwrite=true only "
+                                 "replaces caches: choose another cache.dir")
+            replace = True
+        if not replace and ((root / MANIFEST).exists() or not create):
             manifest = _read_manifest(root)
             diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
             if diff:
@@ -262,9 +255,10 @@ class CacheWriter:
                     f"cache {root} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
                     f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
                     "rebuild with cache.overwrite=true")
-            _remove_stale_temp_files(root)
+            if create:
+                _remove_stale_temp_files(root)
             return cls(root, old, manifest)
-        if root.exists() and any(root.iterdir()):
+        if not replace and root.exists() and any(root.iterdir()):
             raise CacheError(f"{root} exists, is not empty and holds no cache manifest; "
                              "choose another cache.dir or remove it")
         # Build the skeleton beside the target and rename it into place: a crash leaves either
@@ -280,47 +274,77 @@ class CacheWriter:
                                shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
                                compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
                                config={"write_empty_chunks": True})
+        vouched = array_metadata_files(tmp)
         if spec.topk_encoding == "sqrt8":
             if rank_table is None:
                 raise ValueError("a sqrt8 cache needs its rank table at creation")
             table = np.asarray(rank_table(), np.int64)
             if sorted(table.tolist()) != list(range(spec.vocab_size)):
                 raise ValueError("the rank table must be a permutation of the vocabulary")
-            group.create_array("rank_to_id", shape=table.shape, dtype=np.int64, chunks=table.shape)[:] = table
-        manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {}}
+            arr = group.create_array("rank_to_id", shape=table.shape, dtype=np.int64, chunks=table.shape,
+                                     config={"write_empty_chunks": True})
+            arr[:] = table
+            vouched += [f"{ARRAYS}/rank_to_id/zarr.json", *chunk_files(arr, f"{ARRAYS}/rank_to_id")]
+        manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
+                    "files": records(tmp, vouched)}
         atomic_write_json(tmp / MANIFEST, manifest)
-        if root.exists():
+        if root.exists() and not replace:
             root.rmdir()  # empty, checked above
         root.parent.mkdir(parents=True, exist_ok=True)
+        aside = move_aside(root) if replace else None
         os.replace(tmp, root)
+        if aside is not None:
+            shutil.rmtree(aside)
         return cls(root, spec, manifest)
 
     # -- documents and head are written once, by rank 0, before any shard
 
+    def has_documents(self) -> bool:
+        return f"{META}/documents.arrow" in self.manifest.get("files", {})
+
     def write_documents(self, doc_ids: list[int], names: list[str], splits: list[str], chars: list[int]) -> None:
+        """Write the documents table, then vouch for it in the manifest."""
         table = pa.table({"doc_id": pa.array(doc_ids, pa.int32()), "name": names, "split": splits,
                           "chars": pa.array(chars, pa.int64())}, schema=DOCUMENTS_SCHEMA)
-        _write_arrow(self.root / META / "documents.arrow", table)
+        rel = f"{META}/documents.arrow"
+        _write_arrow(self.root / rel, table)
+        self.manifest.setdefault("files", {})[rel] = file_record(self.root / rel)
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def has_head(self) -> bool:
+        """A head exists exactly when its commit marker does and vouches for every head file (a
+        half-added or damaged head is written again)."""
+        marker = read_head_marker(self.root)
+        return marker is not None and all(check_record(self.root, rel, rec) is None
+                                          for rel, rec in marker["files"].items())
 
     def write_head(self, head: np.ndarray) -> None:
-        """Store the teacher's output head [V, D] (fp32) once: exact logits for any id later."""
+        """Store the teacher's output head [V, D] (fp32) once: exact logits for any id later.
+
+        Committed like a shard: leftovers of an interrupted add are removed, the array is written,
+        then ``done/head.json`` (every head file with its CRC32) is written last, atomically."""
+        if not np.isfinite(head).all():
+            raise NonFiniteError("the teacher's output head holds NaN/Inf; it is not stored. Load the teacher "
+                                 "with teacher.dtype=float32 or check its weights")
+        (self.root / DONE / "head.json").unlink(missing_ok=True)
+        shutil.rmtree(self.root / ARRAYS / "head", ignore_errors=True)
         arr = self._group.create_array("head", shape=head.shape, dtype=np.float32, chunks=(4096, head.shape[1]),
                                        compressors=BloscCodec(cname="zstd", clevel=self.spec.zstd_level,
-                                                              shuffle="shuffle"), overwrite=True)
+                                                              shuffle="shuffle"), overwrite=True,
+                                       config={"write_empty_chunks": True})
         arr[:] = head.astype(np.float32)
+        rel = f"{ARRAYS}/head"
+        marker = {"shape": list(head.shape), "dtype": "float32",
+                  "files": records(self.root, [f"{rel}/zarr.json", *chunk_files(arr, rel)])}
+        atomic_write_json(self.root / DONE / "head.json", marker)
         self.manifest["has_head"] = True
         atomic_write_json(self.root / MANIFEST, self.manifest)
 
     # -- shards
 
     def done_shards(self) -> set[int]:
-        done = set()
-        for p in (self.root / DONE).glob("shard-*.json"):
-            try:
-                done.add(int(p.stem.split("-")[1]))
-            except ValueError:
-                continue
-        return done
+        """Shards with a valid commit marker; the same rule as the reader's, so the two agree."""
+        return {s for s in range(self.spec.num_shards) if read_shard_marker(self.root, s) is not None}
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
@@ -347,29 +371,35 @@ class CacheWriter:
         start, stop = self.spec.shard_range(shard)
         if set(arrays) != set(self.spec.logical_arrays()):
             raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(self.spec.logical_arrays())}")
+        check_finite(shard, start, stop, arrays)
         arrays, kl_sum = self.encode_topk(arrays)
         stats = {**stats, "topk_encoding_kl_sum": kl_sum}
         specs = self.spec.array_specs()
+        rels = {name: f"{ARRAYS}/{name}/{self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
+                for name, (shape, _) in specs.items()}
+        # An uncommitted shard's old files may be damaged (that may be why it is redone): zarr
+        # would read a partial shard's index back before writing, so start from nothing.
+        (self.root / DONE / f"{shard_name(shard)}.json").unlink(missing_ok=True)
+        for rel in [*rels.values(), f"{META}/{shard_name(shard)}.arrow"]:
+            (self.root / rel).unlink(missing_ok=True)
         files: dict[str, dict[str, int]] = {}
         for name, (shape, dtype) in specs.items():
             data = arrays[name]
             if data.shape != (stop - start,) + shape[1:]:
                 raise ValueError(f"{name}: shape {data.shape} != {(stop - start,) + shape[1:]}")
-            arr = self._group[name]
-            arr[start:stop] = data.astype(dtype, copy=False)
-            rel = f"{ARRAYS}/{name}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
-            files[rel] = {}
+            self._arrays[name][start:stop] = data.astype(dtype, copy=False)
+            files[rels[name]] = {}
         table = pa.table({"seq_index": pa.array(range(start, stop), pa.int64()),
                           "split": [self.spec.split_of(i) for i in range(start, stop)], **meta},
                          schema=META_SCHEMA)
-        meta_rel = f"{META}/{_shard_name(shard)}.arrow"
+        meta_rel = f"{META}/{shard_name(shard)}.arrow"
         _write_arrow(self.root / meta_rel, table)
         files[meta_rel] = {}
         for rel in files:
             path = self.root / rel
             files[rel] = {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
         marker = {"shard": shard, "start": start, "stop": stop, "files": files, "stats": stats}
-        atomic_write_json(self.root / DONE / f"{_shard_name(shard)}.json", marker)
+        atomic_write_json(self.root / DONE / f"{shard_name(shard)}.json", marker)
 
     def finalize(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rank 0, after every shard is committed: mark the manifest complete with the summary."""
@@ -431,41 +461,56 @@ class Sequence:
 class CacheReader:
     """Random access to a cache written by ``CacheWriter``.
 
-    With ``verify=True`` each shard's files are checked against their CRC32 the first time the
-    shard is touched, and every float array read is checked for NaN/Inf: a damaged cache raises
-    ``CacheError`` naming the shard or sequence, never returns wrong numbers.
+    Only what a commit record vouches for is used: a shard without a valid marker is not
+    committed, a head without a valid ``done/head.json`` does not exist. With ``verify=True``
+    the array metadata is checked against the manifest's CRC32s at open, each shard's files the
+    first time the shard is touched, ``rank_to_id``, the head and the documents table when first
+    read, and every float array read for NaN/Inf: a damaged cache raises ``CacheError`` naming
+    the file, shard or sequence, never returns wrong numbers.
+
+    ``views_dir``: where derived student views live (``cache.views_dir``); None: inside the cache.
     """
 
-    def __init__(self, root: str | Path, *, verify: bool = True):
+    def __init__(self, root: str | Path, *, verify: bool = True, views_dir: str | Path | None = None):
         self.root = Path(root)
         if not self.root.exists():
             raise CacheError(f"cache {self.root} does not exist; build it with cache-teacher (cache.dir={self.root})")
         self.manifest = _read_manifest(self.root)
         self.spec = _spec_from_manifest(self.manifest, self.root)
         self.verify = verify
+        self.views_dir = Path(views_dir) if views_dir else None
+        self._files: dict[str, Any] = self.manifest.get("files", {})
+        self._legacy = "files" not in self.manifest  # written before arrays outside shards were checksummed
         self._markers: dict[int, dict[str, Any]] = {}
         self._verified: set[int] = set()
         self._meta: dict[int, pa.Table] = {}
+        self._rank_to_id_cache: np.ndarray | None = None
+        if verify:
+            self._check_files([rel for rel in self._files if rel.endswith("zarr.json")], "array metadata")
         try:
-            group = zarr.open_group(str(self.root / ARRAYS), mode="r")
-            self._arrays = {name: group[name] for name in self.spec.array_specs()}
-            self._rank_to_id = group["rank_to_id"][:] if self.spec.topk_encoding == "sqrt8" else None
-            self._head = group["head"] if "head" in group else None
+            self._group = zarr.open_group(str(self.root / ARRAYS), mode="r")
+            self._arrays = {name: self._group[name] for name in self.spec.array_specs()}
         except Exception as e:  # zarr raises many types for missing/corrupt metadata
             raise CacheError(f"{self.root / ARRAYS} is damaged ({e.__class__.__name__}: {e}); "
                              "rebuild with cache-teacher cache.overwrite=true") from None
+        self._head_marker = read_head_marker(self.root)
+        self._head_checked = False
         self._load_markers()
+
+    def _check_files(self, rels: list[str], what: str, remedy: str = "rebuild it with cache-teacher "
+                                                                      "cache.overwrite=true") -> None:
+        for rel in rels:
+            problem = check_record(self.root, rel, self._files.get(rel))
+            if problem is not None:
+                raise CacheError(f"cache {self.root}: {rel} ({what}) is {problem}; {remedy}")
 
     # -- status
 
     def _load_markers(self) -> None:
         for shard in range(self.spec.num_shards):
-            path = self.root / DONE / f"{_shard_name(shard)}.json"
-            if path.is_file():
-                try:
-                    self._markers[shard] = json.loads(path.read_text())
-                except json.JSONDecodeError:
-                    continue  # an unreadable marker is an uncommitted shard
+            marker = read_shard_marker(self.root, shard)
+            if marker is not None:  # a truncated or malformed marker is an uncommitted shard
+                self._markers[shard] = marker
 
     def missing_shards(self) -> list[int]:
         return [s for s in range(self.spec.num_shards) if s not in self._markers]
@@ -502,14 +547,35 @@ class CacheReader:
         if not self.verify or shard in self._verified:
             return
         for rel, want in self._markers[shard]["files"].items():
-            path = self.root / rel
-            if not path.is_file():
-                raise CacheError(f"cache {self.root}: file {rel} of shard {shard} is missing; "
-                                 f"delete {DONE}/{_shard_name(shard)}.json and rerun cache-teacher to rebuild it")
-            if path.stat().st_size != want["bytes"] or file_crc32(path) != want["crc32"]:
-                raise CacheError(f"cache {self.root}: file {rel} of shard {shard} is corrupt (checksum mismatch); "
-                                 f"delete {DONE}/{_shard_name(shard)}.json and rerun cache-teacher to rebuild it")
+            problem = check_record(self.root, rel, want)
+            if problem is not None:
+                problem = "missing" if problem == "missing" else "corrupt (checksum mismatch)"
+                raise CacheError(f"cache {self.root}: file {rel} of shard {shard} is {problem}; "
+                                 f"delete {DONE}/{shard_name(shard)}.json and rerun cache-teacher to rebuild it")
         self._verified.add(shard)
+
+    @property
+    def _rank_to_id(self) -> np.ndarray | None:
+        """sqrt8's rank -> id table, checked against the CRC recorded when the cache was created."""
+        if self.spec.topk_encoding != "sqrt8":
+            return None
+        if self._rank_to_id_cache is None:
+            rels = [r for r in self._files if r.startswith(f"{ARRAYS}/rank_to_id/")]
+            if self.verify and not rels:
+                raise CacheError(f"cache {self.root} was written by an older version that did not checksum its "
+                                 "rank_to_id table; rebuild it with cache-teacher cache.overwrite=true")
+            self._check_files(rels, "the sqrt8 rank table")
+            try:
+                table = self._group["rank_to_id"][:]
+            except Exception as e:
+                raise CacheError(f"cache {self.root}: rank_to_id is unreadable ({e.__class__.__name__}); "
+                                 "rebuild it with cache-teacher cache.overwrite=true") from None
+            if self.verify and (table.shape != (self.spec.vocab_size,) or not np.array_equal(
+                    np.sort(table), np.arange(self.spec.vocab_size))):
+                raise CacheError(f"cache {self.root}: rank_to_id is not a permutation of the vocabulary; "
+                                 "rebuild it with cache-teacher cache.overwrite=true")
+            self._rank_to_id_cache = table
+        return self._rank_to_id_cache
 
     def read_range(self, start: int, stop: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Logical arrays (``CacheSpec.logical_arrays``) for sequences [start, stop), which must
@@ -521,7 +587,7 @@ class CacheReader:
         if unknown:
             raise CacheError(f"cache {self.root} has no array {sorted(unknown)[0]!r} "
                              f"(it has {', '.join(self.spec.logical_arrays())})")
-        decode = self._rank_to_id is not None and ("topk_ids" in names or "topk_logprobs" in names)
+        decode = self.spec.topk_encoding == "sqrt8" and ("topk_ids" in names or "topk_logprobs" in names)
         stored = [n for n in names if n not in ("topk_ids", "topk_logprobs") or not decode]
         out = self._read_stored(start, stop, tuple(stored) + (SQRT8_ARRAYS if decode else ()))
         if decode:
@@ -551,7 +617,7 @@ class CacheReader:
     def meta(self, shard: int) -> pa.Table:
         if shard not in self._meta:
             self._check_shard(shard)
-            path = self.root / META / f"{_shard_name(shard)}.arrow"
+            path = self.root / META / f"{shard_name(shard)}.arrow"
             try:
                 with pa.memory_map(str(path)) as source:
                     self._meta[shard] = ipc.open_file(source).read_all()
@@ -581,86 +647,75 @@ class CacheReader:
             yield self.sequence(i)
 
     def documents(self) -> pa.Table:
-        path = self.root / META / "documents.arrow"
-        with pa.memory_map(str(path)) as source:
-            return ipc.open_file(source).read_all()
+        rel = f"{META}/documents.arrow"
+        if not self._legacy:
+            if rel not in self._files:
+                raise CacheError(f"cache {self.root}: the documents table was never committed; "
+                                 "rerun cache-teacher with the same config to write it")
+            if self.verify:
+                self._check_files([rel], "the documents table", "rerun cache-teacher with the same config to "
+                                  "rewrite it")
+        try:
+            with pa.memory_map(str(self.root / rel)) as source:
+                return ipc.open_file(source).read_all()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise CacheError(f"cache {self.root}: {rel} unreadable ({e}); rerun cache-teacher "
+                             "with the same config") from None
+
+    @property
+    def has_head(self) -> bool:
+        return self._head_marker is not None
 
     def head(self) -> np.ndarray | None:
-        return None if self._head is None else self._head[:]
+        """The teacher's output head, or None when none was committed (``done/head.json``)."""
+        if self._head_marker is None:
+            return None
+        remedy = (f"delete {DONE}/head.json and rerun cache-teacher with cache.store_head=true to rewrite it")
+        if self.verify and not self._head_checked:
+            for rel, want in self._head_marker["files"].items():
+                problem = check_record(self.root, rel, want)
+                if problem is not None:
+                    raise CacheError(f"cache {self.root}: head file {rel} is {problem}; {remedy}")
+        try:
+            head = self._group["head"][:]
+        except Exception as e:
+            raise CacheError(f"cache {self.root}: the head is unreadable ({e.__class__.__name__}); {remedy}") from None
+        if list(head.shape) != self._head_marker["shape"]:
+            raise CacheError(f"cache {self.root}: the head has shape {list(head.shape)}, its marker says "
+                             f"{self._head_marker['shape']}; {remedy}")
+        if self.verify and not self._head_checked and not np.isfinite(head).all():
+            raise CacheError(f"cache {self.root}: the head holds NaN/Inf; {remedy}")
+        self._head_checked = True
+        return head
 
-    # -- summary
+    def views_root(self) -> Path:
+        """Where derived views (cross-tokenizer alignments) of this cache are stored: inside the
+        cache, or under ``views_dir`` in a folder named by the cache's identity."""
+        if self.views_dir is None:
+            return self.root / VIEWS
+        ident = json.dumps([self.spec.fingerprint, self.spec.num_sequences], sort_keys=True, default=str)
+        return self.views_dir / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+    # -- summary (pipeline/cache_summary.py)
 
     def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        return cache_summary.bytes_on_disk(self.root)
 
     def head_bytes(self) -> int:
-        d = self.root / ARRAYS / "head"
-        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.exists() else 0
+        return cache_summary.bytes_on_disk(self.root / ARRAYS / "head")
 
     def summary_stats(self) -> dict[str, Any]:
         """Aggregate the committed shards' statistics (sums, so shards combine exactly)."""
-        tot: dict[str, float] = {}
-        for marker in self._markers.values():
-            for k, v in marker["stats"].items():
-                tot[k] = tot.get(k, 0.0) + v
-        positions = tot.get("positions", 0.0)
-        eval_targets = tot.get("eval_targets", 0.0)
-        out: dict[str, Any] = {
-            "topk_mass_mean": tot.get("topk_mass_sum", 0.0) / positions if positions else None,
-            "topk_encoding_kl_mean": tot["topk_encoding_kl_sum"] / positions
-            if positions and "topk_encoding_kl_sum" in tot else None,
-            "teacher_eval_ppl": math.exp(tot["eval_nll_sum"] / eval_targets) if eval_targets else None,
-            "teacher_eval_bpb": (tot["eval_nll_sum"] / math.log(2) / tot["eval_target_bytes"]
-                                 if tot.get("eval_target_bytes") else None),
-            "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
-                                  if tot.get("train_targets") else None),
-        }
-        return out
+        return cache_summary.summary_stats(self._markers.values())
 
     def info(self) -> dict[str, Any]:
-        """The fields of ``inspect --json`` (DESIGN.md)."""
-        spec = self.spec
-        tokens = spec.num_sequences * spec.seq_len
-        size = self.bytes_on_disk()
-        head = self.head_bytes()
-        stats = self.summary_stats()
-        return {
-            "path": str(self.root),
-            "schema_version": SCHEMA_VERSION,
-            "complete": self.complete and bool(self.manifest.get("complete")),
-            "shards": spec.num_shards,
-            "shards_committed": len(self._markers),
-            "sequences": spec.num_sequences,
-            "splits": {k: v[1] - v[0] for k, v in spec.splits.items()},
-            "tokens": tokens,
-            "seq_len": spec.seq_len,
-            "top_k": spec.top_k,
-            "vocab_size": spec.vocab_size,
-            "hidden_dim": spec.hidden_dim,
-            "hidden_dtype": spec.hidden_dtype if spec.store_hidden else None,
-            "topk_encoding": spec.topk_encoding,
-            "has_head": self._head is not None,
-            "teacher": spec.fingerprint.get("teacher"),
-            "teacher_facts": spec.teacher,
-            "fingerprint": spec.fingerprint,
-            "bytes_on_disk": size,
-            "head_bytes": head,
-            "bytes_per_token": (size - head) / tokens if tokens else None,
-            "array_bytes_per_token": self.array_bytes_per_token(),
-            "logit_bytes_per_token": self.logit_bytes_per_token(),
-            **stats,
-            **{k: v for k, v in self.manifest.get("summary", {}).items() if k not in stats},
-        }
+        """The fields of ``inspect --json``."""
+        return cache_summary.info(self, SCHEMA_VERSION)
 
     def logit_bytes_per_token(self) -> float:
         """Bytes per token of what top-k KD needs: ids + values (+ tail) + logZ."""
-        per = self.array_bytes_per_token()
-        return round(sum(v for k, v in per.items() if k.startswith("topk_") or k == "logz"), 2)
+        return cache_summary.logit_bytes_per_token(self.array_bytes_per_token())
 
     def array_bytes_per_token(self) -> dict[str, float]:
         tokens = self.spec.num_sequences * self.spec.seq_len
-        out = {}
-        for name in self._arrays:
-            d = self.root / ARRAYS / name
-            out[name] = round(sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / tokens, 2)
-        return out
+        return {name: round(cache_summary.bytes_on_disk(self.root / ARRAYS / name) / tokens, 2) for name in self._arrays}

@@ -11,6 +11,7 @@ import errno
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from . import __version__
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "inspect":
             p.add_argument("cache", help="cache directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.add_argument("--verify", action="store_true",
+                           help="check every byte of every file against its commit checksums; name what is "
+                                "damaged and exit non-zero if anything is")
             p.add_argument("--audit", action="store_true",
                            help="also rerun the teacher on a sample: top-k mass and KL for k in 8..128")
             p.add_argument("--audit-sequences", type=int, default=4, help="sequences the audit samples")
@@ -120,6 +124,26 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cache import CacheReader
+    from .errors import CacheError
+    if args.verify:
+        from .verify import verify_cache
+        if not Path(args.cache).is_dir():
+            CacheReader(args.cache)  # the usual one-line error: missing, a file, ...
+        report = verify_cache(args.cache)
+        if args.json:
+            print(json.dumps({"path": str(args.cache), "verify": report.as_dict()}, indent=1))
+        else:
+            print(f"checked {report.checked_files} files, {report.checked_bytes} bytes")
+            if report.uncommitted:
+                print(f"uncommitted shards (a rerun of cache-teacher finishes them): {report.uncommitted}")
+            for line in report.damaged:
+                print(f"DAMAGED {line}")
+        if not report.ok:
+            raise CacheError(f"cache {args.cache} is damaged: {len(report.damaged)} problem(s), first: "
+                             f"{report.damaged[0]}")
+        if not args.json:
+            print("cache verified: every committed file matches its checksum")
+        return 0
     reader = CacheReader(args.cache, verify=not args.audit)
     info = reader.info()
     if args.audit:

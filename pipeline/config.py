@@ -110,7 +110,10 @@ class CacheConfig:
     """Also store the teacher's output head once (enables the exact 'union' KD mode)."""
     store_hidden: bool = True
     overwrite: bool = False
-    """Delete an existing cache at ``dir`` and rebuild it."""
+    """Replace an existing cache at ``dir`` (only a directory that is recognisably a cache)."""
+    views_dir: str = ""
+    """Where cross-tokenizer student views are stored; empty: inside the cache (``dir/student-views``).
+    Set it when the cache is read-only."""
     writer_queue: int = 2
     """Shards that may wait for the background writer before the teacher pauses."""
 
@@ -274,6 +277,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass a TOML file with --config, "
+                              "e.g. configs/default.toml")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass an existing file with --config")
         try:

@@ -27,3 +27,11 @@ class DataError(PipelineError):
 
 class NotImplementedYet(PipelineError):
     """A command of the contract that a later issue fills in."""
+
+
+class LockHeld(PipelineError):
+    """Another process holds the lock of a directory this command would write."""
+
+
+class NonFiniteError(CacheError):
+    """The teacher produced NaN/Inf; the shard holding it is not committed."""

@@ -38,9 +38,12 @@ def _load_raw(cfg: DataConfig) -> tuple[list[str], list[str]]:
         files = sorted(source.glob("*.txt"))
         if not files:
             raise DataError(f"directory {source} holds no .txt files; put one document per .txt file there")
-        return [f.name for f in files], [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return [f.name for f in files], [read_utf8(f) for f in files]
     if source.suffix in FILE_BUILDERS and not source.is_file():
         raise DataError(f"data file {source} does not exist; check data.source")
+    if source.is_file() and source.suffix in (".txt", ".jsonl", ".json"):
+        if not read_utf8(source).strip():
+            raise DataError(f"data file {source} is empty; point data.source at a file with text")
     import datasets
 
     try:
@@ -63,6 +66,18 @@ def _load_raw(cfg: DataConfig) -> tuple[list[str], list[str]]:
     texts = [t if isinstance(t, str) else "" for t in ds[cfg.text_field]]
     width = len(str(len(texts)))
     return [f"{source.name if source.is_file() else 'row'}-{i:0{width}d}" for i in range(len(texts))], texts
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; invalid UTF-8 is an error naming the file and the first bad byte (never
+    silently replaced: the cache would then hold text that is not the user's)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8, or remove it from data.source") from None
 
 
 def _choose_eval(names: list[str], cfg: DataConfig) -> set[str]:

@@ -10,17 +10,22 @@ flight); a rerun with other inputs is refused unless ``cache.overwrite=true``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import CacheReader, CacheSpec, CacheWriter, quantize_hidden_int8
+from pipeline.cache import CacheReader, CacheSpec, CacheWriter, check_finite, quantize_hidden_int8
+from pipeline.cache_files import lock_path
 from pipeline.config import Config, load_config
 from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
 from pipeline.distributed import Dist, init_distributed
 from pipeline.errors import ConfigError, TeacherError
+from pipeline.locks import acquire_lock
 from pipeline.fingerprint import sha256_text, tokenizer_hash
 
 from .background import BackgroundWriter
@@ -38,83 +43,92 @@ def main(args: argparse.Namespace) -> int:
 
 def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
     """Build (or finish) the cache of ``cfg`` and return its ``inspect`` info."""
-    t0 = time.perf_counter()
     dist = init_distributed()
     try:
-        torch.set_num_threads(cpu_threads(dist.local_world, cfg.teacher.num_threads))
-        device = resolve_device(cfg.teacher.device)
-        if device.type == "cuda" and dist.enabled:
-            device = torch.device("cuda", dist.local_rank)
-        precision = choose_precision(device, cfg.teacher.dtype)
-        if (problem := check_cuda_build(device)) is not None:
-            raise ConfigError(problem)
-        say = print if dist.is_main else (lambda *a, **k: None)
-        progress = show_progress and dist.is_main
-
-        source = resolve_teacher(cfg.teacher)
-        tokenizer = load_tokenizer(source)
-        if tokenizer.eos_token_id is None:
-            raise TeacherError(f"the tokenizer of {source.name!r} has no end-of-sequence token to join documents")
-        documents = load_documents(cfg.data)
-        plan = build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
-                          {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens},
-                          show_progress=progress)
-        spec = make_spec(cfg, source, tokenizer, plan, documents, precision.name)
-        teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
-
-        def rank_table() -> np.ndarray:
-            teacher()  # load outside the pilot's timing
-            t_pilot = time.perf_counter()
-            table = pilot_rank_table(teacher, plan, cfg, spec.vocab_size)
-            teacher.facts["pilot_s"] = round(time.perf_counter() - t_pilot, 2)
-            return table
-
-        def create() -> CacheWriter:
-            writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite, rank_table=rank_table)
-            if not (writer.root / "meta" / "documents.arrow").exists():
-                writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
-                                       [d.split for d in documents], [len(d.text) for d in documents])
-            return writer
-
-        writer = dist.run_on_main(create)
-        dist.barrier()
-        if writer is None:
-            writer = CacheWriter.open(cfg.cache.dir, spec, create=False)
-        pending = writer.pending_shards()
-        dist.barrier()  # every rank has read the same pending list before anyone commits
-
-        if not pending and writer.manifest.get("complete"):
-            if cfg.cache.store_head and not writer.manifest.get("has_head"):
-                dist.run_on_main(lambda: writer.write_head(teacher().head.weight.detach().float().cpu().numpy()))
-                say(f"cache {cfg.cache.dir}: teacher head added")
-            say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
-                f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
-            return CacheReader(cfg.cache.dir, verify=False).info()
-        if pending and len(pending) < spec.num_shards:
-            say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
-                "shards already committed")
-
-        mine = [s for s in pending if s % dist.world == dist.rank]
-        ok, stats = False, {}
-        try:
-            stats = run_teacher(cfg, spec, teacher, plan, writer, mine, progress, dist)
-            ok = True
-        finally:
-            all_ok = dist.all_ok(ok)
-        if not all_ok:
-            raise TeacherError("another rank failed while caching; committed shards are kept, rerun to finish")
-        wall = time.perf_counter() - t0
-
-        def finish():
-            extra = {"stage1_wall_s": round(wall, 2), "precision": precision.name, **stats}
-            writer.finalize(extra)
-            info = CacheReader(cfg.cache.dir, verify=False).info()
-            print_summary(info, wall)
-            return info
-
-        return dist.run_on_main(finish) or {}
+        with contextlib.ExitStack() as stack:
+            return _cache_teacher(cfg, show_progress, dist, stack)
     finally:
         dist.close()
+
+
+def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextlib.ExitStack) -> dict:
+    t0 = time.perf_counter()
+    torch.set_num_threads(cpu_threads(dist.local_world, cfg.teacher.num_threads))
+    device = resolve_device(cfg.teacher.device)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    precision = choose_precision(device, cfg.teacher.dtype)
+    if (problem := check_cuda_build(device)) is not None:
+        raise ConfigError(problem)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    progress = show_progress and dist.is_main
+
+    source = resolve_teacher(cfg.teacher)
+    tokenizer = load_tokenizer(source)
+    if tokenizer.eos_token_id is None:
+        raise TeacherError(f"the tokenizer of {source.name!r} has no end-of-sequence token to join documents")
+    documents = load_documents(cfg.data)
+    plan = build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
+                      {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens},
+                      show_progress=progress)
+    spec = make_spec(cfg, source, tokenizer, plan, documents, precision.name)
+    teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
+    # One writer per cache directory: rank 0 holds the lock for the whole run (the other ranks of
+    # a torchrun job write their own shards under it). A refusal is raised on every rank.
+    root = Path(cfg.cache.dir)
+    dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(root), f"cache {root}")))
+
+    def rank_table() -> np.ndarray:
+        teacher()  # load outside the pilot's timing
+        t_pilot = time.perf_counter()
+        table = pilot_rank_table(teacher, plan, cfg, spec.vocab_size)
+        teacher.facts["pilot_s"] = round(time.perf_counter() - t_pilot, 2)
+        return table
+
+    def create() -> CacheWriter:
+        writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite, rank_table=rank_table)
+        if not writer.has_documents():
+            writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
+                                   [d.split for d in documents], [len(d.text) for d in documents])
+        return writer
+
+    writer = dist.run_on_main(create)
+    dist.barrier()
+    if writer is None:
+        writer = CacheWriter.open(cfg.cache.dir, spec, create=False)
+    pending = writer.pending_shards()
+    dist.barrier()  # every rank has read the same pending list before anyone commits
+
+    if not pending and writer.manifest.get("complete"):
+        if cfg.cache.store_head and not writer.has_head():
+            dist.run_on_main(lambda: writer.write_head(teacher().head.weight.detach().float().cpu().numpy()))
+            say(f"cache {cfg.cache.dir}: teacher head added")
+        say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
+            f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
+        return CacheReader(cfg.cache.dir, verify=False).info()
+    if pending and len(pending) < spec.num_shards:
+        say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
+            "shards already committed")
+
+    mine = [s for s in pending if s % dist.world == dist.rank]
+    ok, stats = False, {}
+    try:
+        stats = run_teacher(cfg, spec, teacher, plan, writer, mine, progress, dist)
+        ok = True
+    finally:
+        all_ok = dist.all_ok(ok)
+    if not all_ok:
+        raise TeacherError("another rank failed while caching; committed shards are kept, rerun to finish")
+    wall = time.perf_counter() - t0
+
+    def finish():
+        extra = {"stage1_wall_s": round(wall, 2), "precision": precision.name, **stats}
+        writer.finalize(extra)
+        info = CacheReader(cfg.cache.dir, verify=False).info()
+        print_summary(info, wall)
+        return info
+
+    return dist.run_on_main(finish) or {}
 
 
 def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documents, precision: str) -> CacheSpec:
@@ -167,7 +181,10 @@ class LazyTeacher:
             model = load_model(self.source, self.dtype, self.device)
             teacher = TeacherPass(model, self.spec.top_k, self.cfg.teacher.logits_chunk)
             head_diff = teacher.check_head(torch.from_numpy(self.plan.sequences[0].input_ids[None]))
-            if head_diff > HEAD_TOLERANCE * (1 if self.dtype == torch.float32 else 50):
+            if not math.isfinite(head_diff):
+                raise TeacherError("the teacher produced NaN/Inf on the first sequence (head check); "
+                                   "rerun with teacher.dtype=float32 or check the model's weights")
+            if not head_diff <= HEAD_TOLERANCE * (1 if self.dtype == torch.float32 else 50):
                 raise TeacherError(f"this teacher's logits are not its head applied to its last hidden state "
                                    f"(max difference {head_diff:.3g}); such models are not supported")
             self.teacher = teacher
@@ -194,10 +211,11 @@ def pilot_rank_table(lazy: LazyTeacher, plan: Plan, cfg: Config, vocab: int) -> 
 def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, writer: CacheWriter,
                 shards: list[int], progress: bool, dist: Dist) -> dict:
     """Run the teacher over ``shards`` and hand each finished shard to the background writer."""
-    if not shards and not (cfg.cache.store_head and dist.is_main and not writer.manifest.get("has_head")):
+    needs_head = cfg.cache.store_head and dist.is_main and not writer.has_head()
+    if not shards and not needs_head:
         return {}
     teacher = lazy()
-    if cfg.cache.store_head and dist.is_main and not writer.manifest.get("has_head"):
+    if needs_head:
         writer.write_head(teacher.head.weight.detach().float().cpu().numpy())
 
     total = sum(spec.shard_range(s)[1] - spec.shard_range(s)[0] for s in shards) * spec.seq_len
@@ -216,6 +234,7 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
                 parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            check_finite(shard, start, stop, arrays)  # before int8/sqrt8 coding could hide a NaN
             stats = shard_stats(arrays, plan, start, stop, spec)
             background.submit(shard, to_storage(arrays, spec), shard_meta(plan, start, stop), stats)
     bar.close()

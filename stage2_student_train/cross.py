@@ -9,12 +9,18 @@ computed once per (cache, student tokenizer) and stored beside the cache::
                                                          vmap [V_teacher] (-1: no twin)
     CACHE/student-views/<tokenizer hash>/coverage.json  fraction of student positions aligned,
                                                          teacher top-k mass that maps, lengths
+
+or, with ``cache.views_dir`` set (a read-only cache), under ``VIEWS_DIR/<cache id>/<tokenizer
+hash>/``. A stored view that cannot be read or does not fit the cache is rebuilt.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import CacheReader, atomic_write_bytes, atomic_write_json
+from pipeline.errors import CacheError
 from pipeline.fingerprint import tokenizer_hash
 
 from . import align
@@ -42,23 +49,55 @@ class StudentView:
 
 
 def view_dir(reader: CacheReader, student_tok) -> Path:
-    return reader.root / "student-views" / tokenizer_hash(student_tok)
+    return reader.views_root() / tokenizer_hash(student_tok)
 
 
 def load_or_build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:
     """The stored view if there is one for this (cache, tokenizer), else build and store it."""
     folder = view_dir(reader, student_tok)
-    if (folder / "view.npz").is_file() and (folder / "coverage.json").is_file():
-        with np.load(folder / "view.npz") as z:
-            return StudentView(z["ids"], z["aligned"], z["vmap"], z["first_end"],
-                               json.loads((folder / "coverage.json").read_text()))
+    view = _load_view(folder, reader)
+    if view is not None:
+        return view
+    _require_writable(folder, reader)
     view = build_view(reader, teacher_tok, student_tok, show_progress)
-    folder.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(buf, ids=view.ids, aligned=view.aligned, vmap=view.vmap, first_end=view.first_end)
     atomic_write_bytes(folder / "view.npz", buf.getvalue())
     atomic_write_json(folder / "coverage.json", view.coverage)
     return view
+
+
+def _load_view(folder: Path, reader: CacheReader) -> StudentView | None:
+    """The stored view, or None if there is none or it is damaged or does not fit this cache."""
+    if not (folder / "view.npz").is_file() or not (folder / "coverage.json").is_file():
+        return None
+    try:
+        with np.load(folder / "view.npz") as z:
+            view = StudentView(z["ids"], z["aligned"], z["vmap"], z["first_end"],
+                               json.loads((folder / "coverage.json").read_text()))
+        n = len(reader)
+        if (view.ids.shape[0] != n or view.aligned.shape != view.ids.shape or view.first_end.shape != (n,)
+                or view.vmap.shape != (reader.spec.vocab_size,) or not isinstance(view.coverage, dict)):
+            raise ValueError("shapes do not fit the cache")
+        return view
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        print(f"student view {folder} is unreadable ({e.__class__.__name__}); rebuilding it", file=sys.stderr)
+        return None
+
+
+def _require_writable(folder: Path, reader: CacheReader) -> None:
+    """Fail before the (long) alignment pass, not after it, when the view cannot be stored."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = "the cache directory is read-only" if reader.views_dir is None else "cache.views_dir is not writable"
+        raise CacheError(f"cannot store the student tokenizer's view in {folder} ({e.strerror}): {where}; "
+                         "set cache.views_dir to a writable directory") from None
 
 
 def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:

@@ -66,7 +66,7 @@ def main(args) -> int:
     student_dir = Path(cfg.run.runs_dir) / cfg.run.name / "final" / "student"
     if not (student_dir / "config.json").is_file():
         raise PipelineError(f"{student_dir} holds no exported student; train it first (train-student) or set run.name")
-    reader = CacheReader(cfg.cache.dir)
+    reader = CacheReader(cfg.cache.dir, views_dir=cfg.cache.views_dir or None)
     reader.require_complete()
     tokenizer, same = exported_tokenizer(student_dir, reader)
     access = data_access(reader, tokenizer, same, need_hidden=False)

@@ -1,0 +1,78 @@
+"""What ``inspect`` says about a cache: sizes on disk and the statistics the shards committed.
+
+Functions of a ``CacheReader`` (its methods delegate here), kept apart from the format itself.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from .cache import CacheReader
+
+
+def bytes_on_disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+
+
+def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the committed shards' statistics (sums, so shards combine exactly)."""
+    tot: dict[str, float] = {}
+    for marker in markers:
+        for k, v in marker["stats"].items():
+            tot[k] = tot.get(k, 0.0) + v
+    positions = tot.get("positions", 0.0)
+    eval_targets = tot.get("eval_targets", 0.0)
+    return {
+        "topk_mass_mean": tot.get("topk_mass_sum", 0.0) / positions if positions else None,
+        "topk_encoding_kl_mean": tot["topk_encoding_kl_sum"] / positions
+        if positions and "topk_encoding_kl_sum" in tot else None,
+        "teacher_eval_ppl": math.exp(tot["eval_nll_sum"] / eval_targets) if eval_targets else None,
+        "teacher_eval_bpb": (tot["eval_nll_sum"] / math.log(2) / tot["eval_target_bytes"]
+                             if tot.get("eval_target_bytes") else None),
+        "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
+                              if tot.get("train_targets") else None),
+    }
+
+
+def logit_bytes_per_token(per_array: dict[str, float]) -> float:
+    """Bytes per token of what top-k KD needs: ids + values (+ tail) + logZ."""
+    return round(sum(v for k, v in per_array.items() if k.startswith("topk_") or k == "logz"), 2)
+
+
+def info(reader: CacheReader, schema_version: int) -> dict[str, Any]:
+    """The fields of ``inspect --json``."""
+    spec = reader.spec
+    tokens = spec.num_sequences * spec.seq_len
+    size = reader.bytes_on_disk()
+    head = reader.head_bytes()
+    stats = reader.summary_stats()
+    return {
+        "path": str(reader.root),
+        "schema_version": schema_version,
+        "complete": reader.complete and bool(reader.manifest.get("complete")),
+        "shards": spec.num_shards,
+        "shards_committed": len(reader._markers),
+        "sequences": spec.num_sequences,
+        "splits": {k: v[1] - v[0] for k, v in spec.splits.items()},
+        "tokens": tokens,
+        "seq_len": spec.seq_len,
+        "top_k": spec.top_k,
+        "vocab_size": spec.vocab_size,
+        "hidden_dim": spec.hidden_dim,
+        "hidden_dtype": spec.hidden_dtype if spec.store_hidden else None,
+        "topk_encoding": spec.topk_encoding,
+        "has_head": reader.has_head,
+        "teacher": spec.fingerprint.get("teacher"),
+        "teacher_facts": spec.teacher,
+        "fingerprint": spec.fingerprint,
+        "bytes_on_disk": size,
+        "head_bytes": head,
+        "bytes_per_token": (size - head) / tokens if tokens else None,
+        "array_bytes_per_token": reader.array_bytes_per_token(),
+        "logit_bytes_per_token": reader.logit_bytes_per_token(),
+        **stats,
+        **{k: v for k, v in reader.manifest.get("summary", {}).items() if k not in stats},
+    }

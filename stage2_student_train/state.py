@@ -64,7 +64,7 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     if (problem := check_cuda_build(device)) is not None:
         raise ConfigError(problem)
     kind = parallel.choose(t.parallel, dist)
-    reader = CacheReader(cfg.cache.dir)
+    reader = CacheReader(cfg.cache.dir, views_dir=cfg.cache.views_dir or None)
     reader.require_complete()
     if "eval" not in reader.spec.splits:
         raise ConfigError(f"cache {cfg.cache.dir} has no held-out eval sequences; rebuild it with data.eval_documents")

@@ -16,7 +16,7 @@ import errno
 import json
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from pipeline.config import Config, load_config, to_toml
 from pipeline.distributed import Dist, init_distributed
+from pipeline.locks import acquire_lock
 
 from .checkpoint import (CheckpointError, begin_checkpoint, commit_checkpoint, load_sharded, load_state,
                          resume_config, save_sharded, write_state)
 from .evaluate import evaluate
 from .parallel import after_eval
-from .rundir import check_location, prepare_run_dir
+from .rundir import check_location, lock_path, prepare_run_dir
 from .runlog import MetricsLog, truncate_metrics
 from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
@@ -57,7 +58,11 @@ def exit_code(summary: dict) -> int:
 def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = True) -> dict:
     dist = init_distributed()
     try:
-        return run(cfg, resume_from, show_progress, dist)
+        with ExitStack() as stack:  # one trainer per run: rank 0 holds the lock (refused on every rank)
+            run_dir = Path(cfg.run.runs_dir) / cfg.run.name
+            check_location(run_dir, cfg.cache.dir)
+            dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(run_dir), f"run {run_dir}")))
+            return run(cfg, resume_from, show_progress, dist)
     finally:
         dist.close()
 
@@ -65,7 +70,6 @@ def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = Tr
 def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) -> dict:
     t = cfg.train
     saved = load_state(resume_from) if resume_from else None
-    check_location(Path(cfg.run.runs_dir) / cfg.run.name, cfg.cache.dir)
     setup = setup_run(cfg, dist, show_progress)
     if saved is not None:
         check_resumable(saved, setup, resume_from)

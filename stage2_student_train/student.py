@@ -70,29 +70,36 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     return tok, tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
 
 
-def special_token_ids(tokenizer) -> dict[str, int | None]:
-    """bos/eos/pad ids for a model config from its tokenizer; a tokenizer without a pad token pads
-    with eos (the usual choice for causal LMs: the padding is masked out anyway)."""
+def special_token_ids(tokenizer, for_config: bool = False) -> dict[str, int | None]:
+    """bos/eos/pad ids from a tokenizer. A tokenizer without a pad token pads with eos in the
+    generation config (the padding is masked out anyway). ``for_config``: the model config's pad
+    is the tokenizer's own pad token only, never eos/bos, because Llama builds its embedding with
+    ``padding_idx = config.pad_token_id``: pad = eos would zero the eos row at init and block its
+    gradient, though eos is a real token of the training data (documents are joined by it)."""
     def tid(name: str) -> int | None:
         value = getattr(tokenizer, f"{name}_token_id", None)
         return None if value is None else int(value)
 
     ids = {"bos_token_id": tid("bos"), "eos_token_id": tid("eos"), "pad_token_id": tid("pad")}
-    if ids["pad_token_id"] is None:
+    if for_config:
+        if ids["pad_token_id"] in (ids["eos_token_id"], ids["bos_token_id"]):
+            ids["pad_token_id"] = None
+    elif ids["pad_token_id"] is None:
         ids["pad_token_id"] = ids["eos_token_id"]
     return ids
 
 
 def apply_special_tokens(model, tokenizer) -> None:
     """Write the tokenizer's bos/eos/pad ids into the model's config and generation config (a
-    Llama built from config otherwise says bos=1, eos=2 and no pad, whatever its tokenizer)."""
+    Llama built from config otherwise says bos=1, eos=2 and no pad, whatever its tokenizer).
+    Only ids change: the weights, and so training and resuming, are untouched."""
     from transformers import GenerationConfig
 
-    ids = special_token_ids(tokenizer)
-    for name, value in ids.items():
-        setattr(model.config, name, value)
+    for name, value in special_token_ids(tokenizer, for_config=True).items():
+        if name != "pad_token_id" or value is not None:
+            setattr(model.config, name, value)
     gen = getattr(model, "generation_config", None) or GenerationConfig()
-    for name, value in ids.items():
+    for name, value in special_token_ids(tokenizer).items():
         setattr(gen, name, value)
     model.generation_config = gen
 
@@ -119,7 +126,7 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=No
                          num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
                          num_key_value_heads=s.num_kv_heads, max_position_embeddings=max_positions,
                          tie_word_embeddings=True, use_cache=False,
-                         **(special_token_ids(tokenizer) if tokenizer is not None else {}))
+                         **(special_token_ids(tokenizer, for_config=True) if tokenizer is not None else {}))
     model = LlamaForCausalLM(config)
     if tokenizer is not None:
         apply_special_tokens(model, tokenizer)
@@ -128,7 +135,8 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=No
 
 def save_student(model, tokenizer, path: Path) -> None:
     """A Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` loads as is,
-    with the tokenizer's bos/eos/pad ids in config.json and generation_config.json."""
+    with the tokenizer's bos/eos(/pad) ids in config.json and bos/eos/pad in
+    generation_config.json (see `special_token_ids`)."""
     apply_special_tokens(model, tokenizer)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

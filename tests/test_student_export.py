@@ -28,6 +28,9 @@ def test_exported_student_has_the_tokenizers_special_ids(tmp_path, tok, pass_tok
     model = build_student(cfg, len(tok), 64, tok) if pass_tokenizer else build_student(cfg, len(tok), 64)
     if pass_tokenizer:
         assert model.config.eos_token_id == tok.eos_token_id
+    # eos is a training token: its embedding row must stay trainable (no padding_idx on it)
+    assert model.model.embed_tokens.padding_idx is None
+    assert model.model.embed_tokens.weight[tok.eos_token_id].abs().sum() > 0
     save_student(model, tok, tmp_path / "s")
     assert tok.pad_token_id is None  # GPT-2 has no pad token: eos pads
     want = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id}
@@ -35,9 +38,10 @@ def test_exported_student_has_the_tokenizers_special_ids(tmp_path, tok, pass_tok
     config = json.loads((tmp_path / "s" / "config.json").read_text())
     gen = json.loads((tmp_path / "s" / "generation_config.json").read_text())
     for key, value in want.items():
-        assert config[key] == value and gen[key] == value, key
+        assert gen[key] == value, key
+        assert config.get(key) == (value if key != "pad_token_id" else None), key
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
-    assert loaded.config.eos_token_id == tok.eos_token_id and loaded.config.pad_token_id == tok.eos_token_id
+    assert loaded.config.eos_token_id == tok.eos_token_id and loaded.model.embed_tokens.padding_idx is None
     assert GenerationConfig.from_pretrained(tmp_path / "s").pad_token_id == tok.eos_token_id
 
 
@@ -47,7 +51,8 @@ def test_a_tokenizer_with_a_pad_token_keeps_it(tmp_path):
     model = build_student(load_config(None, SMALL), len(tok), 64, tok)
     save_student(model, tok, tmp_path / "s")
     gen = json.loads((tmp_path / "s" / "generation_config.json").read_text())
-    assert gen["pad_token_id"] == tok.pad_token_id == len(tok) - 1 != tok.eos_token_id
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert gen["pad_token_id"] == config["pad_token_id"] == tok.pad_token_id == len(tok) - 1 != tok.eos_token_id
 
 
 def test_model_card_carries_the_given_numbers(tmp_path):

@@ -70,7 +70,44 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     return tok, tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
 
 
-def build_student(cfg: Config, vocab_size: int, max_positions: int):
+def special_token_ids(tokenizer, for_config: bool = False) -> dict[str, int | None]:
+    """bos/eos/pad ids from a tokenizer. A tokenizer without a pad token pads with eos in the
+    generation config (the padding is masked out anyway). ``for_config``: the model config's pad
+    is the tokenizer's own pad token only, never eos/bos, because Llama builds its embedding with
+    ``padding_idx = config.pad_token_id``: pad = eos would zero the eos row at init and block its
+    gradient, though eos is a real token of the training data (documents are joined by it)."""
+    def tid(name: str) -> int | None:
+        value = getattr(tokenizer, f"{name}_token_id", None)
+        return None if value is None else int(value)
+
+    ids = {"bos_token_id": tid("bos"), "eos_token_id": tid("eos"), "pad_token_id": tid("pad")}
+    if for_config:
+        if ids["pad_token_id"] in (ids["eos_token_id"], ids["bos_token_id"]):
+            ids["pad_token_id"] = None
+    elif ids["pad_token_id"] is None:
+        ids["pad_token_id"] = ids["eos_token_id"]
+    return ids
+
+
+def apply_special_tokens(model, tokenizer) -> None:
+    """Write the tokenizer's bos/eos/pad ids into the model's config and generation config (a
+    Llama built from config otherwise says bos=1, eos=2 and no pad, whatever its tokenizer).
+    Only ids change: the weights, and so training and resuming, are untouched."""
+    from transformers import GenerationConfig
+
+    for name, value in special_token_ids(tokenizer, for_config=True).items():
+        if name != "pad_token_id" or value is not None:
+            setattr(model.config, name, value)
+    gen = getattr(model, "generation_config", None) or GenerationConfig()
+    for name, value in special_token_ids(tokenizer).items():
+        setattr(gen, name, value)
+    model.generation_config = gen
+
+
+def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=None):
+    """A fresh student from ``cfg.student`` (or the pretrained ``cfg.student.model``); with
+    ``tokenizer`` its config carries the tokenizer's bos/eos/pad ids (`apply_special_tokens`;
+    `save_student` applies them again at export in any case)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.student.model:
@@ -81,16 +118,81 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int):
                                 f"{str(e)[:200]}); check student.model") from None
         if model.get_output_embeddings().weight.shape[0] < vocab_size:
             raise ConfigError(f"student {cfg.student.model!r} has a smaller vocabulary than its tokenizer")
+        if tokenizer is not None:
+            apply_special_tokens(model, tokenizer)
         return model
     s = cfg.student
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                          num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
                          num_key_value_heads=s.num_kv_heads, max_position_embeddings=max_positions,
-                         tie_word_embeddings=True, use_cache=False)
-    return LlamaForCausalLM(config)
+                         tie_word_embeddings=True, use_cache=False,
+                         **(special_token_ids(tokenizer, for_config=True) if tokenizer is not None else {}))
+    model = LlamaForCausalLM(config)
+    if tokenizer is not None:
+        apply_special_tokens(model, tokenizer)
+    return model
 
 
 def save_student(model, tokenizer, path: Path) -> None:
-    """A Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` loads as is."""
+    """A Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` loads as is,
+    with the tokenizer's bos/eos(/pad) ids in config.json and bos/eos/pad in
+    generation_config.json (see `special_token_ids`)."""
+    apply_special_tokens(model, tokenizer)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+MODEL_CARD_KEYS = ("teacher", "cache_fingerprint", "kd_mode", "temperature", "steps", "held_out")
+
+
+def write_model_card(student_dir: Path, info: dict) -> Path:
+    """Write ``student_dir/README.md``: what the student was distilled from and how, its held-out
+    numbers, and how to load it. ``info`` keys (all optional; others are listed as they are):
+
+    - ``teacher`` (str): the teacher model; ``cache_fingerprint`` (str or dict): the cache's;
+    - ``kd_mode`` (str), ``temperature`` (float), ``steps`` (int), ``tokens`` (int: trained on);
+    - ``held_out`` (dict name -> number: e.g. ppl, bpb, ce, teacher_top1_agree, kl), reported with
+      6 significant digits; ``run`` (str): the run name; ``tokenizer`` (str).
+    """
+    import json
+
+    student_dir = Path(student_dir)
+    rest = {k: v for k, v in info.items() if k not in MODEL_CARD_KEYS + ("tokens", "run", "tokenizer")}
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        if isinstance(v, (dict, list)):
+            return "`" + json.dumps(v, sort_keys=True, default=str) + "`"
+        return str(v)
+
+    fp = info.get("cache_fingerprint")
+    fp_text = fmt(fp) if not isinstance(fp, str) else f"`{fp}`"
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- knowledge-distillation",
+             "---", "", f"# {info.get('run', student_dir.name)}: a distilled student", "",
+             "A causal LM trained by kd-pipeline from an offline teacher cache (stage 1 cached the teacher's",
+             "top-k logits and hidden states; stage 2 trained this student from the cache alone).", "",
+             "| | |", "|---|---|",
+             f"| teacher | {fmt(info.get('teacher', 'unknown'))} |",
+             f"| cache fingerprint | {fp_text if fp is not None else 'unknown'} |",
+             f"| KD mode | {fmt(info.get('kd_mode', 'unknown'))} |"]
+    for key, label in (("temperature", "KD temperature"), ("steps", "training steps"), ("tokens", "training tokens"),
+                       ("tokenizer", "tokenizer")):
+        if key in info:
+            lines.append(f"| {label} | {fmt(info[key])} |")
+    for key, value in rest.items():
+        lines.append(f"| {key} | {fmt(value)} |")
+    held = info.get("held_out") or {}
+    if held:
+        lines += ["", "## Held-out evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in held.items()]
+    lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'path = "{student_dir}"  # or wherever this directory now lives',
+              "tokenizer = AutoTokenizer.from_pretrained(path)",
+              "model = AutoModelForCausalLM.from_pretrained(path)",
+              'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
+              "out = model.generate(**inputs, max_new_tokens=30, do_sample=False)",
+              "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", ""]
+    path = student_dir / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -187,8 +187,16 @@ def test_fold_and_temper_helpers():
     root = torch.where(bm, b.exp().sqrt(), torch.zeros_like(b))
     torch.testing.assert_close(t, root / root.sum(-1, keepdim=True), atol=1e-12, rtol=0)
     torch.testing.assert_close(losses.temper(b, 1.0, bm), b, atol=1e-12, rtol=0)
-    b_floor = losses.fold_with_tail(torch.log(torch.full((1, 2), 0.5001, dtype=F64)))
-    assert math.isclose(b_floor[0, -1].exp().item(), losses.TAIL_FLOOR, rel_tol=1e-6)
+    # A sum at or above 1 (rounding) is an empty tail, not a floored one ...
+    over = losses.fold_with_tail(torch.log(torch.full((1, 2), 0.5001, dtype=F64)))
+    assert over[0, -1].item() == float("-inf")
+    # ... and the student's floor acts on the TEMPERED tail: ~TAIL_FLOOR at every tau, not
+    # TAIL_FLOOR ** (1 / tau) (1e-3 at tau = 4).
+    for tau in (1.0, 2.0, 4.0):
+        t = losses.temper(losses._floor_tail(over, tau), tau).exp()[0, -1].item()
+        assert losses.TAIL_FLOOR / 3 < t <= losses.TAIL_FLOOR
+        tiny = torch.log(torch.tensor([[0.5, 0.5 - 1e-40, 1e-40]], dtype=F64))  # a real tail is kept
+        assert torch.equal(losses._floor_tail(tiny, tau), tiny)
 
 
 def test_no_full_vocab_normalisation(monkeypatch):
@@ -206,8 +214,11 @@ def test_no_full_vocab_normalisation(monkeypatch):
     z_s, z_t, t_ids, t_logp = make_inputs(10)
     logp = z_s - z_s.exp().sum(-1, keepdim=True).log()
     hidden, head, _, logz, _ = union_inputs(10)
+    # (the exact student tail, `losses.student_log_tail`, is the one deliberate full-vocabulary
+    # pass, on confident rows only and only when asked for: not here)
     out = [losses.cross_entropy(logp.gather(-1, t_ids[:, :1])[:, 0], 0.1, logp.mean(-1)), losses.kd_topk_tail(logp.gather(-1, t_ids), t_logp, 2.0),
-           losses.kd_topk_renorm(logp.gather(-1, t_ids), t_logp, 2.0), losses.kd_union(logp, hidden, head, logz, t_ids, SK, 2.0)]
+           losses.kd_topk_renorm(logp.gather(-1, t_ids), t_logp, 2.0),
+           losses.kd_union(logp, hidden, head, logz, t_ids, SK, 2.0, exact_student_tail=False)]
     assert all(o.shape == (N,) and torch.isfinite(o).all() for o in out)
     with pytest.raises(AssertionError):  # the guard itself works
         torch.log_softmax(z_s, -1)
@@ -251,3 +262,178 @@ def test_mapped_matches_a_reference_built_in_the_teacher_vocabulary(tau):
     # A position whose ids all lack a twin contributes exactly 0.
     none = losses.kd_mapped(at_ids, t_logp, torch.zeros_like(mask), tau)
     assert torch.equal(none, torch.zeros_like(none))
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness for every K (1 .. V), teacher and student tails down to 1e-25, tau in {1, 2, 4}.
+
+TAUS_ALL = [1.0, 2.0, 4.0]
+KS = [1, 5, V - 1, V]
+
+
+def tailed_logits(g: torch.Generator, k: int, tail: float | None, scale: float = 2.0) -> torch.Tensor:
+    """[N, V] float64 logits whose top-k (a random id set per row) holds 1 - tail of the mass and
+    the rest exactly ``tail`` (``None``: plain random logits, whatever their tail)."""
+    z = scale * torch.randn(N, V, generator=g, dtype=F64)
+    if tail is None or k == V:
+        return z
+    perm = torch.stack([torch.randperm(V, generator=g) for _ in range(N)])
+    top, rest = perm[:, :k], perm[:, k:]
+    lp = torch.empty(N, V, dtype=F64)
+    lp.scatter_(-1, top, torch.log_softmax(z.gather(-1, top), -1) + math.log1p(-tail))
+    lp.scatter_(-1, rest, torch.log_softmax(z.gather(-1, rest), -1) + math.log(tail))
+    return lp
+
+
+def ref_tail_kd(p_t: list, p_s: list, tau: float) -> torch.Tensor:
+    """Explicit buckets (float64 scalars): temper b^(1/tau) / sum, KL term by term, skipping the
+    teacher's empty buckets, times tau^2."""
+    qt = torch.stack(p_t) ** (1.0 / tau)
+    qs = torch.stack(p_s) ** (1.0 / tau)
+    qt, qs = qt / qt.sum(), qs / qs.sum()
+    return tau ** 2 * sum(qt[b] * (torch.log(qt[b]) - torch.log(qs[b])) for b in range(len(qt)) if qt[b] > 0)
+
+
+def ref_rows(pt: torch.Tensor, ps: torch.Tensor, t_rows: list[list[int]], s_rows: list[list[int]], tau: float,
+             tail: bool = True) -> torch.Tensor:
+    """Per row: teacher buckets at t_rows ids (+ the summed teacher complement), student buckets at
+    s_rows ids (+ the summed student complement). The tails are sums, never 1 - sum."""
+    out = []
+    for n in range(len(t_rows)):
+        bt = [pt[n, i] for i in t_rows[n]]
+        bs = [ps[n, i] for i in s_rows[n]]
+        if tail:
+            bt.append(pt[n, [v for v in range(pt.shape[1]) if v not in set(t_rows[n])]].sum())
+            bs.append(ps[n, [v for v in range(ps.shape[1]) if v not in set(s_rows[n])]].sum())
+        out.append(ref_tail_kd(bt, bs, tau))
+    return torch.stack(out)
+
+
+def students(g: torch.Generator, z_t: torch.Tensor, t_ids: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """A random student, and one as confident as the teacher on its top-k but different there
+    (tail 1e-20: the case where 1 - sum cancels)."""
+    confident = tailed_logits(g, k, 1e-20)
+    # move the confident student's top-k onto the teacher's ids (ids differ per row)
+    perm = confident.argsort(-1, descending=True)
+    z = torch.empty_like(confident)
+    others = torch.stack([torch.tensor([v for v in range(V) if v not in set(t_ids[n].tolist())], dtype=torch.long)
+                          for n in range(N)]) if k < V else None
+    z.scatter_(-1, t_ids, confident.gather(-1, perm[:, :k]))
+    if others is not None:
+        z.scatter_(-1, others, confident.gather(-1, perm[:, k:]))
+    return {"random": 2.0 * torch.randn(N, V, generator=g, dtype=F64), "confident": z}
+
+
+def check(got: torch.Tensor, ref: torch.Tensor, z_s: torch.Tensor) -> None:
+    assert got.dtype == F64 and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-15)
+    gg, gr = grad(got, z_s), grad(ref, z_s)
+    torch.testing.assert_close(gg, gr, rtol=1e-9, atol=1e-13 * float(gr.abs().max()) + 1e-300)
+
+
+@pytest.mark.parametrize("tau", TAUS_ALL)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("t_tail", [None, 1e-12, 1e-25])
+def test_tail_kd_losses_are_exact_for_any_k_tail_and_tau(k, t_tail, tau):
+    """kd_topk_tail, kd_topk_renorm and kd_mapped against explicit float64 buckets, given the
+    tails the caller can know exactly (a cached teacher log-tail; `student_log_tail`)."""
+    g = gen(100 + k)
+    z_t = tailed_logits(g, k, t_tail)
+    lp_t = torch.log_softmax(z_t, -1)
+    t_ids = z_t.topk(k, dim=-1).indices
+    t_lp = lp_t.gather(-1, t_ids)
+    t_log_tail = losses.complement_log_mass(lp_t, t_ids)
+    pt = dense_probs(z_t)
+    if t_tail is not None and k < V:
+        torch.testing.assert_close(t_log_tail.exp(), torch.full((N,), t_tail, dtype=F64), rtol=1e-9, atol=0)
+    # a vocab map sending 80% of the teacher ids to a permuted student vocab, the rest nowhere
+    vmap = torch.randperm(V, generator=g)
+    vmap[torch.randperm(V, generator=g)[: V // 5]] = -1
+    mapped = vmap[t_ids]
+    mmask = mapped >= 0
+    for name, z0 in students(g, z_t, t_ids, k).items():
+        z_s = z0.clone().requires_grad_(True)
+        logp = torch.log_softmax(z_s, -1)
+        at = logp.gather(-1, t_ids)
+        ps = dense_probs(z_s)
+        rows = t_ids.tolist()
+        s_tail = losses.student_log_tail(logp, t_ids, at)
+        got = losses.kd_topk_tail(at, t_lp, tau, teacher_log_tail=t_log_tail, student_log_tail=s_tail)
+        check(got, ref_rows(pt, ps, rows, rows, tau), z_s)
+        got = losses.kd_topk_renorm(at, t_lp, tau)
+        check(got, ref_rows(pt, ps, rows, rows, tau, tail=False), z_s)
+        # mapped: teacher buckets in the teacher vocab, student buckets at the twins
+        at_m = logp.gather(-1, mapped.clamp(min=0))
+        s_tail_m = losses.student_log_tail(logp, mapped.clamp(min=0), at_m, mmask)
+        got = losses.kd_mapped(at_m, t_lp, mmask, tau, teacher_log_tail=t_log_tail, student_log_tail=s_tail_m)
+        t_rows = [[int(t_ids[n, j]) for j in range(k) if mmask[n, j]] for n in range(N)]
+        s_rows = [[int(mapped[n, j]) for j in range(k) if mmask[n, j]] for n in range(N)]
+        ref = torch.stack([ref_rows(pt[n:n + 1], ps[n:n + 1], [t_rows[n]], [s_rows[n]], tau)[0]
+                           if t_rows[n] else (z_s[n].sum() * 0) for n in range(N)])
+        check(got, ref, z_s)
+
+
+@pytest.mark.parametrize("tau", TAUS_ALL)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("t_tail", [None, 1e-25])
+def test_union_is_exact_for_any_k_tail_and_tau(k, t_tail, tau):
+    g = gen(200 + k)
+    z_t = tailed_logits(g, k, t_tail, scale=1.0)
+    # a teacher head that produces exactly these logits: hidden = one-hot rows, head = z_t.T
+    hidden = torch.eye(N, dtype=F64)
+    head = z_t.T.contiguous()
+    logz = torch.logsumexp(z_t, -1)
+    lp_t = z_t - logz[:, None]
+    t_ids = z_t.topk(k, dim=-1).indices
+    t_log_tail = losses.complement_log_mass(lp_t, t_ids)
+    pt = dense_probs(z_t)
+    for name, z0 in students(g, z_t, t_ids, k).items():
+        z_s = z0.clone().requires_grad_(True)
+        rows = union_rows(t_ids, z_s)
+        got = losses.kd_union(torch.log_softmax(z_s, -1), hidden, head, logz, t_ids, SK, tau,
+                              teacher_log_tail=t_log_tail, exact_student_tail=True)
+        check(got, ref_rows(pt, dense_probs(z_s), rows, rows, tau), z_s)
+
+
+@pytest.mark.parametrize("tau", TAUS_ALL)
+def test_a_student_equal_to_the_teacher_pays_nothing_even_with_tiny_tails(tau):
+    """fp32 student log-probs (what training uses), teacher tail 1e-25: with the exact tails the
+    loss is rounding only; the old floor-then-temper gave 5.5e-2 at tau = 4."""
+    g = gen(300)
+    z_t = tailed_logits(g, K, 1e-25)
+    t_ids = z_t.topk(K, dim=-1).indices
+    lp_t = torch.log_softmax(z_t, -1)
+    t_lp, t_log_tail = lp_t.gather(-1, t_ids), losses.complement_log_mass(lp_t, t_ids)
+    logp = torch.log_softmax(z_t.float(), -1)
+    at = logp.gather(-1, t_ids)
+    loss = losses.kd_topk_tail(at, t_lp.float(), tau, teacher_log_tail=t_log_tail.float(),
+                               student_log_tail=losses.student_log_tail(logp, t_ids, at))
+    assert loss.dtype == torch.float32 and loss.abs().max() < 1e-5
+    # the same student against the tail 1 - sum of fp32 values (what a cache without an explicit
+    # tail gives) is not exact, and the exact tail is what removes the error
+    cheap = losses.kd_topk_tail(at, t_lp.float(), tau)
+    assert torch.isfinite(cheap).all()
+
+
+def test_student_log_tail_is_exact_only_where_needed():
+    g = gen(301)
+    z = tailed_logits(g, K, None)
+    z[:3] = tailed_logits(g, K, 1e-30)[:3]
+    ids = z.topk(K, dim=-1).indices
+    logp = torch.log_softmax(z, -1)
+    ref = torch.stack([torch.log(dense_probs(z)[n, [v for v in range(V) if v not in set(ids[n].tolist())]].sum())
+                       for n in range(N)])
+    torch.testing.assert_close(losses.student_log_tail(logp, ids), ref, rtol=1e-12, atol=0)
+    # 1 - sum alone cannot see a tail of 1e-30 in float64
+    assert not torch.allclose(losses.log_tail(logp.gather(-1, ids))[:3], ref[:3], rtol=1e-3)
+    # masked ids (and repeated ones) stay in the complement
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, 1] = False
+    ids_rep = ids.clone()
+    ids_rep[:, 2] = ids[:, 0]
+    mask[:, 2] = False
+    ref_m = torch.stack([torch.log(dense_probs(z)[n, [v for v in range(V) if v not in
+                                                      set(ids[n].tolist()) - {int(ids[n, 1]), int(ids[n, 2])}]].sum())
+                         for n in range(N)])
+    torch.testing.assert_close(losses.student_log_tail(logp, ids_rep, mask=mask, exact_below=1.0), ref_m,
+                               rtol=1e-12, atol=0)

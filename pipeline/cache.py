@@ -66,6 +66,9 @@ from .errors import CacheError, FingerprintMismatch, NonFiniteError
 SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
 SPLITS = ("train", "eval")
 LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "hidden_scale")
+DERIVED = ("topk_log_tail",)
+"""Read-only logical arrays computed by the reader: ``topk_log_tail`` = log of the teacher's mass
+beyond its top-k (sqrt8: the decoded explicit tail; float encodings: log(1 - sum p) in float64)."""
 SQRT8_ARRAYS = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
 COMPACT_ZSTD_LEVEL = 9  # the small coded arrays: level 9 saves ~5 B/token over 3 on the gaps, for little CPU
 
@@ -583,17 +586,24 @@ class CacheReader:
         if not 0 <= start < stop <= self.spec.num_sequences:
             raise IndexError(f"sequences [{start}, {stop}) outside [0, {self.spec.num_sequences})")
         names = tuple(names or self.spec.logical_arrays())
-        unknown = set(names) - set(self.spec.logical_arrays())
+        unknown = set(names) - set(self.spec.logical_arrays()) - set(DERIVED)
         if unknown:
             raise CacheError(f"cache {self.root} has no array {sorted(unknown)[0]!r} "
-                             f"(it has {', '.join(self.spec.logical_arrays())})")
-        decode = self.spec.topk_encoding == "sqrt8" and ("topk_ids" in names or "topk_logprobs" in names)
-        stored = [n for n in names if n not in ("topk_ids", "topk_logprobs") or not decode]
+                             f"(it has {', '.join(self.spec.logical_arrays() + DERIVED)})")
+        topk = {"topk_ids", "topk_logprobs", "topk_log_tail"}
+        decode = self.spec.topk_encoding == "sqrt8" and bool(topk & set(names))
+        stored = [n for n in names if n not in topk or not decode and n != "topk_log_tail"]
+        if "topk_log_tail" in names and not decode and "topk_logprobs" not in stored:
+            stored.append("topk_logprobs")
         out = self._read_stored(start, stop, tuple(stored) + (SQRT8_ARRAYS if decode else ()))
         if decode:
-            ids, logprobs = logit_codec.decode(*(out.pop(n) for n in SQRT8_ARRAYS), self._rank_to_id,
-                                               self.spec.sqrt_levels)
-            out.update(topk_ids=ids.astype(id_dtype(self.spec.vocab_size)), topk_logprobs=logprobs)
+            ids, logprobs, log_tail = logit_codec.decode_with_tail(*(out.pop(n) for n in SQRT8_ARRAYS),
+                                                                   self._rank_to_id, self.spec.sqrt_levels)
+            out.update(topk_ids=ids.astype(id_dtype(self.spec.vocab_size)), topk_logprobs=logprobs,
+                       topk_log_tail=log_tail.astype(np.float32))
+        elif "topk_log_tail" in names:  # float caches: 1 - sum in float64, as exact as the stored values
+            mass = np.exp(out["topk_logprobs"].astype(np.float64)).sum(-1)
+            out["topk_log_tail"] = np.log(np.clip(1.0 - mass, 1e-300, None)).astype(np.float32)
         return {n: out[n] for n in names}
 
     def _read_stored(self, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:

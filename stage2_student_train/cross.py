@@ -132,8 +132,8 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
     """A batch in student token space. Per student position j < Ls-1: the target (next student
     token) and its mask; the teacher's top-k at the aligned position, mapped to student ids, with
     a mask that drops unaligned positions, ids without a twin and repeated twins."""
-    names = ("topk_ids", "topk_logprobs") + (("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8"
-                                                           else ()) if need_hidden else ())
+    hidden = ("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
+    names = ("topk_ids", "topk_logprobs", "topk_log_tail") + (hidden if need_hidden else ())
     rows = [reader.read_range(int(i), int(i) + 1, names) for i in indices]
     teacher = {n: np.concatenate([r[n] for r in rows]) for n in names}
     ids = view.ids[indices]
@@ -142,6 +142,7 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
     t = np.clip(aligned, 0, None)
     top_ids = np.take_along_axis(teacher["topk_ids"].astype(np.int64), t[..., None], 1)
     top_lp = np.take_along_axis(teacher["topk_logprobs"], t[..., None], 1)
+    top_tail = np.take_along_axis(teacher["topk_log_tail"], t, 1)
     mapped = view.vmap[top_ids]
     kd_mask = (mapped >= 0) & (aligned >= 0)[..., None] & target_mask[..., None]
     kd_mask &= ~_repeats(mapped)
@@ -150,6 +151,7 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
         "target_mask": torch.from_numpy(target_mask),
         "topk_ids": torch.from_numpy(np.clip(mapped, 0, None)),
         "topk_logprobs": torch.from_numpy(top_lp.astype(np.float32)),
+        "topk_log_tail": torch.from_numpy(top_tail.astype(np.float32)),
         "topk_mask": torch.from_numpy(kd_mask),
         "sample_ids": torch.from_numpy(np.asarray(indices, np.int64)),
     }

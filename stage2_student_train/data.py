@@ -19,7 +19,7 @@ import torch
 
 from pipeline.cache import CacheReader
 
-TRAIN_ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "logz")
+TRAIN_ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "topk_log_tail", "logz")
 
 
 def array_names(reader: CacheReader, need_hidden: bool) -> tuple[str, ...]:

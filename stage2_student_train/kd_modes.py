@@ -32,6 +32,9 @@ class Chunk:
     logp: Tensor            # [n, V] the student's fp32 log-probs (ONE log_softmax, shared with CE)
     picked: Tensor          # [n, 1+K] logp gathered at [target, teacher top-k ids] (ONE gather)
     rows: dict[str, Tensor]  # the batch's per-position arrays for these rows (topk_*, logz, hidden, masks)
+    """``topk_log_tail``: log of the teacher's mass beyond its top-k (from the cache, exact);
+    the losses take the student's tail exactly too (``losses.student_log_tail``), so they hold
+    at every temperature, not only at 1."""
     temperature: float
     union_student_k: int = 8
     head: Tensor | None = None          # the teacher's output head [V, Dt] (union)
@@ -70,7 +73,10 @@ class KDMode:
 
 
 def _topk_tail(c: Chunk) -> KDTerm:
-    return KDTerm(losses.kd_topk_tail(c.at_ids, c.rows["topk_logprobs"], c.temperature))
+    ids = c.rows["topk_ids"]
+    return KDTerm(losses.kd_topk_tail(c.at_ids, c.rows["topk_logprobs"], c.temperature,
+                                      teacher_log_tail=c.rows.get("topk_log_tail"),
+                                      student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids)))
 
 
 def _topk_renorm(c: Chunk) -> KDTerm:
@@ -79,11 +85,15 @@ def _topk_renorm(c: Chunk) -> KDTerm:
 
 def _union(c: Chunk) -> KDTerm:
     return KDTerm(losses.kd_union(c.logp, c.rows["hidden"], c.head, c.rows["logz"], c.rows["topk_ids"],
-                                  c.union_student_k, c.temperature))
+                                  c.union_student_k, c.temperature, teacher_log_tail=c.rows.get("topk_log_tail"),
+                                  exact_student_tail=True))
 
 
 def _mapped(c: Chunk) -> KDTerm:
-    return KDTerm(losses.kd_mapped(c.at_ids, c.rows["topk_logprobs"], c.rows["topk_mask"], c.temperature))
+    ids, mask = c.rows["topk_ids"], c.rows["topk_mask"]
+    return KDTerm(losses.kd_mapped(c.at_ids, c.rows["topk_logprobs"], mask, c.temperature,
+                                   teacher_log_tail=c.rows.get("topk_log_tail"),
+                                   student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids, mask)))
 
 
 def _projected(c: Chunk) -> KDTerm:

@@ -78,7 +78,8 @@ class GateStats:
         return sum(len(x) for x in self.inputs)
 
 
-PER_POSITION = ("topk_ids", "topk_logprobs", "logz", "hidden", "target_mask", "topk_mask", "hidden_mask")
+PER_POSITION = ("topk_ids", "topk_logprobs", "topk_log_tail", "logz", "hidden", "target_mask", "topk_mask",
+                "hidden_mask")
 
 
 def flat_targets(batch: dict, device) -> dict:
@@ -214,8 +215,14 @@ def _eval_extras(sums: dict, flat: dict, rows: slice, logp: Tensor, picked: Tens
         top1_ok = flat["topk_mask"][rows, 0]
         sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())
         sums["top1_n"] += float(top1_ok.sum())
-        sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows], flat["topk_mask"][rows], 1.0).sum())
+        sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows], flat["topk_mask"][rows], 1.0,
+                                             teacher_log_tail=_rows(flat, "topk_log_tail", rows)).sum())
     elif "topk_ids" in flat:
         sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
         sums["top1_n"] += len(picked)
-        sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0).sum())
+        sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0,
+                                                teacher_log_tail=_rows(flat, "topk_log_tail", rows)).sum())
+
+
+def _rows(flat: dict, name: str, rows: slice) -> Tensor | None:
+    return flat[name][rows] if name in flat else None

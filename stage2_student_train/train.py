@@ -35,7 +35,7 @@ from .runlog import MetricsLog, truncate_metrics
 from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
 from .step import TrainingError, step_weights, train_step  # noqa: F401  (TrainingError: part of the API)
-from .student import save_student
+from .student import save_student, write_model_card
 
 SHARDED = "sharded"  # FSDP checkpoints: the torch.distributed.checkpoint folder inside a checkpoint
 
@@ -118,6 +118,12 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     export(setup, state, setup.run_dir / "final" / "student")
     if dist.is_main:
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_model_card(setup.run_dir / "final" / "student", {
+            "run": cfg.run.name, "teacher": setup.reader.fingerprint.get("teacher"),
+            "cache_fingerprint": setup.reader.fingerprint, "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
+            "steps": state.step, "tokens": state.step * tokens_per_step,
+            "tokenizer": cfg.student.tokenizer or "the teacher's",
+            "held_out": {k: v for k, v in (last_eval or {}).items() if k not in ("step", "split")}})
     return summary
 
 

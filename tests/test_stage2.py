@@ -71,6 +71,8 @@ def test_training_learns_and_writes_the_run_directory(uninterrupted):
     for r in evals:
         assert set(r) >= {"ce", "ppl", "bpb", "teacher_top1_agree"} and 0 <= r["teacher_top1_agree"] <= 1
     assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    card = (run_dir / "final" / "student" / "README.md").read_text()  # the model card, from this run's numbers
+    assert "| KD mode | topk_tail |" in card and f"| ppl | {evals[-1]['ppl']:.6g} |" in card
     assert (run_dir / "LATEST").read_text().strip() == "checkpoints/step-00000006"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "student")

@@ -92,9 +92,9 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
             w = step_weights(cfg, state.step)
             batches = [state.data.next_batch() for _ in range(t.grad_accum)]
             result = train_step(state, batches, cfg, w, dist=dist, kind=setup.parallel, autocast=autocast, head=head)
-            log.train_record(state, result, w, tokens_per_step / (time.perf_counter() - t0), setup.device,
-                             router=state.parts.router is not None)
-            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_step / (time.perf_counter() - t0):.0f}")
+            tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
+            log.train_record(state, result, w, tokens_per_s, setup.device, router=state.parts.router is not None)
+            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_s:.0f}")
             bar.update(1)
             last_eval = maybe_eval(setup, state, log, show_progress) or last_eval
             if stop.requested(dist):
@@ -111,19 +111,25 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
                   f"CKPT={setup.run_dir}/checkpoints/step-{state.step:08d}"
                   + (" ARGS=train.stop_after=0" if t.stop_after else ""), flush=True)
         return {**summary, "signal": stop.signum}
+    return finish(setup, state, summary, tokens_per_step * state.step, resume_from)
+
+
+def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resume_from: Path | None) -> dict:
+    """The end of a run: the EMA student exported with its model card, and ``summary.json``."""
+    cfg = setup.cfg
     summary.update(kd_mode=cfg.kd.mode, cache=cfg.cache.dir, wall_s=round(time.perf_counter() - setup.t_start, 1),
                    resumed_from=str(resume_from) if resume_from else None, parallel=setup.parallel,
-                   student_parameters=sum(p.numel() for _, p in state.named if p in set(state.parts.student.parameters())),
+                   student_parameters=sum(p.numel() for p in state.parts.student.parameters()),
                    cross_tokenizer=setup.access.coverage)
-    export(setup, state, setup.run_dir / "final" / "student")
-    if dist.is_main:
+    final = setup.run_dir / "final" / "student"
+    export(setup, state, final)
+    if setup.dist.is_main:
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        write_model_card(setup.run_dir / "final" / "student", {
+        write_model_card(final, {
             "run": cfg.run.name, "teacher": setup.reader.fingerprint.get("teacher"),
             "cache_fingerprint": setup.reader.fingerprint, "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
-            "steps": state.step, "tokens": state.step * tokens_per_step,
-            "tokenizer": cfg.student.tokenizer or "the teacher's",
-            "held_out": {k: v for k, v in (last_eval or {}).items() if k not in ("step", "split")}})
+            "steps": state.step, "tokens": tokens, "tokenizer": cfg.student.tokenizer or "the teacher's",
+            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}})
     return summary
 
 

@@ -1,1 +1,1 @@
-"""Benchmarks of the whole pipeline (P1-P6 of DESIGN.md). Imports both stages; nothing imports it."""
+"""Benchmarks of the whole pipeline (the performance ratios P1-P8 in the README). Imports both stages; nothing imports it."""

@@ -7,7 +7,7 @@ Per position the teacher's top-k (ids, probabilities) plus its tail mass become:
   Small, repetitive integers: byte-shuffled zstd packs them far tighter than raw ids.
 - ``sqrt codes``: ``round(sqrt(p) * M)`` in uint8, in the same (rank) order. Uniform steps in
   sqrt(p) are near-optimal for KL: KL ~= 2 * sum (d sqrt p)^2, so the error is ~10.8 / M^2 nats
-  per position whatever the distribution (shared/notes/logit-encoding.md).
+  per position whatever the distribution (docs/loss-math.md).
 - ``tail code``: the tail mass ``1 - sum p`` coded the same way, stored explicitly because
   ``1 - sum`` of rounded values amplifies rounding where the tail is small.
 

@@ -25,7 +25,7 @@ It is a product of bounded terms (no log, no division by a per-expert count), so
 for every routing, including experts that receive no token. Its gradient reaches the gate
 through ``P`` only (``f`` is a count).
 
-Anti-collapse (DESIGN.md): the projector and router learn only from student-independent
+Anti-collapse: the projector and router learn only from student-independent
 targets (``projector_targets_loss``); the caller passes the student head detached there and
 uses ``projected`` detached in the student's KD term.
 """

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--audit", action="store_true",
                            help="also rerun the teacher on a sample: top-k mass and KL for k in 8..128")
             p.add_argument("--audit-sequences", type=int, default=4, help="sequences the audit samples")
+            p.add_argument("--precision-check", action="store_true",
+                           help="recompute a few sequences in fp32 on the CPU: the cache's low-precision error "
+                                "(logZ diff, top-1 agreement, KL over top-k + tail)")
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -120,12 +123,16 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .cache import CacheReader
-    reader = CacheReader(args.cache, verify=not args.audit)
+    reader = CacheReader(args.cache, verify=not (args.audit or args.precision_check))
     info = reader.info()
     if args.audit:
         from .audit import audit
         reader.require_complete()
         info["audit"] = audit(reader, args.audit_sequences)
+    if args.precision_check:
+        from .audit import precision_check
+        reader.require_complete()
+        info["precision_check"] = precision_check(reader, args.audit_sequences)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0

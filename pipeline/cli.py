@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--precision-check", action="store_true",
                            help="recompute a few sequences in fp32 on the CPU: the cache's low-precision error "
                                 "(logZ diff, top-1 agreement, KL over top-k + tail)")
+        if name == "doctor":
+            p.add_argument("--config", help="also plan the peak memory of this config's stages 1 and 2")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+            p.add_argument("--device-memory", help="plan against this much GPU memory (e.g. 16GiB) "
+                                                   "instead of the device this machine has")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

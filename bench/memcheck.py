@@ -1,0 +1,126 @@
+"""Measured peak memory of stage 1 (the teacher pass over one batch) and stage 2 (a few training
+steps through ``train``), beside the planner's estimate (``pipeline.memplan``).
+
+    python -m bench.memcheck stage1 --config FILE [key=value ...]
+    python -m bench.memcheck stage2 --config FILE [key=value ...]
+
+Runs in a fresh process and prints one JSON line ``{"measured": bytes, "estimate": bytes, ...}``.
+
+- CUDA: ``torch.cuda.max_memory_allocated`` over the work (what the planner estimates).
+- CPU: the work runs once small to load every library and warm every allocator path; then the
+  peak-RSS mark is reset (Linux ``/proc/self/clear_refs``) and the measured figure is the peak
+  RSS during the real work minus the RSS before it (model weights are counted by building the
+  model after the reset). Large tensors are mmap'd by glibc and returned on free, so RSS follows
+  torch's allocations closely for the sizes that matter here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import load_config
+from pipeline.memplan import plan, stage1_terms, teacher_dims
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak(cuda: bool) -> int:
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_bytes("VmRSS")
+
+
+def peak(cuda: bool) -> int:
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return status_bytes("VmHWM")
+
+
+def stage1(cfg, cuda: bool) -> dict:
+    from pipeline.device import choose_precision, resolve_device
+    from stage1_teacher_cache.teacher import TeacherPass, load_model, resolve_teacher
+
+    device = resolve_device(cfg.teacher.device)
+    precision = choose_precision(device, cfg.teacher.dtype)
+    source = resolve_teacher(cfg.teacher)
+    dims = teacher_dims(cfg)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, dims.vocab, (cfg.teacher.batch_size, cfg.data.seq_len)))
+    warm = TeacherPass(load_model(source, precision.dtype, device), cfg.cache.top_k, cfg.teacher.logits_chunk)
+    warm(ids[:1, :16])
+    del warm
+    base = reset_peak(cuda)
+    teacher = TeacherPass(load_model(source, precision.dtype, device), cfg.cache.top_k, cfg.teacher.logits_chunk)
+    teacher(ids)
+    measured = peak(cuda) - base
+    est = stage1_terms(dims, batch=cfg.teacher.batch_size, seq_len=cfg.data.seq_len,
+                       logits_chunk=cfg.teacher.logits_chunk, dtype_bytes=4 if precision.dtype == torch.float32 else 2,
+                       top_k=cfg.cache.top_k)
+    return {"stage": 1, "measured": measured, "estimate": est["peak"], "terms": est}
+
+
+def stage2(cfg, cuda: bool) -> dict:
+    """A few steps of ``train`` (eval and checkpoint at the end included) on the config's cache."""
+    from stage2_student_train.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        def run(name: str, *extra: str):
+            c = load_config(None, [*ARGS, f"run.runs_dir={json.dumps(tmp)}", f"run.name={json.dumps(name)}",
+                                   "train.overwrite=true", *extra])
+            train(c, show_progress=False)
+
+        run("warm", "train.batch_size=1", "train.steps=2", "train.warmup_steps=0", "train.loss_chunk_size=8",
+            "train.eval_sequences=1")
+        base = reset_peak(cuda)
+        run("measured")
+    est = plan(cfg, cuda=cuda, budget=1 << 40)["stage2"]
+    return {"stage": 2, "measured": peak(cuda) - base, "estimate": est["peak"],
+            "terms": {k: v for k, v in est.items() if k not in ("batch_size", "autocast_bytes", "fits", "largest_batch")}}
+
+
+ARGS: list[str] = []
+
+
+def as_overrides(cfg) -> list[str]:
+    import tomllib
+
+    from pipeline.config import to_toml
+    raw = tomllib.loads(to_toml(cfg))
+    return [f"{s}.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+            for s, d in raw.items() for k, v in d.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=("stage1", "stage2"))
+    ap.add_argument("--config")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    ARGS[:] = as_overrides(cfg)  # stage 2 rebuilds configs with a few keys changed
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    out = stage1(cfg, cuda) if a.stage == "stage1" else stage2(cfg, cuda)
+    out["ratio"] = out["estimate"] / max(1, out["measured"])
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,8 @@
 3. stage 2 (``train``) with the same policy (fp16 + GradScaler below 8.0) on a student shaped
    like SmolLM2-135M (d=576, 30 layers, 9/3 heads, I=1536, fresh weights: no network) for
    ``none`` (CE only), ``topk_tail`` and ``union``: tokens/s and peak CUDA memory from
-   ``metrics.jsonl``, P2 = KD step / CE step, data-path stall (time ``next_batch`` took per step:
-   the loop loads batches synchronously, so that is the time the GPU waited), and P3 = offline KD
+   ``metrics.jsonl``, P2 = KD step / CE step, data-path stall (the time per step the loop waited
+   for its prefetched batch: ``data_stall_s`` in ``metrics.jsonl``), and P3 = offline KD
    step / online step, where online = the teacher pass over the same batch (timed on the GPU)
    plus the offline step (the teacher runs inside the step, before the student's forward);
 4. the planner's estimates beside the measured peaks;
@@ -142,39 +142,6 @@ def teacher_step_s(model, cfg, device, batch_size: int) -> float:
     return statistics.median(times)
 
 
-class StallMeter:
-    """Times ``BatchStream.next_batch`` (the loop loads batches synchronously: time the GPU waits)."""
-
-    def __init__(self):
-        self.total, self.calls, self.patched = 0.0, 0, None
-
-    def __enter__(self):
-        try:
-            from stage2_student_train import data
-            cls = data.BatchStream
-            orig = cls.next_batch
-        except (ImportError, AttributeError):
-            return self
-        meter = self
-
-        def timed(stream, *a, **k):
-            t = time.perf_counter()
-            try:
-                return orig(stream, *a, **k)
-            finally:
-                meter.total += time.perf_counter() - t
-                meter.calls += 1
-
-        cls.next_batch = timed
-        self.patched = (cls, orig)
-        return self
-
-    def __exit__(self, *exc):
-        if self.patched:
-            cls, orig = self.patched
-            cls.next_batch = orig
-
-
 def stage2(cfg_args: list[str], mode: str, runs: Path, steps: int, device) -> dict:
     from pipeline.config import load_config
     from stage2_student_train.train import train
@@ -185,18 +152,20 @@ def stage2(cfg_args: list[str], mode: str, runs: Path, steps: int, device) -> di
                              f"train.save_every={steps}", "train.overwrite=true", "train.eval_sequences=2"])
     reset_peak(device)
     t = time.perf_counter()
-    with StallMeter() as stall:
-        train(cfg, show_progress=False)
+    train(cfg, show_progress=False)
     wall = time.perf_counter() - t
     records = [json.loads(line) for line in (runs / mode / "metrics.jsonl").read_text().splitlines() if line.strip()]
     trains = [r for r in records if "tokens_per_s" in r]
     steady = trains[min(3, len(trains) - 1):]  # the first steps compile kernels and warm the allocator
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * (cfg.data.seq_len - 1)
+    # data_stall_s: the recipe's running total of the time the loop waited for its prefetched batch.
+    stall = ((steady[-1]["data_stall_s"] - trains[len(trains) - len(steady) - 1]["data_stall_s"]) / len(steady)
+             if len(steady) < len(trains) and "data_stall_s" in steady[-1] else None)
     return {"mode": mode, "tokens_per_s": round(tps, 1), "step_s": round(tokens_per_step / tps, 4),
             "peak_cuda_mb": peak_mb(device), "metrics_mem_mb": max((r.get("mem_mb") or 0) for r in trains),
-            "data_stall_s_per_step": round(stall.total / stall.calls, 5) if stall.calls else None,
-            "data_stall_fraction": round(stall.total / stall.calls / (tokens_per_step / tps), 4) if stall.calls else None,
+            "data_stall_s_per_step": round(stall, 5) if stall is not None else None,
+            "data_stall_fraction": round(stall / (tokens_per_step / tps), 4) if stall is not None else None,
             "skipped_steps": trains[-1].get("skipped_steps"), "wall_s": round(wall, 1),
             "eval": next((r for r in reversed(records) if r.get("split") == "eval"), None)}
 

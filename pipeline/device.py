@@ -1,4 +1,4 @@
-"""Device and precision policy (DESIGN.md "Precision policy").
+"""Device and precision policy (README "GPU notes").
 
 - CPU: fp32.
 - CUDA compute capability >= 8.0 (Ampere and newer): bf16 autocast.

@@ -70,7 +70,7 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
         raise ConfigError(f"cache {cfg.cache.dir} has no held-out eval sequences; rebuild it with data.eval_documents")
     tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
     cache_has = {"topk"} | ({"hidden"} if reader.spec.store_hidden else set()) | (
-        {"head"} if reader.head() is not None else set())
+        {"head"} if reader.has_head else set())
     mode = kd_modes.check(cfg.kd.mode, same_tokenizer=same_tokenizer, cache_has=cache_has,
                           teacher=reader.spec.teacher, cache_dir=cfg.cache.dir)
     if mode.name == "union" and cfg.kd.union_student_k > reader.spec.vocab_size:

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import zarr
 
 from conftest import stage1_overrides, stage2_overrides
 from pipeline.cache import CacheReader
@@ -141,3 +142,17 @@ def test_a_damaged_tokenizer_file_is_named_and_rewritten(tiny_cache, tiny_teache
     assert verify_cache(cache).ok
     load_teacher_tokenizer(CacheReader(cache))
 
+
+
+def test_arrays_and_group_describe_themselves(tiny_cache):
+    group = zarr.open_group(str(tiny_cache / "arrays.zarr"), mode="r")
+    assert group.attrs["schema_version"] == 2 and group.attrs["format_doc"] == "docs/cache-format.md"
+    assert (Path(__file__).resolve().parents[1] / group.attrs["format_doc"]).is_file()
+    names = [name for name, _ in group.arrays()]
+    assert {"input_ids", "topk_ids", "topk_logprobs", "logz", "hidden", "head"} <= set(names)
+    for name in names:
+        attrs = dict(group[name].attrs)
+        for key in ("description", "units", "encoding", "decode", "dtype_note", "dims"):
+            assert attrs.get(key), (name, key)
+        assert len(attrs["dims"]) == group[name].ndim, name
+    assert group["logz"].attrs["units"] == "nats" and group["topk_logprobs"].attrs["units"] == "nats"

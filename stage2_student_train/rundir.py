@@ -72,9 +72,11 @@ def with_cache_facts(cfg: Config, reader) -> Config:
     really built from (its fingerprint, spec and documents table), not this config's defaults:
     what the run's ``config.toml`` records. Stage 2 itself reads none of these keys."""
     fp, spec, facts = reader.fingerprint, reader.spec, reader.spec.teacher
+    dtype = fp.get("teacher_dtype")
     teacher = dataclasses.replace(
         cfg.teacher, model=str(fp.get("teacher", cfg.teacher.model)),
-        gguf_file="" if str(fp.get("teacher", "")).startswith("embedded:") else (facts.get("gguf_file") or ""))
+        gguf_file="" if str(fp.get("teacher", "")).startswith("embedded:") else (facts.get("gguf_file") or ""),
+        dtype=dtype if dtype in ("float32", "float16", "bfloat16") else cfg.teacher.dtype)
     data = dataclasses.replace(
         cfg.data, source=str(fp.get("dataset", cfg.data.source)), seq_len=spec.seq_len,
         max_train_tokens=int(fp.get("max_train_tokens", cfg.data.max_train_tokens)),

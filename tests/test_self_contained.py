@@ -93,6 +93,7 @@ def test_the_run_config_records_the_cache_teacher_and_data(moved_cache, tmp_path
     fp = CacheReader(cache).fingerprint
     defaults = load_config(None, [])
     assert saved["teacher"]["model"] == str(teacher) != defaults.teacher.model
+    assert saved["teacher"]["dtype"] == fp["teacher_dtype"] == "float32"
     assert saved["data"]["source"] == fp["dataset"] != defaults.data.source
     assert saved["data"]["seq_len"] == 32 != defaults.data.seq_len
     assert saved["data"]["eval_documents"] == ["omega.txt"]

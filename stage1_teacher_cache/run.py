@@ -27,6 +27,7 @@ from pipeline.distributed import Dist, init_distributed
 from pipeline.errors import ConfigError, TeacherError
 from pipeline.locks import acquire_lock
 from pipeline.fingerprint import sha256_text, tokenizer_hash
+from pipeline.tokenizer_files import store_tokenizer
 
 from .background import BackgroundWriter
 from .documents import load_documents
@@ -87,6 +88,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
 
     def create() -> CacheWriter:
         writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite, rank_table=rank_table)
+        store_tokenizer(writer, tokenizer)  # the cache carries the teacher's tokenizer (added to older caches)
         if not writer.has_documents():
             writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
                                    [d.split for d in documents], [len(d.text) for d in documents])

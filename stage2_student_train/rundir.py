@@ -3,6 +3,7 @@ carries the marker, never the cache it trains from, and replaced without a half-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import Config, to_toml
-from pipeline.errors import ConfigError
+from pipeline.errors import CacheError, ConfigError
 
 RUN_MARKER = ".kd-pipeline-run"
 """JSON ``{"tool": "kd-pipeline", "kind": "student-run", "name": ..., "created": ...}``."""
@@ -60,6 +61,39 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
     marker = {"tool": "kd-pipeline", "kind": "student-run", "name": run_dir.name, "created": time.time()}
     (run_dir / RUN_MARKER).write_text(json.dumps(marker) + "\n")
     (run_dir / "config.toml").write_text(to_toml(cfg))
+
+
+EVAL_DOCUMENTS_LISTED = 100
+"""``data.eval_documents`` is filled from the cache when it holds at most this many names."""
+
+
+def with_cache_facts(cfg: Config, reader) -> Config:
+    """A copy of ``cfg`` whose teacher.*, data.* and cache.* keys say what the cache at hand was
+    really built from (its fingerprint, spec and documents table), not this config's defaults:
+    what the run's ``config.toml`` records. Stage 2 itself reads none of these keys."""
+    fp, spec, facts = reader.fingerprint, reader.spec, reader.spec.teacher
+    dtype = fp.get("teacher_dtype")
+    teacher = dataclasses.replace(
+        cfg.teacher, model=str(fp.get("teacher", cfg.teacher.model)),
+        gguf_file="" if str(fp.get("teacher", "")).startswith("embedded:") else (facts.get("gguf_file") or ""),
+        dtype=dtype if dtype in ("float32", "float16", "bfloat16") else cfg.teacher.dtype)
+    data = dataclasses.replace(
+        cfg.data, source=str(fp.get("dataset", cfg.data.source)), seq_len=spec.seq_len,
+        max_train_tokens=int(fp.get("max_train_tokens", cfg.data.max_train_tokens)),
+        max_eval_tokens=int(fp.get("max_eval_tokens", cfg.data.max_eval_tokens)),
+        doc_separator=str(fp.get("doc_separator", cfg.data.doc_separator)))
+    try:
+        docs = reader.documents().to_pydict()
+        held_out = [n for n, split in zip(docs["name"], docs["split"]) if split == "eval"]
+        if len(held_out) <= EVAL_DOCUMENTS_LISTED:
+            data = dataclasses.replace(data, eval_documents=held_out)
+    except CacheError:  # no readable documents table: keep the config's own list
+        pass
+    cache = dataclasses.replace(
+        cfg.cache, top_k=spec.top_k, topk_encoding=spec.topk_encoding, store_hidden=spec.store_hidden,
+        hidden_dtype=spec.hidden_dtype, shard_sequences=spec.shard_sequences, chunk_sequences=spec.chunk_sequences,
+        zstd_level=spec.zstd_level, store_head=reader.has_head)
+    return dataclasses.replace(cfg, teacher=teacher, data=data, cache=cache)
 
 
 def remove_leftovers(runs_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """The student: a Hugging Face causal LM, fresh from config or from a hub id / local directory,
 and its tokenizer (the cache's teacher tokenizer in same-tokenizer mode). The teacher model
-itself is never loaded here: only its tokenizer files are read."""
+itself is never loaded here, and its tokenizer is read from the cache's own copy."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 
 from pipeline.cache import CacheReader
 from pipeline.config import Config
-from pipeline.errors import CacheError, ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.fingerprint import tokenizer_hash
+from pipeline.tokenizer_files import load_cached_tokenizer
 
 
 EMBEDDED_GPT2 = "embedded:gpt2"
@@ -37,16 +38,10 @@ def gpt2_tokenizer():
 
 
 def load_teacher_tokenizer(reader: CacheReader):
-    """The teacher's tokenizer, from the files the cache records (never the teacher's weights)."""
-    from transformers import AutoTokenizer
-
-    facts = reader.spec.teacher
-    kwargs = {"gguf_file": facts["gguf_file"]} if facts.get("gguf_file") else {}
-    try:
-        return AutoTokenizer.from_pretrained(facts["path"], **kwargs)
-    except Exception as e:
-        raise PipelineError(f"cannot load the teacher tokenizer recorded in the cache ({facts['path']}: "
-                            f"{e.__class__.__name__}); is the teacher's tokenizer still installed there?") from None
+    """The teacher's tokenizer, from the cache's own copy (``CACHE/tokenizer/``): nothing outside
+    the cache is read, so a copied cache trains anywhere. A cache without the copy (built by an
+    older version) is refused with a one-line error saying to rerun cache-teacher to add it."""
+    return load_cached_tokenizer(reader)
 
 
 def load_student_tokenizer(cfg: Config, reader: CacheReader):
@@ -54,11 +49,7 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     from transformers import AutoTokenizer
 
     if not cfg.student.tokenizer:
-        tok = load_teacher_tokenizer(reader)
-        if tokenizer_hash(tok) != reader.fingerprint["tokenizer_hash"]:
-            raise CacheError(f"the teacher tokenizer at {reader.spec.teacher['path']} changed since cache "
-                             f"{reader.root} was built; its token ids no longer match: rebuild the cache")
-        return tok, True
+        return load_teacher_tokenizer(reader), True  # its hash is checked against the cache's
     try:
         tok = gpt2_tokenizer() if cfg.student.tokenizer == EMBEDDED_GPT2 else AutoTokenizer.from_pretrained(
             cfg.student.tokenizer)

@@ -30,7 +30,7 @@ from .checkpoint import (CheckpointError, begin_checkpoint, commit_checkpoint, l
                          resume_config, save_sharded, write_state)
 from .evaluate import evaluate
 from .parallel import after_eval
-from .rundir import check_location, lock_path, prepare_run_dir
+from .rundir import check_location, lock_path, prepare_run_dir, with_cache_facts
 from .runlog import MetricsLog, truncate_metrics
 from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
@@ -77,7 +77,7 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     if saved is not None:
         resume_state(setup, state, saved, resume_from)
     elif dist.is_main:  # only once everything above is known to work: a failed load leaves nothing
-        prepare_run_dir(setup.run_dir, cfg)
+        prepare_run_dir(setup.run_dir, with_cache_facts(cfg, setup.reader))  # records the cache's teacher/data
     dist.barrier()
     head, autocast = setup.teacher_head(), setup.autocast()
     log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main)

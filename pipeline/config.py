@@ -116,6 +116,9 @@ class CacheConfig:
     Set it when the cache is read-only."""
     writer_queue: int = 2
     """Shards that may wait for the background writer before the teacher pauses."""
+    plan_dir: str = ""
+    """Where stage 1 streams its packed plan (Arrow files, read back shard by shard by the teacher
+    pass and reused by a rerun); empty: ``.<cache name>.plan`` beside ``dir``."""
 
     def validate(self) -> None:
         _require(bool(self.dir.strip()), "cache.dir", "must not be empty")

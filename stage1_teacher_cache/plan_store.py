@@ -43,7 +43,7 @@ SEQ_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("text", pa.large_s
                         ("char_end", pa.list_(pa.int32())), ("doc_id", pa.list_(pa.int32()))])
 DOC_SCHEMA = pa.schema([("doc_id", pa.int32()), ("name", pa.string()), ("split", pa.string()),
                         ("chars", pa.int64())])
-DOC_BATCH = 4096
+DOC_BATCH = 512
 
 
 @dataclass

@@ -220,3 +220,23 @@ def test_tokenize_batch_matches_single_calls(tok):
     for (ids, offs), text in zip(tokenize_batch(tok, texts), texts):
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         assert ids.tolist() == enc["input_ids"] and offs.tolist() == [list(o) for o in enc["offset_mapping"]]
+
+
+def test_planning_memory_does_not_grow_with_the_corpus(tmp_path, tok):
+    """Python-side peak allocation while planning 10x more documents stays flat (the plan goes to
+    disk as it is made; a planner that kept every sequence would grow ~10x here)."""
+    import tracemalloc
+
+    def peak(docs: int) -> int:
+        stream = documents_of((f"d{i}", f"words of document {i} " * 10, "eval" if i % 20 == 1 else "train")
+                              for i in range(docs))
+        tracemalloc.start()
+        build_plan(stream, tok, seq_len=32, eos_id=tok.eos_token_id, doc_separator="\n", max_tokens={},
+                   folder=tmp_path / f"p{docs}", rows=8, show_progress=False)
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    peak(50)  # one-time allocations (imports, tokenizer caches) out of the way
+    small, large = peak(1000), peak(10000)  # both past the documents table's write batch
+    assert large < 1.3 * small, (small, large)

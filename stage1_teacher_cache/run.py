@@ -1,5 +1,8 @@
 """Stage 1, top to bottom: dataset -> plan -> teacher pass -> cache, committed shard by shard.
 
+The plan is streamed to a plan folder first (``plan.py``, ``plan_store.py``: memory flat in
+corpus size); the teacher pass reads each shard's rows from it when it runs that shard.
+
     python -m pipeline cache-teacher --config configs/default.toml key=value ...
     torchrun --nproc_per_node=2 -m pipeline cache-teacher ...   # shards split between ranks
 

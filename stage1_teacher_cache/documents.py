@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 
-from .sources import Source, read_utf8  # noqa: F401  (read_utf8: historical import path)
+from .sources import Source
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,22 @@ class EvalChooser:
         self.named = set(cfg.eval_documents)
         self.unseen = set(self.named)
         self.best: dict[str, tuple[float, str]] = {}  # unseen name -> (similarity, closest name met)
-        if self.named and known_names is not None:  # names known up front: fail before any work
-            unknown = sorted(self.named - set(known_names))
-            if unknown:
-                close = difflib.get_close_matches(unknown[0], known_names, n=1)
-                raise self._unknown_error(unknown[0], close[0] if close else None)
-            if len(self.named) >= len(set(known_names)):
-                raise DataError("data.eval_documents holds out every document; leave some for training")
+        self.known_names = known_names
+
+    def _check_known(self) -> None:
+        """Names known up front (a folder of .txt): checked at the first non-empty document, so
+        a typo fails before any real work, yet an all-empty corpus still says it is empty."""
+        names, self.known_names = self.known_names, None
+        unknown = sorted(self.named - set(names))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            raise self._unknown_error(unknown[0], close[0] if close else None)
+        if len(self.named) >= len(set(names)):
+            raise DataError("data.eval_documents holds out every document; leave some for training")
 
     def split_of(self, index: int, name: str) -> str:
+        if self.named and self.known_names is not None:
+            self._check_known()
         if self.named:
             if name in self.named:
                 self.unseen.discard(name)

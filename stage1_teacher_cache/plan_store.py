@@ -17,6 +17,7 @@ reads each shard's rows back when it runs that shard. The folder (``cache.plan_d
                      seq_len, rows, the number of sequences per split, documents read, whether
                      reading stopped early, and dataset_hash (sha256 over every document read)
 
+The folder is deleted once the cache is complete (everything in it is then in the cache).
 Sequence ``i`` of the cache is train row ``i`` when ``i < n_train``, else eval row ``i - n_train``:
 train sequences first, then eval, each split one contiguous range. Rows are read with plain
 file reads (no memory map), so resident memory does not grow with the plan's size.
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from pipeline.cache_files import atomic_write_json
+from pipeline.errors import ConfigError
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -44,6 +46,19 @@ SEQ_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("text", pa.large_s
 DOC_SCHEMA = pa.schema([("doc_id", pa.int32()), ("name", pa.string()), ("split", pa.string()),
                         ("chars", pa.int64())])
 DOC_BATCH = 512
+PLAN_FILES = {PLAN_FILE, "train.arrow", "eval.arrow", "documents.arrow", "text_counts.npy"}
+
+
+def remove_plan(folder: Path) -> None:
+    """Delete a plan folder, but only one that holds nothing but plan files (``cache.plan_dir``
+    may name any folder: a folder of other files is an error, never deleted)."""
+    if not folder.exists():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in PLAN_FILES and not p.name.startswith("."))
+    if not folder.is_dir() or foreign:
+        what = f"holds {foreign[0]!r}, which no plan holds" if foreign else "is not a directory"
+        raise ConfigError(f"the plan folder {folder} {what}; set cache.plan_dir to a new or empty folder")
+    shutil.rmtree(folder)
 
 
 @dataclass
@@ -63,7 +78,7 @@ class PlanWriter:
     """Appends sequences split by split and documents as they come; ``close`` writes plan.json."""
 
     def __init__(self, folder: Path, seq_len: int, rows: int):
-        shutil.rmtree(folder, ignore_errors=True)
+        remove_plan(folder)
         folder.mkdir(parents=True)
         self.folder, self.seq_len, self.rows = folder, seq_len, rows
         self._files = {s: pa.OSFile(str(folder / f"{s}.arrow"), "wb") for s in SPLITS}

@@ -33,7 +33,7 @@ from pipeline.fingerprint import tokenizer_hash
 
 from .background import BackgroundWriter
 from .plan import ensure_plan, plan_folder
-from .plan_store import Plan, Rows
+from .plan_store import Plan, Rows, remove_plan
 from .teacher import TeacherPass, TeacherSource, load_model, load_model_config, load_tokenizer, resolve_teacher
 
 HEAD_TOLERANCE = 1e-3
@@ -113,6 +113,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
             say(f"cache {cfg.cache.dir}: teacher head added")
         say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
             f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
+        dist.run_on_main(lambda: remove_plan(plan.folder))
         return CacheReader(cfg.cache.dir, verify=False).info()
     if pending and len(pending) < spec.num_shards:
         say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
@@ -132,6 +133,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     def finish():
         extra = {"stage1_wall_s": round(wall, 2), "precision": precision.name, **stats}
         writer.finalize(extra)
+        remove_plan(plan.folder)  # everything it held is in the cache now (meta/, input_ids)
         info = CacheReader(cfg.cache.dir, verify=False).info()
         print_summary(info, wall)
         return info

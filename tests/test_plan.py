@@ -6,7 +6,7 @@ import pytest
 
 from conftest import CORPUS, gpt2_tokenizer
 from pipeline.config import DataConfig, load_config
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from stage1_teacher_cache.documents import documents_of, held_out_by_fraction, load_documents
 from stage1_teacher_cache.plan import TOKENIZE_DOCS, build_plan, ensure_plan, plan_folder, tokenize_batch
 from stage1_teacher_cache.plan_store import Plan
@@ -213,6 +213,17 @@ def test_a_stored_plan_is_reused_until_its_inputs_change(tmp_path, tok):
     changed = ensure_plan(cfg, tok, show_progress=False)
     assert not changed.reused and changed.dataset_hash != first.dataset_hash
     assert isinstance(Plan(changed.folder).num_sequences, int)
+
+
+def test_a_plan_dir_holding_other_files_is_never_deleted(tmp_path, tok, corpus_dir):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    cfg = load_config(None, [f'data.source="{corpus_dir}"', f'cache.plan_dir="{mine}"', "data.seq_len=16",
+                             'data.eval_documents=["omega.txt"]'])
+    with pytest.raises(ConfigError, match=r"plan folder .*mine holds 'thesis.tex', which no plan holds; set cache.plan_dir"):
+        ensure_plan(cfg, tok, show_progress=False)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
 
 def test_tokenize_batch_matches_single_calls(tok):

@@ -459,6 +459,9 @@ def read_only_command(path: Path, argv: list[str]) -> list[str] | None:
 def test_a_read_only_cache_with_a_cross_tokenizer_student(tiny_cache, smollm2_tokenizer_dir, tmp_path):
     cache = tmp_path / "c"
     shutil.copytree(tiny_cache, cache)
+    # The session's tiny cache may already hold this student's view (tests/test_parallel.py trains a
+    # mapped student on it first): without it, the read-only cache has a view to write.
+    shutil.rmtree(cache / "student-views", ignore_errors=True)
     argv = [sys.executable, "-m", "pipeline", *train_args(cache, tmp_path / "runs", **{
         "student.tokenizer": str(smollm2_tokenizer_dir), "kd.mode": "mapped"})]
     cmd = read_only_command(cache, argv)

@@ -43,6 +43,7 @@ TARGETS = {
     "P4b": ("P4 for a 151936-entry vocabulary (uint32 ids): tiny Qwen3-MoE teacher (bench/p4b.py)", "<=", 100.0),
     "P5": ("cache reader tokens/s / student training tokens/s", ">=", 5.0),
     "P6": ("stage-2 peak memory with KD / without KD", "<=", 1.2),
+    "P7": ("stage-1 peak memory for 10N tokens / for N tokens (tiny teacher)", "<=", 1.15),
     "P8": ("stage-2 step with prefetched input / same step with the batch in memory", "<=", 1.05),
 }
 
@@ -201,6 +202,7 @@ def main(args: argparse.Namespace) -> int:
                          "topk_encoding_kl_mean": info["topk_encoding_kl_mean"], "top_k": info["top_k"],
                          "arrays": info["array_bytes_per_token"]}
         results["P6"] = p6(args, cache_dir)
+        from bench import p7; results["P7"] = p7.run()  # noqa: E702  (P7: fresh process per corpus size)
     results["P4b"] = p4b.run(args)
     sizes = {"sequences": args.sequences, "seq_len": 256, "tokens": results["P1"]["tokens"],
              "batch_size": args.batch_size, "student_parameters": steps["student_parameters"],

@@ -320,6 +320,19 @@ class CacheWriter:
         self.manifest.setdefault("files", {})[rel] = file_record(self.root / rel)
         atomic_write_json(self.root / MANIFEST, self.manifest)
 
+    def write_documents_file(self, source: Path) -> None:
+        """Install a ready documents table (an Arrow IPC file of ``DOCUMENTS_SCHEMA``, e.g. stage 1's
+        streamed plan's), copied without loading it into memory, then vouch for it in the manifest."""
+        rel = f"{META}/documents.arrow"
+        dst = self.root / rel
+        tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        self.manifest.setdefault("files", {})[rel] = file_record(dst)
+        atomic_write_json(self.root / MANIFEST, self.manifest)
+
     def has_head(self) -> bool:
         """A head exists exactly when its commit marker does and vouches for every head file (a
         half-added or damaged head is written again)."""

@@ -60,8 +60,9 @@ class TeacherConfig:
 @dataclass
 class DataConfig:
     source: str = "data/shakespeare"
-    """A local directory of .txt files (one document each), a .txt/.jsonl/.parquet file, or a
-    hub dataset id (loaded with ``datasets``)."""
+    """Read as a stream: a folder of .txt files (one document each) or of .jsonl/.json/.parquet
+    files (one document a row), a glob (``data/*.jsonl``), one such file, a ``datasets.save_to_disk``
+    folder, or a hub dataset id (``datasets`` streaming). See stage1_teacher_cache/sources.py."""
     split: str = "train"
     """Split of a hub dataset to read."""
     subset: str = ""
@@ -71,11 +72,14 @@ class DataConfig:
     seq_len: int = 256
     """Teacher tokens per packed sequence."""
     eval_documents: list[str] = field(default_factory=list)
-    """Names of whole documents held out for eval (file names for a directory of .txt)."""
+    """Names of whole documents held out for eval (file names for a directory of .txt,
+    ``<file>-<row>`` for rows of .jsonl/.parquet files, ``row-<i>`` for datasets)."""
     eval_fraction: float = 0.05
-    """Used when ``eval_documents`` is empty: this fraction of documents (at least one) is held out."""
+    """Used when ``eval_documents`` is empty: document i (reading order) is held out when
+    ceil(i*f) > ceil((i-1)*f), i >= 1: ceil((n-1)*f) of n documents, at least one of two or more."""
     max_train_tokens: int = 0
-    """Stop packing train sequences after this many tokens (0: no limit)."""
+    """Stop packing train sequences after this many tokens (0: no limit); reading stops once
+    every split is full."""
     max_eval_tokens: int = 0
     """Stop packing eval sequences after this many tokens (0: no limit)."""
     doc_separator: str = "\n\n"
@@ -116,6 +120,9 @@ class CacheConfig:
     Set it when the cache is read-only."""
     writer_queue: int = 2
     """Shards that may wait for the background writer before the teacher pauses."""
+    plan_dir: str = ""
+    """Where stage 1 streams its packed plan (Arrow files, read back shard by shard by the teacher
+    pass and reused by a rerun); empty: ``.<cache name>.plan`` beside ``dir``."""
 
     def validate(self) -> None:
         _require(bool(self.dir.strip()), "cache.dir", "must not be empty")

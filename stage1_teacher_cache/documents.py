@@ -1,16 +1,27 @@
-"""Dataset -> named documents, split into train and held-out eval by whole documents."""
+"""Raw documents -> named documents, each assigned whole to train or held-out eval, as a stream.
+
+The held-out rule needs no second look at the corpus:
+
+- ``data.eval_documents``: exactly the named documents (a name never met is an error, with the
+  closest name met as a hint);
+- otherwise ``data.eval_fraction = f``: document ``i`` (0-based, in reading order, counting only
+  non-empty documents) is held out when ``ceil(i * f) > ceil((i - 1) * f)`` for ``i >= 1``:
+  document 1, then about every ``1/f``-th. Of the first ``n`` documents exactly
+  ``ceil((n - 1) * f)`` are held out: at least one when ``n >= 2`` and ``f > 0``, never the first.
+  Appending documents never changes the split of those before them.
+"""
 
 from __future__ import annotations
 
 import difflib
 import math
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Iterable, Iterator
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+from .sources import Source
 
 
 @dataclass(frozen=True)
@@ -21,77 +32,90 @@ class Document:
     split: str  # "train" | "eval"
 
 
-def load_documents(cfg: DataConfig) -> list[Document]:
-    """Load every document of ``cfg.source`` and assign each, whole, to train or eval."""
-    names, texts = _load_raw(cfg)
-    keep = [(n, t) for n, t in zip(names, texts) if t.strip()]
-    if not keep:
-        raise DataError(f"dataset {cfg.source!r} holds no non-empty text; point data.source at real text")
-    names, texts = [n for n, _ in keep], [t for _, t in keep]
-    eval_names = _choose_eval(names, cfg)
-    return [Document(i, n, t, "eval" if n in eval_names else "train") for i, (n, t) in enumerate(zip(names, texts))]
+def held_out_by_fraction(index: int, fraction: float) -> bool:
+    """The ``eval_fraction`` rule (module docstring): is document ``index`` held out?"""
+    return index >= 1 and fraction > 0 and math.ceil(index * fraction - 1e-9) > math.ceil((index - 1) * fraction - 1e-9)
 
 
-def _load_raw(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    source = Path(cfg.source)
-    if source.is_dir():
-        files = sorted(source.glob("*.txt"))
-        if not files:
-            raise DataError(f"directory {source} holds no .txt files; put one document per .txt file there")
-        return [f.name for f in files], [read_utf8(f) for f in files]
-    if source.suffix in FILE_BUILDERS and not source.is_file():
-        raise DataError(f"data file {source} does not exist; check data.source")
-    if source.is_file() and source.suffix in (".txt", ".jsonl", ".json"):
-        if not read_utf8(source).strip():
-            raise DataError(f"data file {source} is empty; point data.source at a file with text")
-    import datasets
+class EvalChooser:
+    """Assigns each document, as it arrives, to train or eval, and says when every named eval
+    document has been met. Keeps O(len(eval_documents)) state, whatever the corpus size."""
 
-    try:
-        if source.is_file():
-            builder = FILE_BUILDERS.get(source.suffix)
-            if builder is None:
-                raise DataError(f"data file {source} has an unsupported type; use .txt, .jsonl or .parquet")
-            kwargs = {"sample_by": "document"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=str(source), split="train", **kwargs)
-        else:
-            ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises a zoo of types for a missing/offline/bad dataset
-        raise DataError(f"cannot load dataset {cfg.source!r} ({e.__class__.__name__}: {str(e)[:200]}); "
-                        "check data.source (a .txt/.jsonl/.parquet file, a directory of .txt, or a hub id)") from None
-    if cfg.text_field not in ds.column_names:
-        raise DataError(f"dataset {cfg.source!r} has no column {cfg.text_field!r} (columns: {ds.column_names}); "
-                        "set data.text_field")
-    texts = [t if isinstance(t, str) else "" for t in ds[cfg.text_field]]
-    width = len(str(len(texts)))
-    return [f"{source.name if source.is_file() else 'row'}-{i:0{width}d}" for i in range(len(texts))], texts
+    def __init__(self, cfg: DataConfig, known_names: list[str] | None = None):
+        self.cfg = cfg
+        self.named = set(cfg.eval_documents)
+        self.unseen = set(self.named)
+        self.best: dict[str, tuple[float, str]] = {}  # unseen name -> (similarity, closest name met)
+        self.known_names = known_names
 
-
-def read_utf8(path: Path) -> str:
-    """The file's text; invalid UTF-8 is an error naming the file and the first bad byte (never
-    silently replaced: the cache would then hold text that is not the user's)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
-                        "convert it, e.g. iconv -f latin1 -t utf-8, or remove it from data.source") from None
-
-
-def _choose_eval(names: list[str], cfg: DataConfig) -> set[str]:
-    if cfg.eval_documents:
-        unknown = [n for n in cfg.eval_documents if n not in names]
+    def _check_known(self) -> None:
+        """Names known up front (a folder of .txt): checked at the first non-empty document, so
+        a typo fails before any real work, yet an all-empty corpus still says it is empty."""
+        names, self.known_names = self.known_names, None
+        unknown = sorted(self.named - set(names))
         if unknown:
             close = difflib.get_close_matches(unknown[0], names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise DataError(f"data.eval_documents names {unknown[0]!r}, which is not a document of "
-                            f"{cfg.source!r}{hint}")
-        if len(set(cfg.eval_documents)) == len(names):
+            raise self._unknown_error(unknown[0], close[0] if close else None)
+        if len(self.named) >= len(set(names)):
             raise DataError("data.eval_documents holds out every document; leave some for training")
-        return set(cfg.eval_documents)
-    if cfg.eval_fraction <= 0 or len(names) < 2:
-        return set()
-    count = min(len(names) - 1, max(1, math.ceil(cfg.eval_fraction * len(names))))
-    return set(names[-count:])
+
+    def split_of(self, index: int, name: str) -> str:
+        if self.named and self.known_names is not None:
+            self._check_known()
+        if self.named:
+            if name in self.named:
+                self.unseen.discard(name)
+                return "eval"
+            for want in self.unseen:  # the closest name met, for the error if ``want`` never shows up
+                m = difflib.SequenceMatcher(None, want, name)
+                if m.real_quick_ratio() >= 0.6 and m.quick_ratio() >= 0.6:
+                    r = m.ratio()
+                    if r >= 0.6 and r > self.best.get(want, (0.0, ""))[0]:
+                        self.best[want] = (r, name)
+            return "train"
+        return "eval" if held_out_by_fraction(index, self.cfg.eval_fraction) else "train"
+
+    @property
+    def all_named_seen(self) -> bool:
+        return bool(self.named) and not self.unseen
+
+    def finish(self, complete: bool) -> None:
+        """After the stream: every named document must have been met (``complete``: the whole
+        source was read; after an early stop an unseen name may lie beyond the stop)."""
+        if self.unseen and complete:
+            want = sorted(self.unseen)[0]
+            raise self._unknown_error(want, self.best.get(want, (0, None))[1])
+
+    def _unknown_error(self, name: str, close: str | None) -> DataError:
+        hint = f" (did you mean {close!r}?)" if close else ""
+        return DataError(f"data.eval_documents names {name!r}, which is not a document of {self.cfg.source!r}{hint}")
+
+
+def iter_documents(cfg: DataConfig, source: Source | None = None,
+                   chooser: EvalChooser | None = None) -> Iterator[Document]:
+    """The non-empty documents of ``cfg.source`` in reading order, numbered and split.
+
+    Raises ``DataError`` at the end when the source held no non-empty text or an
+    ``eval_documents`` name was never met (only if the caller read the stream to its end)."""
+    source = source or Source(cfg)
+    chooser = chooser or EvalChooser(cfg, source.document_names())
+    index = 0
+    for name, text in source:
+        if not text.strip():
+            continue
+        yield Document(index, name, text, chooser.split_of(index, name))
+        index += 1
+    if index == 0:
+        raise DataError(f"dataset {cfg.source!r} holds no non-empty text; point data.source at real text")
+    chooser.finish(complete=True)
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    """Every document in memory: for small corpora and tests (stage 1 streams ``iter_documents``)."""
+    return list(iter_documents(cfg))
+
+
+def documents_of(items: Iterable[tuple[str, str, str]]) -> Iterator[Document]:
+    """Documents from ``(name, text, split)`` triples (tests, tools)."""
+    for i, (name, text, split) in enumerate(items):
+        yield Document(i, name, text, split)

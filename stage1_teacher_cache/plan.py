@@ -1,100 +1,221 @@
-"""Documents -> packed teacher sequences, each with the exact text its tokens cover.
+"""Documents -> packed teacher sequences, each with the exact text its tokens cover, streamed to disk.
 
-Documents of one split are tokenized, joined by the end-of-document token and cut into
-sequences of ``seq_len`` tokens (the last partial sequence of a split is dropped). Train
-sequences come first, eval sequences after them, so each split is one contiguous range.
+Documents arrive one at a time (``documents.iter_documents``), are tokenized in small batches,
+joined by the end-of-document token and cut into sequences of ``seq_len`` tokens, each split
+packed on its own (the last partial sequence of a split is dropped). Finished sequences go
+straight into the plan folder (``plan_store``); memory holds one batch of documents and one
+sequence under construction per split, whatever the corpus size.
 
 For every sequence we keep ``text`` (the characters its tokens cover; an end-of-document token
 stands for ``doc_separator``) and ``char_end[t]``, the end of token t in ``text``, so another
 tokenizer can re-tokenize the same characters and align its tokens to ours by end offset.
+
+Reading stops early once every split is full: train at ``data.max_train_tokens``; eval at
+``data.max_eval_tokens``, or, without that cap, once train is full and every named eval document
+was met (with ``eval_fraction``, eval then holds the documents held out among those read).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.config import Config
 from pipeline.errors import DataError
+from pipeline.fingerprint import tokenizer_hash
 
-from .documents import Document
+from .documents import Document, EvalChooser, iter_documents
+from .plan_store import PLAN_VERSION, Plan, PlanWriter, read_plan_info
+from .sources import Source
 
-
-@dataclass
-class PackedSequence:
-    input_ids: np.ndarray  # [L] int64
-    text: str
-    char_end: list[int]
-    doc_id: list[int]
+TOKENIZE_DOCS = 64
+TOKENIZE_CHARS = 1 << 20
 
 
-@dataclass
-class Plan:
-    seq_len: int
-    sequences: list[PackedSequence] = field(default_factory=list)
-    splits: dict[str, list[int]] = field(default_factory=dict)
+def tokenize_batch(tokenizer, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Token ids [n] and character offsets [n, 2] of each text (no special tokens)."""
+    if not texts:
+        return []
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [(np.asarray(ids, np.int64), np.asarray(offs, np.int64).reshape(-1, 2))
+            for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+class Packer:
+    """Packs one split's documents into sequences of ``seq_len`` tokens for ``emit``."""
+
+    def __init__(self, seq_len: int, eos_id: int, separator: str, max_seqs: int | None,
+                 emit: Callable[[np.ndarray, str, np.ndarray, np.ndarray], None]):
+        self.seq_len, self.eos_id, self.separator, self.max_seqs, self.emit = seq_len, eos_id, separator, max_seqs, emit
+        self.done = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._ids: list[np.ndarray] = []
+        self._text: list[str] = []
+        self._ends: list[np.ndarray] = []
+        self._docs: list[np.ndarray] = []
+        self._fill = 0
+        self._chars = 0
 
     @property
-    def num_sequences(self) -> int:
-        return len(self.sequences)
+    def full(self) -> bool:
+        return self.max_seqs is not None and self.done >= self.max_seqs
+
+    def add(self, doc_id: int, text: str, ids: np.ndarray, offsets: np.ndarray) -> None:
+        """Append a document and its end-of-document token; emit every sequence it completes."""
+        n = len(ids)
+        start = int(offsets[0, 0]) if n else 0
+        # Where each token's characters end. A token starts where the previous one ended (two
+        # byte-level tokens can share a character), so consecutive pieces tile the text.
+        ends = np.maximum.accumulate(np.maximum(offsets[:, 1], start)) if n else np.zeros(0, np.int64)
+        all_ids = np.append(ids, self.eos_id)
+        lengths = np.diff(ends, prepend=start)
+        lengths = np.append(lengths, len(self.separator))
+        t = 0
+        while t <= n and not self.full:
+            k = min(self.seq_len - self._fill, n + 1 - t)
+            real_end = min(t + k, n)
+            begin = int(ends[t - 1]) if t > 0 else start
+            piece = text[begin:int(ends[real_end - 1])] if real_end > t else ""
+            if t + k == n + 1:
+                piece += self.separator
+            self._ids.append(all_ids[t:t + k])
+            self._text.append(piece)
+            self._ends.append(self._chars + np.cumsum(lengths[t:t + k]))
+            self._docs.append(np.full(k, doc_id, np.int64))
+            self._chars += len(piece)
+            self._fill += k
+            t += k
+            if self._fill == self.seq_len:
+                self.emit(np.concatenate(self._ids), "".join(self._text), np.concatenate(self._ends),
+                          np.concatenate(self._docs))
+                self.done += 1
+                self._reset()
 
 
-def tokenize_document(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+class DatasetHash:
+    """sha256 over ``name \\0 split \\0 text`` of each document, length-prefixed (as
+    ``fingerprint.sha256_text``), fed one document at a time."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+
+    def update(self, doc: Document) -> None:
+        data = f"{doc.name}\0{doc.split}\0{doc.text}".encode("utf-8")
+        self._h.update(len(data).to_bytes(8, "little"))
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:16]
 
 
-def build_plan(documents: list[Document], tokenizer, seq_len: int, eos_id: int, doc_separator: str,
-               max_tokens: dict[str, int], show_progress: bool = True) -> Plan:
-    plan = Plan(seq_len=seq_len)
+def _batches(documents: Iterable[Document]) -> Iterator[list[Document]]:
+    batch, chars = [], 0
+    for doc in documents:
+        batch.append(doc)
+        chars += len(doc.text)
+        if len(batch) >= TOKENIZE_DOCS or chars >= TOKENIZE_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def max_sequences(max_tokens: dict[str, int], seq_len: int) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
     for split in ("train", "eval"):
-        docs = [d for d in documents if d.split == split]
-        start = plan.num_sequences
         limit = max_tokens.get(split, 0)
-        max_seqs = limit // seq_len if limit else None
-        if limit and max_seqs == 0:
+        if limit and limit < seq_len:
             raise DataError(f"data.max_{split}_tokens={limit} is below data.seq_len={seq_len}; raise it")
-        plan.sequences += _pack(docs, tokenizer, seq_len, eos_id, doc_separator, max_seqs, show_progress, split)
-        plan.splits[split] = [start, plan.num_sequences]
-    if plan.splits["train"][1] == plan.splits["train"][0]:
-        raise DataError(f"the training documents hold fewer than seq_len={seq_len} tokens; "
-                        "add text or lower data.seq_len")
-    if plan.splits["eval"][1] == plan.splits["eval"][0]:
-        del plan.splits["eval"]
+        out[split] = limit // seq_len if limit else None
+    return out
+
+
+def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: int, doc_separator: str,
+               max_tokens: dict[str, int], folder: Path, rows: int, info: dict | None = None,
+               eval_done: Callable[[], bool] = lambda: True, show_progress: bool = True) -> Plan:
+    """Pack ``documents`` into the plan folder ``folder`` (replacing what is there) and return it.
+
+    ``eval_done()``: whether eval may stop short of ``max_eval_tokens`` (no cap) once train is
+    full (e.g. every named eval document was met). ``info`` is recorded in plan.json."""
+    limits = max_sequences(max_tokens, seq_len)
+    writer = PlanWriter(folder, seq_len, rows)
+    packers = {s: Packer(seq_len, eos_id, doc_separator, limits[s],
+                         lambda *a, s=s: writer.add_sequence(s, *a)) for s in ("train", "eval")}
+    digest = DatasetHash()
+    train_docs, early = 0, False
+    bar = tqdm(desc="plan", unit="tok", unit_scale=True, disable=not show_progress, leave=False, mininterval=1.0)
+    try:
+        for batch in _batches(documents):
+            todo = [d for d in batch if not packers[d.split].full]
+            encoded = dict(zip((d.doc_id for d in todo), tokenize_batch(tokenizer, [d.text for d in todo])))
+            for doc in batch:
+                digest.update(doc)
+                writer.add_document(doc.doc_id, doc.name, doc.split, len(doc.text))
+                train_docs += doc.split == "train"
+                packer = packers[doc.split]
+                if not packer.full:
+                    ids, offsets = encoded[doc.doc_id]
+                    packer.add(doc.doc_id, doc.text, ids, offsets)
+                    bar.update(len(ids) + 1)
+                if packers["train"].full and (packers["eval"].full or limits["eval"] is None and eval_done()):
+                    early = True
+                    break
+            if early:
+                break
+        if train_docs == 0:
+            raise DataError("every document read is held out for eval (data.eval_documents / data.eval_fraction); "
+                            "leave some for training")
+        if packers["train"].done == 0:
+            raise DataError(f"the training documents hold fewer than seq_len={seq_len} tokens; "
+                            "add text or lower data.seq_len")
+        plan = writer.close({**(info or {}), "dataset_hash": digest.hexdigest(), "stopped_early": early})
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
     return plan
 
 
-def _pack(docs: list[Document], tokenizer, seq_len: int, eos_id: int, separator: str,
-          max_seqs: int | None, show_progress: bool, split: str) -> list[PackedSequence]:
-    out: list[PackedSequence] = []
-    # The current sequence under construction.
-    ids: list[int] = []
-    pieces: list[str] = []
-    char_end: list[int] = []
-    doc_ids: list[int] = []
-    length = 0
-    for doc in tqdm(docs, desc=f"tokenize {split}", unit="doc", disable=not show_progress, leave=False):
-        tok_ids, offsets = tokenize_document(tokenizer, doc.text)
-        # End of this document's text already emitted. It carries across a sequence boundary, so
-        # consecutive sequences tile the document even when two byte-level tokens share a character.
-        cursor = None
-        for tid, (s, e) in [*zip(tok_ids, offsets), (eos_id, (None, None))]:
-            if e is None:  # end-of-document token
-                piece = separator
-            else:
-                if cursor is None:  # a document starts: its text begins at its first token
-                    cursor = s
-                piece = doc.text[cursor:e] if e > cursor else ""
-                cursor = max(cursor, e)
-            ids.append(tid)
-            pieces.append(piece)
-            length += len(piece)
-            char_end.append(length)
-            doc_ids.append(doc.doc_id)
-            if len(ids) == seq_len:
-                out.append(PackedSequence(np.asarray(ids, np.int64), "".join(pieces), char_end, doc_ids))
-                ids, pieces, char_end, doc_ids, length = [], [], [], [], 0
-                if max_seqs is not None and len(out) >= max_seqs:
-                    return out
-    return out
+def plan_key(cfg: Config, tokenizer) -> dict:
+    """The inputs a plan is made from: a stored plan with the same key and source signature is reused."""
+    d = cfg.data
+    return {"source": d.source, "subset": d.subset, "split": d.split, "text_field": d.text_field,
+            "seq_len": d.seq_len, "eval_documents": list(d.eval_documents), "eval_fraction": d.eval_fraction,
+            "max_train_tokens": d.max_train_tokens, "max_eval_tokens": d.max_eval_tokens,
+            "doc_separator": d.doc_separator, "tokenizer_hash": tokenizer_hash(tokenizer),
+            "eos_token_id": tokenizer.eos_token_id, "rows": cfg.cache.shard_sequences, "version": PLAN_VERSION}
+
+
+def plan_folder(cfg: Config) -> Path:
+    """``cache.plan_dir``, or ``.<cache name>.plan`` beside the cache."""
+    if cfg.cache.plan_dir:
+        return Path(cfg.cache.plan_dir)
+    root = Path(cfg.cache.dir)
+    return root.parent / f".{root.name}.plan"
+
+
+def ensure_plan(cfg: Config, tokenizer, show_progress: bool = True) -> Plan:
+    """The plan for ``cfg``: the stored one when its key and the source's signature match (a
+    rerun after a crash does not tokenize again), else a new one, streamed to ``plan_folder``."""
+    folder = plan_folder(cfg)
+    source = Source(cfg.data)
+    key, signature = plan_key(cfg, tokenizer), source.signature()
+    stored = read_plan_info(folder)
+    if stored is not None and stored.get("key") == key and stored.get("signature") == signature:
+        plan = Plan(folder)
+        plan.reused = True
+        return plan
+    limits = {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens}
+    max_sequences(limits, cfg.data.seq_len)  # a bad cap fails before any reading
+    chooser = EvalChooser(cfg.data, source.document_names())
+    documents = iter_documents(cfg.data, source, chooser)
+    return build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
+                      limits, folder, cfg.cache.shard_sequences, info={"key": key, "signature": signature},
+                      eval_done=lambda: not chooser.named or chooser.all_named_seen, show_progress=show_progress)

@@ -1,5 +1,8 @@
 """Stage 1, top to bottom: dataset -> plan -> teacher pass -> cache, committed shard by shard.
 
+The plan is streamed to a plan folder first (``plan.py``, ``plan_store.py``: memory flat in
+corpus size); the teacher pass reads each shard's rows from it when it runs that shard.
+
     python -m pipeline cache-teacher --config configs/default.toml key=value ...
     torchrun --nproc_per_node=2 -m pipeline cache-teacher ...   # shards split between ranks
 
@@ -26,12 +29,12 @@ from pipeline.device import check_cuda_build, choose_precision, cpu_threads, res
 from pipeline.distributed import Dist, init_distributed
 from pipeline.errors import ConfigError, TeacherError
 from pipeline.locks import acquire_lock
-from pipeline.fingerprint import sha256_text, tokenizer_hash
+from pipeline.fingerprint import tokenizer_hash
 from pipeline.tokenizer_files import store_tokenizer
 
 from .background import BackgroundWriter
-from .documents import load_documents
-from .plan import Plan, build_plan
+from .plan import ensure_plan, plan_folder
+from .plan_store import Plan, Rows, remove_plan
 from .teacher import TeacherPass, TeacherSource, load_model, load_model_config, load_tokenizer, resolve_teacher
 
 HEAD_TOLERANCE = 1e-3
@@ -68,16 +71,22 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     tokenizer = load_tokenizer(source)
     if tokenizer.eos_token_id is None:
         raise TeacherError(f"the tokenizer of {source.name!r} has no end-of-sequence token to join documents")
-    documents = load_documents(cfg.data)
-    plan = build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
-                      {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens},
-                      show_progress=progress)
-    spec = make_spec(cfg, source, tokenizer, plan, documents, precision.name)
-    teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
     # One writer per cache directory: rank 0 holds the lock for the whole run (the other ranks of
-    # a torchrun job write their own shards under it). A refusal is raised on every rank.
+    # a torchrun job write their own shards under it), planning included. A refusal is raised on
+    # every rank.
     root = Path(cfg.cache.dir)
     dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(root), f"cache {root}")))
+    # The plan is streamed to disk by rank 0 (or reused from a previous run of the same inputs);
+    # every rank then reads only the rows of the shards it runs.
+    plan = dist.run_on_main(lambda: ensure_plan(cfg, tokenizer, show_progress=progress))
+    dist.barrier()
+    if plan is None:
+        plan = Plan(plan_folder(cfg))
+    say(f"plan {plan.folder}: {plan.num_sequences} sequences of {plan.seq_len} tokens "
+        f"({', '.join(f'{k} {b - a}' for k, (a, b) in plan.splits.items())}) from {plan.info['documents']} documents"
+        f"{' (reused)' if plan.reused else ''}")
+    spec = make_spec(cfg, source, tokenizer, plan, precision.name)
+    teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
 
     def rank_table() -> np.ndarray:
         teacher()  # load outside the pilot's timing
@@ -90,8 +99,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
         writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite, rank_table=rank_table)
         store_tokenizer(writer, tokenizer)  # the cache carries the teacher's tokenizer (added to older caches)
         if not writer.has_documents():
-            writer.write_documents([d.doc_id for d in documents], [d.name for d in documents],
-                                   [d.split for d in documents], [len(d.text) for d in documents])
+            writer.write_documents_file(plan.folder / "documents.arrow")
         return writer
 
     writer = dist.run_on_main(create)
@@ -107,6 +115,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
             say(f"cache {cfg.cache.dir}: teacher head added")
         say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
             f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
+        dist.run_on_main(lambda: remove_plan(plan.folder))
         return CacheReader(cfg.cache.dir, verify=False).info()
     if pending and len(pending) < spec.num_shards:
         say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
@@ -126,6 +135,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     def finish():
         extra = {"stage1_wall_s": round(wall, 2), "precision": precision.name, **stats}
         writer.finalize(extra)
+        remove_plan(plan.folder)  # everything it held is in the cache now (meta/, input_ids)
         info = CacheReader(cfg.cache.dir, verify=False).info()
         print_summary(info, wall)
         return info
@@ -133,7 +143,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     return dist.run_on_main(finish) or {}
 
 
-def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documents, precision: str) -> CacheSpec:
+def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, precision: str) -> CacheSpec:
     model_cfg = load_model_config(source)
     text_cfg = model_cfg.get_text_config() if hasattr(model_cfg, "get_text_config") else model_cfg
     vocab = int(text_cfg.vocab_size)
@@ -145,7 +155,7 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documen
         "teacher_dtype": precision,
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "dataset": cfg.data.source,
-        "dataset_hash": sha256_text(f"{d.name}\0{d.split}\0{d.text}" for d in documents)[:16],
+        "dataset_hash": plan.dataset_hash,  # over every document read, streamed (plan.DatasetHash)
         "seq_len": cfg.data.seq_len,
         "max_train_tokens": cfg.data.max_train_tokens,
         "max_eval_tokens": cfg.data.max_eval_tokens,
@@ -182,7 +192,7 @@ class LazyTeacher:
             t_load = time.perf_counter()
             model = load_model(self.source, self.dtype, self.device)
             teacher = TeacherPass(model, self.spec.top_k, self.cfg.teacher.logits_chunk)
-            head_diff = teacher.check_head(torch.from_numpy(self.plan.sequences[0].input_ids[None]))
+            head_diff = teacher.check_head(torch.from_numpy(self.plan.rows_of(0, 1).input_ids))
             if not math.isfinite(head_diff):
                 raise TeacherError("the teacher produced NaN/Inf on the first sequence (head check); "
                                    "rerun with teacher.dtype=float32 or check the model's weights")
@@ -203,10 +213,10 @@ def pilot_rank_table(lazy: LazyTeacher, plan: Plan, cfg: Config, vocab: int) -> 
     topk_counts = np.zeros(vocab, np.int64)
     for b in range(0, len(pilot), cfg.teacher.batch_size):
         rows = pilot[b:b + cfg.teacher.batch_size]
-        out = lazy()(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+        out = lazy()(torch.from_numpy(plan.rows_of(rows[0], rows[-1] + 1).input_ids))
         lazy.pilot_outputs[(rows[0], rows[-1] + 1)] = out
         topk_counts += np.bincount(out["topk_ids"].ravel(), minlength=vocab)
-    text_counts = np.bincount(np.concatenate([s.input_ids for s in plan.sequences]), minlength=vocab)
+    text_counts = plan.text_counts(vocab)  # counted while planning, shard by shard
     return np.lexsort((np.arange(vocab), -text_counts, -topk_counts))
 
 
@@ -227,18 +237,19 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
     with BackgroundWriter(writer, cfg.cache.writer_queue) as background:
         for shard in shards:
             start, stop = spec.shard_range(shard)
+            planned = plan.rows_of(start, stop)  # this shard's plan, read from disk now
             parts = []
             for b in range(start, stop, cfg.teacher.batch_size):
                 rows = range(b, min(b + cfg.teacher.batch_size, stop))
                 out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
                 if out is None:
-                    out = teacher(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+                    out = teacher(torch.from_numpy(planned.input_ids[rows[0] - start:rows[-1] + 1 - start]))
                 parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
             check_finite(shard, start, stop, arrays)  # before int8/sqrt8 coding could hide a NaN
-            stats = shard_stats(arrays, plan, start, stop, spec)
-            background.submit(shard, to_storage(arrays, spec), shard_meta(plan, start, stop), stats)
+            stats = shard_stats(arrays, planned, start, stop, spec)
+            background.submit(shard, to_storage(arrays, spec), shard_meta(planned), stats)
     bar.close()
     run_s = time.perf_counter() - t_run
     pass_s = run_s + lazy.facts.get("pilot_s", 0.0)
@@ -259,23 +270,23 @@ def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.n
     return out
 
 
-def shard_stats(arrays: dict[str, np.ndarray], plan: Plan, start: int, stop: int, spec: CacheSpec) -> dict:
+def shard_stats(arrays: dict[str, np.ndarray], planned: Rows, start: int, stop: int, spec: CacheSpec) -> dict:
     """Sums (not means) so shards combine exactly: top-k mass and the teacher's own NLL per split."""
     stats = {"positions": float(arrays["topk_logprobs"][..., 0].size),
              "topk_mass_sum": float(np.exp(arrays["topk_logprobs"].astype(np.float64)).sum())}
-    for row, i in enumerate(range(start, stop)):
+    first_ends = planned.char_end.flatten().to_numpy()[::spec.seq_len]
+    for row, (i, text) in enumerate(zip(range(start, stop), planned.text.to_pylist())):
         split = spec.split_of(i)
-        seq = plan.sequences[i]
         stats[f"{split}_nll_sum"] = stats.get(f"{split}_nll_sum", 0.0) - float(arrays["next_logprob"][row, :-1].sum())
         stats[f"{split}_targets"] = stats.get(f"{split}_targets", 0.0) + spec.seq_len - 1
-        target_bytes = len(seq.text[seq.char_end[0]:].encode("utf-8"))
+        target_bytes = len(text[int(first_ends[row]):].encode("utf-8"))
         stats[f"{split}_target_bytes"] = stats.get(f"{split}_target_bytes", 0.0) + target_bytes
     return stats
 
 
-def shard_meta(plan: Plan, start: int, stop: int) -> dict[str, list]:
-    seqs = plan.sequences[start:stop]
-    return {"text": [s.text for s in seqs], "char_end": [s.char_end for s in seqs], "doc_id": [s.doc_id for s in seqs]}
+def shard_meta(planned: Rows) -> dict:
+    """The shard's Arrow metadata columns, straight from its plan rows."""
+    return {"text": planned.text, "char_end": planned.char_end, "doc_id": planned.doc_id}
 
 
 def print_summary(info: dict, wall: float) -> None:

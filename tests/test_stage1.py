@@ -106,8 +106,10 @@ def test_sqrt8_cache_holds_the_same_topk_sets_at_the_stated_fidelity(built, tiny
 def test_rerun_skips_and_a_foreign_config_is_refused(built, capsys):
     cfg, cache, _ = built
     before = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    assert not (cache.parent / f".{cache.name}.plan").exists()  # the plan goes once the cache is complete
     cache_teacher(cfg, show_progress=False)
     assert "stage 1 skipped" in capsys.readouterr().out
+    assert not (cache.parent / f".{cache.name}.plan").exists()
     other = load_config(None, [*_as_overrides(cfg), "cache.top_k=4"])
     with pytest.raises(FingerprintMismatch, match="top_k: cache has 8, now 4"):
         cache_teacher(other, show_progress=False)

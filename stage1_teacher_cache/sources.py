@@ -1,0 +1,237 @@
+"""``data.source`` -> a stream of raw ``(name, text)`` documents, read lazily, one at a time.
+
+Accepted sources (checked in this order):
+
+- a ``datasets.save_to_disk`` directory (``state.json``, or ``dataset_dict.json`` + ``data.split``):
+  each row is a document, named ``row-<i>``; its Arrow files are read batch by batch;
+- a directory of ``.txt`` files (one document each, named by file name), else of ``.jsonl`` /
+  ``.json`` / ``.parquet`` files (each row a document, named ``<file>-<row>``); files in name order;
+- a glob pattern (``data/*.jsonl``, ``corpus/**/*.txt``): the matching files in path order, each
+  read by its suffix as above (names relative to the pattern's fixed leading folder);
+- a single ``.txt`` (one document), ``.jsonl`` / ``.json`` / ``.parquet`` file (one document a row);
+- anything else is a hub dataset id, read with ``datasets.load_dataset(..., streaming=True)``
+  (``data.subset``, ``data.split``), rows named ``row-<i>``.
+
+Nothing holds more than one document (or one Arrow/parquet record batch) at a time. Every
+problem is a ``DataError`` with a one-line message naming the file or source.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import DataConfig
+from pipeline.errors import DataError
+
+ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
+SUFFIXES = (".txt",) + ROW_SUFFIXES
+BATCH_ROWS = 256
+
+
+class Source:
+    """A resolved ``data.source``: how to read it, and what identifies its current content."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.kind, self.files, self.root = _resolve(cfg)
+
+    def document_names(self) -> list[str] | None:
+        """Every document name, when known without reading (one ``.txt`` per document)."""
+        if self.files and all(f.suffix == ".txt" for f in self.files):
+            return [self._name(f) for f in self.files]
+        return None
+
+    def signature(self) -> str:
+        """Identifies the source's content without reading it: the path, size and mtime of every
+        local file (a changed, added or removed file changes it); for a hub id, the id itself."""
+        h = hashlib.sha256(json.dumps([self.kind, self.cfg.source, self.cfg.subset, self.cfg.split]).encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        if self.kind == "hub":
+            yield from _hub_rows(self.cfg)
+        elif self.kind == "saved":
+            yield from _saved_rows(self.cfg, self.root)
+        else:
+            for f in self.files:
+                if f.suffix == ".txt":
+                    yield self._name(f), read_utf8(f)
+                else:
+                    yield from ((f"{self._name(f)}-{i}", t) for i, t in _file_rows(f, self.cfg.text_field))
+
+    def _name(self, f: Path) -> str:
+        return f.name if self.root is None else f.relative_to(self.root).as_posix()
+
+
+def _resolve(cfg: DataConfig) -> tuple[str, list[Path], Path | None]:
+    text = cfg.source
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not files:
+            raise DataError(f"data.source pattern {text!r} matches no file; check the pattern and the folder")
+        bad = [f for f in files if f.suffix not in SUFFIXES]
+        if bad:
+            raise DataError(f"data.source pattern {text!r} matches {bad[0]}, an unsupported type; "
+                            "match only .txt, .jsonl, .json or .parquet files")
+        fixed = Path(*[p for p in Path(text).parts[:next(i for i, p in enumerate(Path(text).parts)
+                                                         if any(c in p for c in "*?["))]] or ["."])
+        return "files", files, fixed
+    source = Path(text)
+    if source.is_dir():
+        if (source / "state.json").is_file() or (source / "dataset_dict.json").is_file():
+            return "saved", [f for f in sorted(source.rglob("*")) if f.is_file()], source
+        for group in ((".txt",), ROW_SUFFIXES):
+            files = sorted(f for f in source.iterdir() if f.is_file() and f.suffix in group)
+            if files:
+                return "files", files, source
+        raise DataError(f"directory {source} holds no .txt, .jsonl, .json or .parquet files and is not a "
+                        "datasets.save_to_disk dataset; put documents there or point data.source elsewhere")
+    if source.suffix in SUFFIXES:
+        if not source.is_file():
+            raise DataError(f"data file {source} does not exist; check data.source")
+        if source.suffix in (".txt", ".jsonl", ".json") and not read_utf8(source).strip():
+            raise DataError(f"data file {source} is empty; point data.source at a file with text")
+        return "files", [source], None
+    if source.is_file():
+        raise DataError(f"data file {source} has an unsupported type; use .txt, .jsonl or .parquet")
+    return "hub", [], None
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; invalid UTF-8 is an error naming the file and the first bad byte (never
+    silently replaced: the cache would then hold text that is not the user's)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+                        "convert it, e.g. iconv -f latin1 -t utf-8, or remove it from data.source") from None
+
+
+def _as_text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _missing_column(what, field: str, columns) -> DataError:
+    return DataError(f"{what} has no column {field!r} (columns: {list(columns)}); set data.text_field")
+
+
+def _file_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    if path.suffix == ".parquet":
+        yield from _parquet_rows(path, field)
+        return
+    with open(path, "rb") as f:
+        first = f.read(1)
+        f.seek(0)
+        if path.suffix == ".json" and first == b"[":  # a JSON array: read whole (not streamable)
+            try:
+                rows = json.loads(f.read().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path} is not valid JSON ({e}); fix it or convert it to JSON lines") from None
+            rows = [r for r in rows if isinstance(r, dict)]
+            if rows and field not in rows[0]:
+                raise _missing_column(path, field, rows[0])
+            yield from ((i, _as_text(r.get(field))) for i, r in enumerate(rows))
+            return
+        row = 0
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path} line {number} is not valid JSON ({e.__class__.__name__}: "
+                                f"{str(e)[:80]}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {number} is not a JSON object; one object per line is expected")
+            if row == 0 and field not in record:
+                raise _missing_column(path, field, record)
+            yield row, _as_text(record.get(field))
+            row += 1
+
+
+def _parquet_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{path} is not a readable parquet file ({e.__class__.__name__}: {str(e)[:120]})") from None
+    if field not in pf.schema_arrow.names:
+        raise _missing_column(path, field, pf.schema_arrow.names)
+    row = 0
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
+        for value in batch.column(0).to_pylist():
+            yield row, _as_text(value)
+            row += 1
+
+
+def _saved_rows(cfg: DataConfig, root: Path) -> Iterator[tuple[str, str]]:
+    """A ``save_to_disk`` dataset: its Arrow stream files read batch by batch (no memory map, so
+    resident memory does not grow with the files read)."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        ds = datasets.load_from_disk(str(root))
+    except Exception as e:  # datasets raises many types for a damaged directory
+        raise DataError(f"cannot load the saved dataset {root} ({e.__class__.__name__}: {str(e)[:160]}); "
+                        "point data.source at a datasets.save_to_disk directory") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise DataError(f"saved dataset {root} has no split {cfg.split!r} (splits: {list(ds)}); set data.split")
+        ds = ds[cfg.split]
+    if cfg.text_field not in ds.column_names:
+        raise _missing_column(f"saved dataset {root}", cfg.text_field, ds.column_names)
+    row = 0
+    if ds._indices is None and ds.cache_files:
+        for entry in ds.cache_files:
+            with pa.OSFile(entry["filename"]) as f:
+                for batch in pa.ipc.open_stream(f):
+                    for value in batch.column(cfg.text_field).to_pylist():
+                        yield f"row-{row}", _as_text(value)
+                        row += 1
+        return
+    for batch in ds.select_columns([cfg.text_field]).iter(batch_size=BATCH_ROWS):
+        for value in batch[cfg.text_field]:
+            yield f"row-{row}", _as_text(value)
+            row += 1
+
+
+def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """A hub dataset (or any id ``datasets.load_dataset`` resolves), streamed: rows arrive as
+    they are downloaded, nothing is materialised."""
+    import datasets
+
+    what = f"dataset {cfg.source!r}"
+    hint = "check data.source (a .txt/.jsonl/.parquet file, a folder of them, a glob, a save_to_disk folder or a hub id)"
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.subset or None, split=cfg.split, streaming=True)
+        columns = ds.column_names
+        if columns is None:
+            columns = list(next(iter(ds.take(1)), {}).keys())
+    except Exception as e:  # datasets raises a zoo of types for a missing/offline/bad dataset
+        raise DataError(f"cannot load {what} ({e.__class__.__name__}: {str(e)[:200]}); {hint}") from None
+    if cfg.text_field not in columns:
+        raise _missing_column(what, cfg.text_field, columns)
+    rows = iter(ds)
+    row = 0
+    while True:
+        try:
+            record = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise DataError(f"reading {what} failed at row {row} ({e.__class__.__name__}: {str(e)[:160]}); "
+                            "rerun, or check the dataset") from None
+        yield f"row-{row}", _as_text(record.get(cfg.text_field))
+        row += 1

@@ -31,6 +31,7 @@ from pipeline.fingerprint import sha256_text, tokenizer_hash
 from .background import BackgroundWriter
 from .documents import load_documents
 from .plan import Plan, build_plan
+from .sampling import teacher_outputs
 from .teacher import TeacherPass, TeacherSource, load_model, load_model_config, load_tokenizer, resolve_teacher
 
 HEAD_TOLERANCE = 1e-3
@@ -152,12 +153,14 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, documen
         "topk_encoding": cfg.cache.topk_encoding,
         "hidden_dtype": cfg.cache.hidden_dtype if cfg.cache.store_hidden else "none",
     }
+    if cfg.cache.samples:  # only then: caches without samples keep their fingerprint
+        fingerprint.update(samples=cfg.cache.samples, sample_seed=cfg.run.seed)
     return CacheSpec(
         num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
         hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
         hidden_dtype=cfg.cache.hidden_dtype, topk_encoding=cfg.cache.topk_encoding, store_hidden=cfg.cache.store_hidden,
         shard_sequences=cfg.cache.shard_sequences, chunk_sequences=cfg.cache.chunk_sequences,
-        zstd_level=cfg.cache.zstd_level,
+        zstd_level=cfg.cache.zstd_level, samples=cfg.cache.samples,
         teacher={"name": source.name, "path": source.path, "gguf_file": source.gguf_file,
                  "eos_token_id": tokenizer.eos_token_id, "model_type": getattr(text_cfg, "model_type", None),
                  "final_logit_softcapping": getattr(text_cfg, "final_logit_softcapping", None)},
@@ -201,7 +204,7 @@ def pilot_rank_table(lazy: LazyTeacher, plan: Plan, cfg: Config, vocab: int) -> 
     topk_counts = np.zeros(vocab, np.int64)
     for b in range(0, len(pilot), cfg.teacher.batch_size):
         rows = pilot[b:b + cfg.teacher.batch_size]
-        out = lazy()(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+        out = teach(lazy(), plan, rows, cfg)
         lazy.pilot_outputs[(rows[0], rows[-1] + 1)] = out
         topk_counts += np.bincount(out["topk_ids"].ravel(), minlength=vocab)
     text_counts = np.bincount(np.concatenate([s.input_ids for s in plan.sequences]), minlength=vocab)
@@ -230,7 +233,7 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
                 rows = range(b, min(b + cfg.teacher.batch_size, stop))
                 out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
                 if out is None:
-                    out = teacher(torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows])))
+                    out = teach(teacher, plan, rows, cfg)
                 parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -243,6 +246,12 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
     return {**lazy.facts, "stage1_pass_s": round(pass_s, 3),
             "teacher_tokens_per_s": round(total / pass_s, 1) if pass_s > 0 and total else None,
             "writer_stall_s": round(background.stall_s, 3)}
+
+
+def teach(teacher: TeacherPass, plan: Plan, rows: range, cfg: Config) -> dict[str, np.ndarray]:
+    """The teacher's outputs for sequences ``rows`` (+ sampled tokens when cache.samples > 0)."""
+    ids = torch.from_numpy(np.stack([plan.sequences[i].input_ids for i in rows]))
+    return teacher_outputs(teacher, ids, rows, cfg.cache.samples, cfg.run.seed)
 
 
 def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:
@@ -261,6 +270,8 @@ def shard_stats(arrays: dict[str, np.ndarray], plan: Plan, start: int, stop: int
     """Sums (not means) so shards combine exactly: top-k mass and the teacher's own NLL per split."""
     stats = {"positions": float(arrays["topk_logprobs"][..., 0].size),
              "topk_mass_sum": float(np.exp(arrays["topk_logprobs"].astype(np.float64)).sum())}
+    if "draw_counts" in arrays:
+        stats["sample_unique_sum"] = float((arrays["draw_counts"] > 0).sum())
     for row, i in enumerate(range(start, stop)):
         split = spec.split_of(i)
         seq = plan.sequences[i]

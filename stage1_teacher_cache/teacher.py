@@ -102,6 +102,8 @@ def load_model(source: TeacherSource, dtype: torch.dtype, device: torch.device):
 class TeacherPass:
     """Per-position top-k, logZ, next-token log-prob and hidden state for batches of sequences."""
 
+    chunk_hook = None  # called (start row, [chunk, V] fp32 logits, logZ) per chunk: sampling.ChunkSampler
+
     def __init__(self, model, top_k: int, logits_chunk: int):
         self.model, self.top_k, self.logits_chunk = model, top_k, logits_chunk
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
@@ -138,6 +140,7 @@ class TeacherPass:
         for s in range(0, flat.shape[0], self.logits_chunk):
             logits = self.logits(flat[s:s + self.logits_chunk])  # [chunk, V] fp32
             lz = torch.logsumexp(logits, dim=-1)
+            if self.chunk_hook is not None: self.chunk_hook(s, logits, lz)  # noqa: E701
             values, indices = logits.topk(self.top_k, dim=-1, sorted=True)
             top_ids.append(indices)
             top_lp.append(values - lz[:, None])

@@ -12,7 +12,7 @@ ARGS     ?=
 CKPT     ?=
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup test cache-teacher train-student resume demo bench bench-gpu doctor clean distclean
+.PHONY: setup test cache-teacher train-student resume demo bench bench-gpu quality doctor clean distclean
 
 setup: $(STAMP)
 
@@ -67,11 +67,16 @@ bench: setup
 bench-gpu: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m bench.gpu $(ARGS)
 
+# Offline KD modes (one cache: top-k, head, sampled tokens) vs online full-vocabulary KD, same
+# student, data order and steps: quality/results.{json,md} and quality/curves.png (~25 min, 2 cores).
+quality: setup
+	$(PY) -m pipeline quality --config $(CONFIG) $(ARGS)
+
 doctor: setup
 	$(PY) -m pipeline doctor $(if $(filter-out configs/default.toml,$(CONFIG)),--config $(CONFIG)) $(ARGS)
 
 clean:
-	rm -rf caches runs bench/results.json .pytest_cache
+	rm -rf caches runs bench/results.json quality/curves.png .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV) $(DATA)

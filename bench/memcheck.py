@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch

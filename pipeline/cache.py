@@ -21,6 +21,9 @@ attributes, ``cache_attrs.py``)::
       hidden               [N, L, D]  float16|int8  post-norm last hidden state
       hidden_scale         [N, L]     float32   int8 only: hidden = codes * scale
       head                 [V, D]     float32   optional: the output head, for exact logits of any id
+      draw_gaps          [N, L, S]  id type   samples=S > 0 (RS-KD): the distinct tokens drawn from the
+      draw_counts        [N, L, S]  uint8     teacher, as rank gaps (sqrt8's table; else id gaps) and
+                                                their counts; count 0 = padding (logit_codec.encode_samples)
     meta/documents.arrow   doc_id, name, split, chars                 one row per source document
     meta/shard-SSSSS.arrow seq_index, split, text, char_end, doc_id   one row per sequence
                            text: exactly the characters the sequence's tokens cover (an
@@ -33,7 +36,8 @@ attributes, ``cache_attrs.py``)::
                            (tokenizer_files.py): stage 2 reads the tokenizer from here only
 
 Readers see the logical arrays (``LOGICAL``): ``topk_ids`` (by descending probability) and
-``topk_logprobs`` are decoded from the sqrt8 arrays when the cache uses that encoding.
+``topk_logprobs`` are decoded from the sqrt8 arrays when the cache uses that encoding;
+``draw_ids`` from ``draw_gaps``.
 
 A shard is complete exactly when a valid marker exists (``cache_files.read_shard_marker``: a
 truncated or malformed one does not count, for writer and reader alike); the head exists exactly
@@ -69,11 +73,13 @@ from .errors import CacheError, FingerprintMismatch, NonFiniteError
 
 SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
 SPLITS = ("train", "eval")
-LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "hidden_scale")
+LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "hidden_scale",
+           "draw_ids", "draw_counts")
 DERIVED = ("topk_log_tail",)
 """Read-only logical arrays computed by the reader: ``topk_log_tail`` = log of the teacher's mass
 beyond its top-k (sqrt8: the decoded explicit tail; float encodings: log(1 - sum p) in float64)."""
 SQRT8_ARRAYS = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
+DRAW_ARRAYS = ("draw_gaps", "draw_counts")
 COMPACT_ZSTD_LEVEL = 9  # the small coded arrays: level 9 saves ~5 B/token over 3 on the gaps, for little CPU
 
 META_SCHEMA = pa.schema([
@@ -124,6 +130,8 @@ class CacheSpec:
     shard_sequences: int = 32
     chunk_sequences: int = 4
     zstd_level: int = 3
+    samples: int = 0
+    """RS-KD draws per position (0: no sampled tokens); the stored width of the sample arrays."""
     teacher: dict[str, Any] = field(default_factory=dict)
     """Facts about the teacher (name, head check, eos id, dtype): informative, not fingerprinted."""
 
@@ -156,6 +164,9 @@ class CacheSpec:
             "logz": ((n, length), np.dtype(np.float32)),
             "next_logprob": ((n, length), np.dtype(np.float32)),
         })
+        if self.samples:
+            specs.update({"draw_gaps": ((n, length, self.samples), ids),
+                          "draw_counts": ((n, length, self.samples), np.dtype(np.uint8))})
         if self.store_hidden:
             specs["hidden"] = ((n, length, d), np.dtype(np.int8 if self.hidden_dtype == "int8" else np.float16))
             if self.hidden_dtype == "int8":
@@ -165,7 +176,8 @@ class CacheSpec:
     def logical_arrays(self) -> tuple[str, ...]:
         """The arrays a writer is given and a reader returns (decoded, whatever the encoding)."""
         stored = self.array_specs()
-        return tuple(name for name in LOGICAL if name in stored or name in ("topk_ids", "topk_logprobs"))
+        return tuple(name for name in LOGICAL if name in stored or name in ("topk_ids", "topk_logprobs")
+                     or name == "draw_ids" and self.samples)
 
 
 # ---------------------------------------------------------------- small file helpers
@@ -277,7 +289,7 @@ class CacheWriter:
         group = zarr.open_group(str(tmp / ARRAYS), mode="w",
                                 attributes=cache_attrs.group_attrs(spec, SCHEMA_VERSION))
         for name, (shape, dtype) in spec.array_specs().items():
-            level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS else spec.zstd_level
+            level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS + DRAW_ARRAYS else spec.zstd_level
             group.create_array(name, shape=shape, dtype=dtype, chunks=(spec.chunk_sequences,) + shape[1:],
                                shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
                                compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
@@ -396,6 +408,10 @@ class CacheWriter:
             raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(self.spec.logical_arrays())}")
         check_finite(shard, start, stop, arrays)
         arrays, kl_sum = self.encode_topk(arrays)
+        if self.spec.samples:
+            gaps, arrays["draw_counts"] = logit_codec.encode_samples(arrays.pop("draw_ids"),
+                                                                       arrays["draw_counts"], self._rank_to_id)
+            arrays["draw_gaps"] = gaps
         stats = {**stats, "topk_encoding_kl_sum": kl_sum}
         specs = self.spec.array_specs()
         rels = {name: f"{ARRAYS}/{name}/{self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
@@ -612,7 +628,7 @@ class CacheReader:
                              f"(it has {', '.join(self.spec.logical_arrays() + DERIVED)})")
         topk = {"topk_ids", "topk_logprobs", "topk_log_tail"}
         decode = self.spec.topk_encoding == "sqrt8" and bool(topk & set(names))
-        stored = [n for n in names if n not in topk or not decode and n != "topk_log_tail"]
+        stored = [n for n in names if n != "draw_ids" and (n not in topk or not decode and n != "topk_log_tail")]
         if "topk_log_tail" in names and not decode and "topk_logprobs" not in stored:
             stored.append("topk_logprobs")
         out = self._read_stored(start, stop, tuple(stored) + (SQRT8_ARRAYS if decode else ()))
@@ -624,6 +640,10 @@ class CacheReader:
         elif "topk_log_tail" in names:  # float caches: 1 - sum in float64, as exact as the stored values
             mass = np.exp(out["topk_logprobs"].astype(np.float64)).sum(-1)
             out["topk_log_tail"] = np.log(np.clip(1.0 - mass, 1e-300, None)).astype(np.float32)
+        if "draw_ids" in names:
+            ids = logit_codec.decode_samples(self._read_stored(start, stop, ("draw_gaps",))["draw_gaps"],
+                                             self._rank_to_id)
+            out["draw_ids"] = ids.astype(id_dtype(self.spec.vocab_size))
         return {n: out[n] for n in names}
 
     def _read_stored(self, start: int, stop: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:

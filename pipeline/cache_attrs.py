@@ -80,5 +80,16 @@ def array_attrs(name: str, spec: CacheSpec) -> dict[str, Any]:
         "head": {"description": "the teacher's output head W [V, D]: logit_j = hidden . W[j] (exact when the "
                                 "manifest's teacher facts say no soft-capping)", "dims": ["token", "hidden"],
                  "units": "weight", "dtype_note": "float32", **raw},
+        "draw_gaps": {"description": "sampled cache (RS-KD): the distinct token ids drawn from the teacher's full "
+                                     "softmax at temperature 1 (cache.samples draws per position), ascending by rank, "
+                                     "stored as the first rank then the differences; padding (count 0) last, gap 0",
+                      "dims": ["sequence", "position", "sample"], "units": "rank difference",
+                      "encoding": "gaps over ranks (rank_to_id with sqrt8, else the ids themselves)",
+                      "decode": "ranks = cumsum(draw_gaps); ids = rank_to_id[ranks] (sqrt8) or ranks; "
+                                "ignore entries whose draw_counts is 0",
+                      "dtype_note": f"{ids}, like the ids"},
+        "draw_counts": {"description": "sampled cache: how often each id of draw_gaps was drawn; the counts of a "
+                                       "position sum to cache.samples, 0 marks padding; E[count / samples] = p",
+                        "dims": ["sequence", "position", "sample"], "units": "draws", "dtype_note": "uint8", **raw},
     }
     return {**table[name], "format_doc": FORMAT_DOC}

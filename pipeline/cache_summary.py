@@ -34,6 +34,7 @@ def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
                              if tot.get("eval_target_bytes") else None),
         "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
                               if tot.get("train_targets") else None),
+        "samples_unique_mean": tot["sample_unique_sum"] / positions if positions and "sample_unique_sum" in tot else None,
     }
 
 
@@ -73,6 +74,9 @@ def info(reader: CacheReader, schema_version: int) -> dict[str, Any]:
         "bytes_per_token": (size - head) / tokens if tokens else None,
         "array_bytes_per_token": reader.array_bytes_per_token(),
         "logit_bytes_per_token": reader.logit_bytes_per_token(),
+        "samples": spec.samples,
+        "samples_bytes_per_token": round(sum(v for k, v in reader.array_bytes_per_token().items()
+                                            if k.startswith("draw_")), 2) if spec.samples else None,
         **stats,
         **{k: v for k, v in reader.manifest.get("summary", {}).items() if k not in stats},
     }

@@ -26,12 +26,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("pipeline.plot:main", "draw metrics.jsonl curves to PNG"),
     "report": ("pipeline.report:main", "write REPORT.md + plots comparing student runs of one cache"),
     "bench": ("bench.run:main", "measure the performance ratios P1-P6"),
+    "quality": ("bench.quality:main", "offline KD modes vs online full-vocabulary KD, same student/data/steps"),
     "inspect": ("pipeline.cli:cmd_inspect", "describe a cache (add --json for machine-readable output)"),
     "doctor": ("pipeline.doctor:main", "report versions, device and the precision the pipeline would use"),
     "show-config": ("pipeline.cli:cmd_show_config", "print the resolved config"),
 }
 
-CONFIG_COMMANDS = ("cache-teacher", "train-student", "eval", "bench", "show-config")
+CONFIG_COMMANDS = ("cache-teacher", "train-student", "eval", "bench", "show-config", "quality")
 
 
 def build_parser() -> argparse.ArgumentParser:

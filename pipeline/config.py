@@ -103,6 +103,10 @@ class CacheConfig:
     topk_encoding: Literal["sqrt8", "float16", "float32"] = "sqrt8"
     """How top-k values are stored: sqrt8 (rank-gap ids + uint8 sqrt(p) codes + explicit tail,
     ~90 B/token at k=64 with mean KL ~4e-4 nats), or float16/float32 log-probs with plain ids."""
+    samples: int = 0
+    """Random-sampling KD: tokens drawn per position from the teacher's full distribution (with
+    replacement, seeded by run.seed and the sequence), stored as distinct ids + counts for
+    kd.mode=sampled (0: off; 48 draws give ~22 distinct tokens and ~34 B/token on the embedded teacher)."""
     pilot_sequences: int = 8
     """sqrt8: sequences the teacher runs first to rank tokens by how often they are in top-k lists."""
     shard_sequences: int = 32
@@ -130,6 +134,7 @@ class CacheConfig:
         _require(self.shard_sequences % self.chunk_sequences == 0, "cache.shard_sequences",
                  f"must be a multiple of cache.chunk_sequences ({self.chunk_sequences})")
         _require(1 <= self.zstd_level <= 22, "cache.zstd_level", "must be in 1..22")
+        _require(0 <= self.samples <= 255, "cache.samples", f"must be in 0..255 (0 = off), got {self.samples}")
 
 
 @dataclass
@@ -211,7 +216,7 @@ class TrainConfig:
 class KDConfig:
     mode: str = "topk_tail"
     """The KD term, one of stage 2's registry of modes (checked before a run writes anything):
-    none (cross-entropy only), topk_tail, topk_renorm, union (same tokenizer); mapped, projected
+    none (cross-entropy only), topk_tail, topk_renorm, union, sampled (same tokenizer); mapped, projected
     (another tokenizer). See the README's table of KD modes."""
     weight: float = 1.0
     weight_final: float = -1.0

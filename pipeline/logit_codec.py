@@ -193,3 +193,31 @@ def bucket_kl(exact_logprobs: np.ndarray, decoded_logprobs: np.ndarray) -> np.nd
     q_tail = np.clip(1 - q.sum(-1), 1e-12, None)
     kl = (p * (np.log(p) - np.log(q))).sum(-1)
     return kl + p_tail * (np.log(p_tail) - np.log(q_tail))
+
+
+# ---------------------------------------------------------------- sampled tokens (RS-KD)
+
+
+def encode_samples(ids: np.ndarray, counts: np.ndarray, rank_to_id: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct sampled ids and their counts [..., S] (count 0 = padding) -> (gaps int64, counts),
+    both [..., S] in ascending rank order (``rank_to_id``: sqrt8's frequency table; None: the ids
+    themselves), padding last. Gaps: the first rank, then differences; padding has gap 0, so a
+    cumulative sum repeats the last rank there. Frequent tokens have small ranks, so the gaps are
+    small repetitive integers that byte-shuffled zstd packs tightly."""
+    keys = ids.astype(np.int64)
+    if rank_to_id is not None:
+        id_to_rank = np.empty_like(rank_to_id)
+        id_to_rank[rank_to_id] = np.arange(len(rank_to_id))
+        keys = id_to_rank[keys]
+    keys = np.where(counts == 0, np.iinfo(np.int64).max, keys)  # padding sorts last
+    order = np.argsort(keys, axis=-1, kind="stable")
+    keys, counts = np.take_along_axis(keys, order, -1), np.take_along_axis(counts, order, -1)
+    filled = np.maximum(np.maximum.accumulate(np.where(counts == 0, -1, keys), axis=-1), 0)
+    return np.diff(filled, axis=-1, prepend=0), counts
+
+
+def decode_samples(gaps: np.ndarray, rank_to_id: np.ndarray | None) -> np.ndarray:
+    """The sampled ids [..., S] (int64) from `encode_samples`'s gaps; padding repeats the last id."""
+    keys = np.cumsum(gaps.astype(np.int64), axis=-1)
+    return keys if rank_to_id is None else rank_to_id[keys]

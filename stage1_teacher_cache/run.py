@@ -35,6 +35,7 @@ from pipeline.tokenizer_files import store_tokenizer
 from .background import BackgroundWriter
 from .plan import ensure_plan, plan_folder
 from .plan_store import Plan, Rows, remove_plan
+from .sampling import teacher_outputs
 from .teacher import TeacherPass, TeacherSource, load_model, load_model_config, load_tokenizer, resolve_teacher
 
 HEAD_TOLERANCE = 1e-3
@@ -164,12 +165,14 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, precisi
         "topk_encoding": cfg.cache.topk_encoding,
         "hidden_dtype": cfg.cache.hidden_dtype if cfg.cache.store_hidden else "none",
     }
+    if cfg.cache.samples:  # only then: caches without samples keep their fingerprint
+        fingerprint.update(samples=cfg.cache.samples, sample_seed=cfg.run.seed)
     return CacheSpec(
         num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
         hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
         hidden_dtype=cfg.cache.hidden_dtype, topk_encoding=cfg.cache.topk_encoding, store_hidden=cfg.cache.store_hidden,
         shard_sequences=cfg.cache.shard_sequences, chunk_sequences=cfg.cache.chunk_sequences,
-        zstd_level=cfg.cache.zstd_level,
+        zstd_level=cfg.cache.zstd_level, samples=cfg.cache.samples,
         teacher={"name": source.name, "path": source.path, "gguf_file": source.gguf_file,
                  "eos_token_id": tokenizer.eos_token_id, "model_type": getattr(text_cfg, "model_type", None),
                  "final_logit_softcapping": getattr(text_cfg, "final_logit_softcapping", None)},
@@ -213,7 +216,7 @@ def pilot_rank_table(lazy: LazyTeacher, plan: Plan, cfg: Config, vocab: int) -> 
     topk_counts = np.zeros(vocab, np.int64)
     for b in range(0, len(pilot), cfg.teacher.batch_size):
         rows = pilot[b:b + cfg.teacher.batch_size]
-        out = lazy()(torch.from_numpy(plan.rows_of(rows[0], rows[-1] + 1).input_ids))
+        out = teach(lazy(), plan.rows_of(rows[0], rows[-1] + 1).input_ids, rows, cfg)
         lazy.pilot_outputs[(rows[0], rows[-1] + 1)] = out
         topk_counts += np.bincount(out["topk_ids"].ravel(), minlength=vocab)
     text_counts = plan.text_counts(vocab)  # counted while planning, shard by shard
@@ -243,7 +246,7 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
                 rows = range(b, min(b + cfg.teacher.batch_size, stop))
                 out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
                 if out is None:
-                    out = teacher(torch.from_numpy(planned.input_ids[rows[0] - start:rows[-1] + 1 - start]))
+                    out = teach(teacher, planned.input_ids[rows[0] - start:rows[-1] + 1 - start], rows, cfg)
                 parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -256,6 +259,12 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
     return {**lazy.facts, "stage1_pass_s": round(pass_s, 3),
             "teacher_tokens_per_s": round(total / pass_s, 1) if pass_s > 0 and total else None,
             "writer_stall_s": round(background.stall_s, 3)}
+
+
+def teach(teacher: TeacherPass, input_ids: np.ndarray, rows: range, cfg: Config) -> dict[str, np.ndarray]:
+    """The teacher's outputs for sequences ``rows`` (ids ``input_ids``), + sampled tokens when
+    cache.samples > 0 (seeded by each sequence's index, so independent of batching)."""
+    return teacher_outputs(teacher, torch.from_numpy(input_ids), rows, cfg.cache.samples, cfg.run.seed)
 
 
 def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:
@@ -274,6 +283,8 @@ def shard_stats(arrays: dict[str, np.ndarray], planned: Rows, start: int, stop: 
     """Sums (not means) so shards combine exactly: top-k mass and the teacher's own NLL per split."""
     stats = {"positions": float(arrays["topk_logprobs"][..., 0].size),
              "topk_mass_sum": float(np.exp(arrays["topk_logprobs"].astype(np.float64)).sum())}
+    if "draw_counts" in arrays:
+        stats["sample_unique_sum"] = float((arrays["draw_counts"] > 0).sum())
     first_ends = planned.char_end.flatten().to_numpy()[::spec.seq_len]
     for row, (i, text) in enumerate(zip(range(start, stop), planned.text.to_pylist())):
         split = spec.split_of(i)

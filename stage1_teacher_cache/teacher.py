@@ -164,6 +164,8 @@ class Fp32Head:
 class TeacherPass:
     """Per-position top-k, logZ, next-token log-prob and hidden state for batches of sequences."""
 
+    chunk_hook = None  # called (start row, [chunk, V] fp32 logits, logZ) per chunk: sampling.ChunkSampler
+
     def __init__(self, model, top_k: int, logits_chunk: int):
         self.model, self.top_k, self.logits_chunk = model, top_k, logits_chunk
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, model.base_model_prefix)
@@ -214,7 +216,11 @@ class TeacherPass:
             # torch.logsumexp takes its own max pass and allocates two (~40% of the per-chunk
             # work after the matmul on a CPU; same fp32 sum, same result).
             peak = values[:, :1]
-            lz = logits.sub_(peak).exp_().sum(-1).log_().add_(peak[:, 0])
+            if self.chunk_hook is None:
+                lz = logits.sub_(peak).exp_().sum(-1).log_().add_(peak[:, 0])
+            else:  # the same numbers out of place: the hook (sampled caches) needs the logits
+                lz = (logits - peak).exp_().sum(-1).log_().add_(peak[:, 0])
+                self.chunk_hook(s, logits, lz)
             top_ids.append(indices)
             top_lp.append(values - lz[:, None])
             logz.append(lz)

@@ -20,11 +20,13 @@ import torch
 from pipeline.cache import CacheReader
 
 TRAIN_ARRAYS = ("input_ids", "topk_ids", "topk_logprobs", "topk_log_tail", "logz")
+DRAW_ARRAYS = ("draw_ids", "draw_counts")
+"""Loaded only for a mode that needs them (kd.mode=sampled), from a cache that has them."""
 
 
-def array_names(reader: CacheReader, need_hidden: bool) -> tuple[str, ...]:
+def array_names(reader: CacheReader, need_hidden: bool, need_samples: bool = False) -> tuple[str, ...]:
     hidden = ("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
-    return TRAIN_ARRAYS + (hidden if need_hidden else ())
+    return TRAIN_ARRAYS + (hidden if need_hidden else ()) + (DRAW_ARRAYS if need_samples else ())
 
 
 @dataclass
@@ -151,11 +153,11 @@ class DataAccess:
 
 
 def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidden: bool, dist=None,
-                show_progress: bool = True) -> DataAccess:
+                show_progress: bool = True, need_samples: bool = False) -> DataAccess:
     """Same tokenizer: the cached teacher tokens. Otherwise the cached text through the student's
     tokenizer, aligned once per (cache, tokenizer) and stored beside the cache (rank 0 builds it)."""
     if same_tokenizer:
-        names = array_names(reader, need_hidden)
+        names = array_names(reader, need_hidden, need_samples)
         return DataAccess(lambda ids: load_batch(reader, ids, names), lambda i: target_bytes(reader, i),
                           reader.spec.seq_len)
     from .cross import cross_batch, load_or_build_view

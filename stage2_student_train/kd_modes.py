@@ -46,7 +46,12 @@ class Chunk:
     @property
     def at_ids(self) -> Tensor:
         """The student's log-probs at the teacher's top-k ids (cross-tokenizer: their twins)."""
-        return self.picked[:, 1:]
+        return self.picked[:, 1:1 + self.rows["topk_ids"].shape[1]] if "topk_ids" in self.rows else self.picked[:, 1:]
+
+    @property
+    def at_samples(self) -> Tensor:
+        """The student's log-probs at the sampled ids (the last columns of ``picked``)."""
+        return self.picked[:, -self.rows["draw_ids"].shape[1]:]
 
 
 @dataclass
@@ -63,13 +68,16 @@ class KDMode:
     tokenizer: Literal["same", "cross", "any"]
     """same: the student shares the teacher's tokenizer; cross: it has another one."""
     needs: frozenset[str] = field(default_factory=frozenset)
-    """From the cache: 'topk' (top-k ids + log-probs), 'hidden' (teacher hidden states), 'head'."""
+    """From the cache: 'topk' (top-k ids + log-probs), 'hidden' (teacher hidden states), 'head',
+    'samples' (RS-KD sampled ids + counts; the objective gathers them with the target and top-k)."""
     loss: Callable[[Chunk], KDTerm] | None = None
     modules: tuple[str, ...] = ()
     """Trainable modules the mode adds beside the student ('router')."""
     summary: str = ""
     check: Callable[[dict], str | None] | None = None
     """Extra check on the cache's teacher facts; returns a problem (one line) or None."""
+    temperature_one: bool = False
+    """The mode's estimator holds at kd.temperature = 1 only (a run at another one is refused)."""
 
 
 def _topk_tail(c: Chunk) -> KDTerm:
@@ -118,6 +126,10 @@ def _projected(c: Chunk) -> KDTerm:
                   gate_input=out.gate_input, gate_counts=out.counts)
 
 
+def _sampled(c: Chunk) -> KDTerm:
+    return KDTerm(losses.kd_sampled(c.at_samples, c.rows["draw_counts"], c.temperature))
+
+
 def _plain_head(teacher: dict) -> str | None:
     if teacher.get("final_logit_softcapping"):
         return ("kd.mode=union computes teacher logits as hidden . head, which a soft-capped teacher "
@@ -133,6 +145,8 @@ MODES: dict[str, KDMode] = {m.name: m for m in (
            summary="KL of the top-k renormalised at temperature tau, times tau^2"),
     KDMode("union", "same", frozenset({"topk", "hidden", "head"}), _union, check=_plain_head,
            summary="exact teacher logits on teacher top-k + student top-k ids, from hidden . head"),
+    KDMode("sampled", "same", frozenset({"samples"}), _sampled, temperature_one=True,
+           summary="unbiased: tokens sampled from the full teacher distribution + counts (RS-KD)"),
     KDMode("mapped", "cross", frozenset({"topk"}), _mapped,
            summary="another tokenizer: teacher top-k through the byte-identical vocab map, + tail"),
     KDMode("projected", "cross", frozenset({"topk", "hidden"}), _projected, modules=("router",),
@@ -148,7 +162,8 @@ def get(name: str) -> KDMode:
     return MODES[name]
 
 
-def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict, cache_dir: str) -> KDMode:
+def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict, cache_dir: str,
+          temperatures: tuple[float, ...] = (1.0,)) -> KDMode:
     """The mode ``name``, after checking it fits this student and this cache (ConfigError if not)."""
     mode = get(name)
     if mode.tokenizer == "same" and not same_tokenizer:
@@ -165,6 +180,12 @@ def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict
     if "head" in mode.needs and "head" not in cache_has:
         raise ConfigError(f"kd.mode={name} needs the teacher head in the cache; run cache-teacher again with "
                           "cache.store_head=true (it adds the head to a complete cache)")
+    if "samples" in mode.needs and "samples" not in cache_has:
+        raise ConfigError(f"kd.mode={name} needs tokens sampled from the teacher, and cache {cache_dir} has none; "
+                          "rebuild it with cache.samples=48 cache.overwrite=true")
+    if mode.temperature_one and any(t != 1.0 for t in temperatures):
+        raise ConfigError(f"kd.mode={name} is unbiased only at temperature 1 (the cache samples the teacher at 1); "
+                          "set kd.temperature=1 (and kd.temperature_final=-1), or use kd.mode=topk_tail")
     if mode.check is not None and (problem := mode.check(teacher)):
         raise ConfigError(problem)
     return mode

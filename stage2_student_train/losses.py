@@ -261,3 +261,32 @@ def kd_union(logp: Tensor, teacher_hidden: Tensor, head: Tensor, teacher_logz: T
     s_tail = student_log_tail(logp, ids, at_ids, mask) if exact_student_tail else None
     log_t = fold_with_tail(t_logp, mask, t_tail)
     return _tail_kd(at_ids, log_t, temperature, mask, s_tail)
+
+
+def kd_sampled(student_logp_at_samples: Tensor, counts: Tensor, temperature: float = 1.0) -> Tensor:
+    """Random-sampling KD (RS-KD): ``sum_i w_i (log w_i - log s(id_i))`` per position, ``w_i = c_i / N``.
+
+    The cache holds, per position, the distinct ids of ``N`` tokens drawn with replacement from the
+    teacher's full distribution ``p`` (temperature 1) and their counts ``c_i`` (``counts`` [N_pos, S],
+    0 = padding; ``N = sum_i c_i``). ``student_logp_at_samples`` [N_pos, S] = ``logp.gather(-1, ids)``
+    from the student's FULL-vocabulary ``log_softmax`` (any value where the count is 0).
+
+    Gradient: w.r.t. the student's logits ``z``, ``d/dz_v = sum_i w_i (s_v - [v = id_i]) = s_v - w_v``
+    (``sum_i w_i = 1``), and ``E[w_v] = p_v``, so ``E[grad] = s - p``: exactly the gradient of full
+    ``KL(p || s)``, for every student (unbiased; its variance falls as 1 / N). Value: ``E[loss] =
+    KL(p || s) + H(p) - E[H(w)] >= KL(p || s)``, a student-independent upward bias (it is not an
+    estimate of the KL, its gradient is). A position with no draws contributes 0.
+
+    Only temperature 1: ``p`` is sampled as it is, and tempering would need importance weights
+    ``p_tau / p`` over a normaliser ``sum_v p_v^(1/tau)`` that samples do not give; refused.
+    """
+    if temperature != 1.0:
+        raise ValueError(f"kd_sampled holds at temperature 1 only (the cache samples the teacher at 1), "
+                         f"got {temperature}")
+    c = counts.to(F64)
+    total = c.sum(-1, keepdim=True)
+    w = c / total.clamp(min=1.0)
+    keep = c > 0
+    log_w = torch.where(keep, w, torch.ones_like(w)).log()
+    lp = student_logp_at_samples.to(F64).masked_fill(~keep, 0.0)
+    return (w * (log_w - lp)).sum(-1).to(student_logp_at_samples.dtype)

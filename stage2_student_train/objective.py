@@ -79,7 +79,7 @@ class GateStats:
 
 
 PER_POSITION = ("topk_ids", "topk_logprobs", "topk_log_tail", "logz", "hidden", "target_mask", "topk_mask",
-                "hidden_mask")
+                "hidden_mask", "draw_ids", "draw_counts")
 
 
 def flat_targets(batch: dict, device) -> dict:
@@ -147,10 +147,12 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
         with autocast:
             logits = lm_head(h_rows)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        # One gather for every id the terms need: the target, then the teacher's top-k.
+        # One gather for every id the terms need: the target, the teacher's top-k, the sampled ids.
         needed = flat["targets"][rows, None]
         if "topk_ids" in flat:
             needed = torch.cat([needed, flat["topk_ids"][rows]], dim=1)
+        if "samples" in mode.needs:
+            needed = torch.cat([needed, flat["draw_ids"][rows]], dim=1)
         picked = logp.gather(1, needed)
         smoothing_mean = logp.mean(-1) if w.label_smoothing > 0 else None
         ce_pos = losses.cross_entropy(picked[:, 0], w.label_smoothing, smoothing_mean)
@@ -210,7 +212,7 @@ def _eval_extras(sums: dict, flat: dict, rows: slice, logp: Tensor, picked: Tens
     """Unsmoothed NLL, agreement with the teacher's top-1, KL to its top-k + tail."""
     keep = 1.0 if valid is None else valid[rows]
     sums["nll"] += float((-picked[:, 0] * keep).sum())
-    at_ids = picked[:, 1:]
+    at_ids = picked[:, 1:1 + flat["topk_ids"].shape[1]] if "topk_ids" in flat else picked[:, 1:]
     if "topk_mask" in flat:  # cross-tokenizer: over the aligned positions whose top-1 maps
         top1_ok = flat["topk_mask"][rows, 0]
         sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) & top1_ok).sum())

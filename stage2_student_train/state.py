@@ -70,9 +70,10 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
         raise ConfigError(f"cache {cfg.cache.dir} has no held-out eval sequences; rebuild it with data.eval_documents")
     tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
     cache_has = {"topk"} | ({"hidden"} if reader.spec.store_hidden else set()) | (
-        {"head"} if reader.has_head else set())
+        {"head"} if reader.has_head else set()) | ({"samples"} if reader.spec.samples else set())
+    temperatures = (cfg.kd.temperature,) + ((cfg.kd.temperature_final,) if cfg.kd.temperature_final != -1 else ())
     mode = kd_modes.check(cfg.kd.mode, same_tokenizer=same_tokenizer, cache_has=cache_has,
-                          teacher=reader.spec.teacher, cache_dir=cfg.cache.dir)
+                          teacher=reader.spec.teacher, cache_dir=cfg.cache.dir, temperatures=temperatures)
     if mode.name == "union" and cfg.kd.union_student_k > reader.spec.vocab_size:
         raise ConfigError(f"kd.union_student_k={cfg.kd.union_student_k} exceeds the vocabulary "
                           f"({reader.spec.vocab_size}); lower it (8 is typical)")
@@ -80,7 +81,8 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     if need_hidden and not reader.spec.store_hidden:
         raise ConfigError(f"kd.feature_weight needs the teacher hidden states, and cache {cfg.cache.dir} has none; "
                           "rebuild it with cache.store_hidden=true cache.overwrite=true, or set kd.feature_weight=0")
-    access = data_access(reader, tokenizer, same_tokenizer, need_hidden, dist, show_progress)
+    access = data_access(reader, tokenizer, same_tokenizer, need_hidden, dist, show_progress,
+                         need_samples="samples" in mode.needs)
     return RunSetup(cfg, dist, device, precision, reader, tokenizer, same_tokenizer, mode, access,
                     Path(cfg.run.runs_dir) / cfg.run.name, kind, need_hidden)
 

@@ -51,7 +51,8 @@ def test_stage1_killed_at_random_points_ends_identical(tiny_teacher_dir, corpus_
     for p in corpus_dir.iterdir():
         for c in range(12):
             (corpus / f"{p.stem}-{c:02d}.txt").write_text(p.read_text() + f"\ncopy {c}\n")
-    extra = {"data.eval_documents": ["omega-00.txt", "omega-01.txt"], "cache.topk_encoding": "sqrt8"}
+    extra = {"data.eval_documents": ["omega-00.txt", "omega-01.txt"], "cache.topk_encoding": "sqrt8",
+             "cache.samples": 8}  # the sampled tokens (RS-KD) are redone byte-identically too
     ref, victim = tmp_path / "ref", tmp_path / "victim"
     finish(["cache-teacher", *stage1_overrides(tiny_teacher_dir, corpus, ref, **extra)])
     shards = CacheReader(ref).spec.num_shards

@@ -1,7 +1,7 @@
 """docs/cache-format.md is enough to read a cache: a reader written from that page alone, with
 plain zarr + pyarrow + numpy + json (no import of this project in the reading part), gets
-exactly the numbers ``CacheReader`` returns, for a sqrt8 cache with int8 hidden states and a
-float32 cache with fp16 hidden states and a head. If the page's rules are wrong, this fails."""
+exactly the numbers ``CacheReader`` returns, for a sqrt8 cache with int8 hidden states and
+sampled tokens, and a float32 cache with fp16 hidden states and a head. If the page's rules are wrong, this fails."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ class PlainCache:
             return h.astype(np.float32) * self.group["hidden_scale"][start:stop][..., None]
         return h.astype(np.float32)
 
+    def samples(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(drawn ids, counts) [n, L, S] of a sampled cache; padding (count 0) keeps its decoded id."""
+        keys = np.cumsum(self.group["draw_gaps"][start:stop].astype(np.int64), axis=-1)
+        ids = self.group["rank_to_id"][:][keys] if self.spec["topk_encoding"] == "sqrt8" else keys
+        return ids, self.group["draw_counts"][start:stop]
+
     def row(self, index: int) -> dict:
         shard, row = divmod(index, self.spec["shard_sequences"])
         with pa.memory_map(str(self.root / "meta" / f"shard-{shard:05d}.arrow")) as src:
@@ -105,7 +111,8 @@ def sqrt8_int8_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory) -> Path:
 
     cache = tmp_path_factory.mktemp("plain") / "cache"
     cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache, **{
-        "cache.topk_encoding": "sqrt8", "cache.hidden_dtype": "int8", "cache.pilot_sequences": 2})),
+        "cache.topk_encoding": "sqrt8", "cache.hidden_dtype": "int8", "cache.pilot_sequences": 2,
+        "cache.samples": 16})),
         show_progress=False)
     return cache
 
@@ -130,6 +137,16 @@ def test_a_reader_written_from_the_doc_gets_the_same_numbers(which, request):
     if plain.spec["topk_encoding"] == "sqrt8":
         assert group["input_ids"].dtype == np.uint16 and (np.diff(np.cumsum(
             group["topk_rank_gaps"][:].astype(np.int64), -1), axis=-1) > 0).all()  # ranks strictly increase
+    if plain.spec.get("samples"):
+        draw_ids, counts = plain.samples(0, n)
+        got = reader.read_range(0, n, ("draw_ids", "draw_counts"))
+        real = counts > 0
+        assert np.array_equal(draw_ids[real], got["draw_ids"][real].astype(np.int64))
+        assert np.array_equal(counts, got["draw_counts"])
+        assert (counts.sum(-1) == plain.spec["samples"]).all()
+        ranks = np.cumsum(group["draw_gaps"][:].astype(np.int64), -1)
+        assert all((np.diff(r[c > 0]) > 0).all() for r, c in zip(ranks.reshape(-1, ranks.shape[-1]),
+                                                                 counts.reshape(-1, counts.shape[-1])))
     hidden = plain.hidden(0, n)
     for i in range(n):
         seq = reader.sequence(i)

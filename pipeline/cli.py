@@ -136,7 +136,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .cache import CacheReader
     from .errors import CacheError
     if args.verify:
-        from .verify import verify_cache
+        from .cache.verify import verify_cache
         if not Path(args.cache).is_dir():
             CacheReader(args.cache)  # the usual one-line error: missing, a file, ...
         report = verify_cache(args.cache)

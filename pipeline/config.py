@@ -97,6 +97,8 @@ class DataConfig:
 @dataclass
 class CacheConfig:
     dir: str = "caches/smollm2-shakespeare"
+    """A local directory or an fsspec URL (``s3://bucket/path``, ``gs://``, ``hf://``, ``memory://``;
+    the backend package installed, credentials from its usual environment)."""
     top_k: int = 64
     hidden_dtype: Literal["float16", "int8"] = "float16"
     """int8 stores a per-token scale beside the codes (~2x smaller, bounded error)."""
@@ -120,13 +122,15 @@ class CacheConfig:
     overwrite: bool = False
     """Replace an existing cache at ``dir`` (only a directory that is recognisably a cache)."""
     views_dir: str = ""
-    """Where cross-tokenizer student views are stored; empty: inside the cache (``dir/student-views``).
-    Set it when the cache is read-only."""
+    """Where cross-tokenizer student views are stored; empty: inside a local cache
+    (``dir/student-views``), or ``~/.cache/kd-pipeline/student-views`` for a remote one. Set it
+    when the cache is read-only."""
     writer_queue: int = 2
     """Shards that may wait for the background writer before the teacher pauses."""
     plan_dir: str = ""
     """Where stage 1 streams its packed plan (Arrow files, read back shard by shard by the teacher
-    pass and reused by a rerun); empty: ``.<cache name>.plan`` beside ``dir``."""
+    pass and reused by a rerun); empty: ``.<cache name>.plan`` beside a local ``dir``, or
+    ``~/.cache/kd-pipeline/plans/<hash of the URL>`` for a remote one."""
 
     def validate(self) -> None:
         _require(bool(self.dir.strip()), "cache.dir", "must not be empty")

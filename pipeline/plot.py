@@ -21,9 +21,11 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def teacher_level(run_dir: Path) -> dict | None:
     """The teacher's eval ppl/bpb from the manifest of the cache the run trained on."""
     import tomllib
+
+    from .cache.store import open_storage
     try:
         cache_dir = tomllib.loads((run_dir / "config.toml").read_text())["cache"]["dir"]
-        summary = json.loads((Path(cache_dir) / "manifest.json").read_text())["summary"]
+        summary = json.loads(open_storage(cache_dir).read_bytes("manifest.json"))["summary"]
         return {"ppl": summary.get("teacher_eval_ppl"), "bpb": summary.get("teacher_eval_bpb")}
     except (OSError, KeyError, ValueError):
         return None

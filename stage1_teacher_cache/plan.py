@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.cache.store import is_url, user_cache_dir
 from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.fingerprint import tokenizer_hash
@@ -194,9 +195,12 @@ def plan_key(cfg: Config, tokenizer) -> dict:
 
 
 def plan_folder(cfg: Config) -> Path:
-    """``cache.plan_dir``, or ``.<cache name>.plan`` beside the cache."""
+    """``cache.plan_dir``, or ``.<cache name>.plan`` beside a local cache; for a remote cache
+    (an fsspec URL) a local folder named by the URL in this user's cache folder."""
     if cfg.cache.plan_dir:
         return Path(cfg.cache.plan_dir)
+    if is_url(cfg.cache.dir):
+        return user_cache_dir() / "plans" / hashlib.sha256(cfg.cache.dir.encode()).hexdigest()[:16]
     root = Path(cfg.cache.dir)
     return root.parent / f".{root.name}.plan"
 

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.cache_files import atomic_write_json
+from pipeline.atomic import atomic_write_json
 from pipeline.errors import ConfigError
 
 PLAN_VERSION = 1

@@ -16,21 +16,21 @@ import argparse
 import contextlib
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import CacheReader, CacheSpec, CacheWriter, check_finite, quantize_hidden_int8
-from pipeline.cache_files import lock_path
+from pipeline.cache import CacheReader, CacheSpec, CacheWriter, check_finite
+from pipeline.cache.files import lock_path
+from pipeline.cache.store import open_storage
 from pipeline.config import Config, load_config
 from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
 from pipeline.distributed import Dist, init_distributed
 from pipeline.errors import ConfigError, TeacherError
 from pipeline.locks import acquire_lock
 from pipeline.fingerprint import tokenizer_hash
-from pipeline.tokenizer_files import store_tokenizer
+from pipeline.cache.tokenizer import store_tokenizer
 
 from .background import BackgroundWriter
 from .plan import ensure_plan, plan_folder
@@ -75,8 +75,8 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     # One writer per cache directory: rank 0 holds the lock for the whole run (the other ranks of
     # a torchrun job write their own shards under it), planning included. A refusal is raised on
     # every rank.
-    root = Path(cfg.cache.dir)
-    dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(root), f"cache {root}")))
+    store = open_storage(cfg.cache.dir)
+    dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(store), f"cache {store}")))
     # The plan is streamed to disk by rank 0 (or reused from a previous run of the same inputs);
     # every rank then reads only the rows of the shards it runs.
     plan = dist.run_on_main(lambda: ensure_plan(cfg, tokenizer, show_progress=progress))
@@ -268,14 +268,13 @@ def teach(teacher: TeacherPass, input_ids: np.ndarray, rows: range, cfg: Config)
 
 
 def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:
-    """The teacher's fp32 outputs in the cache's storage types (hidden: fp16 or int8 + scale)."""
+    """The logical arrays the writer takes: hidden only if stored, float16 already when the cache
+    stores float16 (half the memory while the shard waits for the writer); int8 coding is the
+    writer's (``pipeline/cache/codecs.py``)."""
     out = dict(arrays)
     hidden = out.pop("hidden")
     if spec.store_hidden:
-        if spec.hidden_dtype == "int8":
-            out["hidden"], out["hidden_scale"] = quantize_hidden_int8(hidden)
-        else:
-            out["hidden"] = hidden.astype(np.float16)
+        out["hidden"] = hidden if spec.hidden_dtype == "int8" else hidden.astype(np.float16)
     return out
 
 

@@ -132,10 +132,8 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
     """A batch in student token space. Per student position j < Ls-1: the target (next student
     token) and its mask; the teacher's top-k at the aligned position, mapped to student ids, with
     a mask that drops unaligned positions, ids without a twin and repeated twins."""
-    hidden = ("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
-    names = ("topk_ids", "topk_logprobs", "topk_log_tail") + (hidden if need_hidden else ())
-    rows = [reader.read_range(int(i), int(i) + 1, names) for i in indices]
-    teacher = {n: np.concatenate([r[n] for r in rows]) for n in names}
+    names = ("topk_ids", "topk_logprobs", "topk_log_tail") + (("hidden",) if need_hidden else ())
+    teacher = reader.read_indices(indices, names)
     ids = view.ids[indices]
     aligned = view.aligned[indices][:, :-1]
     target_mask = ids[:, 1:] >= 0
@@ -157,8 +155,6 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
     }
     if need_hidden:
         hidden = teacher["hidden"].astype(np.float32)
-        if "hidden_scale" in teacher:
-            hidden = hidden * teacher["hidden_scale"][..., None]
         batch["hidden"] = torch.from_numpy(np.take_along_axis(hidden, t[..., None], 1))
         batch["hidden_mask"] = torch.from_numpy((aligned >= 0) & target_mask)
     return batch

@@ -25,8 +25,7 @@ DRAW_ARRAYS = ("draw_ids", "draw_counts")
 
 
 def array_names(reader: CacheReader, need_hidden: bool, need_samples: bool = False) -> tuple[str, ...]:
-    hidden = ("hidden",) + (("hidden_scale",) if reader.spec.hidden_dtype == "int8" else ())
-    return TRAIN_ARRAYS + (hidden if need_hidden else ()) + (DRAW_ARRAYS if need_samples else ())
+    return TRAIN_ARRAYS + (("hidden",) if need_hidden else ()) + (DRAW_ARRAYS if need_samples else ())
 
 
 @dataclass
@@ -123,14 +122,12 @@ class Prefetcher:
 
 def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Stack the cached arrays of ``indices`` as torch tensors (ids int64, floats fp32)."""
-    rows = [reader.read_range(int(i), int(i) + 1, names) for i in indices]
+    arrays = reader.read_indices(indices, names)
     batch = {}
     for name in names:
-        arr = np.concatenate([r[name] for r in rows])
+        arr = arrays[name]
         batch[name] = torch.from_numpy(arr.astype(np.int64 if arr.dtype.kind in "ui" and name != "hidden"
                                                   else np.float32))
-    if "hidden_scale" in batch:
-        batch["hidden"] = batch["hidden"] * batch.pop("hidden_scale")[..., None]
     batch["sample_ids"] = torch.from_numpy(np.asarray(indices, np.int64))
     return batch
 

@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from pipeline.cache.store import is_url
 from pipeline.config import Config, to_toml
 from pipeline.errors import CacheError, ConfigError
 
@@ -35,6 +36,8 @@ def check_location(run_dir: Path, cache_dir: str) -> None:
     """A run directory that is a file, or that is (inside) the cache, is refused."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file; choose another run.name or run.runs_dir")
+    if is_url(cache_dir):
+        return  # a remote cache cannot overlap a local run directory
     run, cache = run_dir.resolve(), Path(cache_dir).resolve()
     if run == cache or cache in run.parents or run in cache.parents:
         raise ConfigError(f"run directory {run_dir} and cache {cache_dir} overlap; put runs elsewhere (run.runs_dir)")

@@ -12,7 +12,7 @@ from pipeline.cache import CacheReader
 from pipeline.config import Config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fingerprint import tokenizer_hash
-from pipeline.tokenizer_files import load_cached_tokenizer
+from pipeline.cache.tokenizer import load_cached_tokenizer
 
 
 EMBEDDED_GPT2 = "embedded:gpt2"

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import zarr
 
 from pipeline.cache import (ARRAYS, MANIFEST, CacheReader, CacheSpec, CacheWriter, file_record, id_dtype,
                             quantize_hidden_int8)
@@ -38,7 +39,13 @@ def random_shard(spec: CacheSpec, shard: int, rng: np.random.Generator):
             continue
         shape, dtype = stored[name]
         shape = (n,) + shape[1:]
-        if dtype.kind == "u":
+        if name == "hidden" and spec.hidden_dtype == "int8":
+            # logical hidden is float; values on the int8 grid of scale 1/8 (each token reaching
+            # +-127 codes) survive the writer's coding exactly
+            codes = rng.integers(-127, 128, shape)
+            codes[..., 0] = 127
+            arrays[name] = (codes * 0.125).astype(np.float32)
+        elif dtype.kind == "u":
             arrays[name] = rng.integers(0, spec.vocab_size, shape).astype(dtype)
         elif dtype.kind == "i":
             arrays[name] = rng.integers(-127, 128, shape).astype(dtype)
@@ -120,10 +127,13 @@ def test_int8_hidden_round_trips_through_the_reader(tmp_path):
     w = CacheWriter.open(tmp_path / "c", spec)
     arrays, meta = random_shard(spec, 0, rng)
     h = rng.standard_normal((4, L, D)).astype(np.float32)
-    arrays["hidden"], arrays["hidden_scale"] = quantize_hidden_int8(h)
+    arrays["hidden"] = h  # the writer codes it (codecs.Int8Hidden), the reader decodes it
     w.write_shard(0, arrays, meta, {})
     got = CacheReader(tmp_path / "c").sequence(1).hidden()
-    assert np.all(np.abs(got - h[1]) <= arrays["hidden_scale"][1][:, None] / 2 + 1e-6)
+    _, scale = quantize_hidden_int8(h)
+    stored = zarr.open_array(str(tmp_path / "c" / ARRAYS / "hidden"), mode="r")[1]
+    assert stored.dtype == np.int8 and np.array_equal(got, stored.astype(np.float32) * scale[1][:, None])
+    assert np.all(np.abs(got - h[1]) <= scale[1][:, None] / 2 + 1e-6) and not np.array_equal(got, h[1])
 
 
 def test_half_written_cache_is_reported_incomplete(tmp_path):

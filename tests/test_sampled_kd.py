@@ -16,7 +16,7 @@ from pipeline import logit_codec
 from pipeline.cache import CacheReader
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, FingerprintMismatch
-from pipeline.verify import verify_cache
+from pipeline.cache.verify import verify_cache
 from stage1_teacher_cache import sampling
 from stage2_student_train import kd_modes, losses
 

@@ -20,7 +20,7 @@ from pipeline.cli import main as cli_main
 from pipeline.config import load_config
 from pipeline.errors import CacheError
 from pipeline.fingerprint import tokenizer_hash
-from pipeline.verify import verify_cache
+from pipeline.cache.verify import verify_cache
 from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.student import load_teacher_tokenizer
 from stage2_student_train.train import train

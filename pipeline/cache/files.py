@@ -1,12 +1,13 @@
-"""The files of a cache directory: layout names, checksum records, commit markers, and the rules
-for what may be replaced. ``cache.py`` builds the format on these.
+"""The files of a cache: layout names, checksum records, commit markers, and the rules for what
+may be replaced. ``writer.py`` and ``reader.py`` build the format on these; every function takes
+the cache's ``Storage`` (``store.py``), so the same rules hold on a local disk and an object store.
 
 Integrity rule: every file the reader uses is vouched for by a record ``{"bytes", "crc32"}``
 written *after* the file, at the file's commit time:
 
 - ``manifest.json["files"]``: the zarr metadata of the group and of every array, the sqrt8
   ``rank_to_id`` table (at creation), ``meta/documents.arrow`` (when written) and every file of
-  the teacher's tokenizer in ``tokenizer/`` (``tokenizer_files.py``);
+  the teacher's tokenizer in ``tokenizer/`` (``tokenizer.py``);
 - ``done/shard-SSSSS.json``: every file of one shard (the shard's commit marker);
 - ``done/head.json``: every file of the optional teacher head (the head's commit marker).
 
@@ -16,17 +17,19 @@ redoes the work) and the reader (which refuses or ignores it) alike.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import NonFiniteError
+from ..atomic import json_bytes
+from ..errors import NonFiniteError
+from .store import LocalStorage, Storage, user_cache_dir
 
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.zarr"
@@ -43,47 +46,25 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def write_json(store: Storage, rel: str, obj: Any) -> None:
+    """All or nothing (``Storage.write_bytes``): a marker or manifest is whole or absent."""
+    store.write_bytes(rel, json_bytes(obj))
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def file_record(store: Storage, rel: str) -> dict[str, int]:
+    return {"bytes": store.size(rel), "crc32": store.crc32(rel)}
 
 
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
-def file_record(path: Path) -> dict[str, int]:
-    return {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
-
-
-def check_record(root: Path, rel: str, record: Any) -> str | None:
-    """None if ``root/rel`` matches its record, else what is wrong ("missing", "corrupt ...")."""
-    path = root / rel
-    if not path.is_file():
+def check_record(store: Storage, rel: str, record: Any) -> str | None:
+    """None if file ``rel`` matches its record, else what is wrong ("missing", "corrupt ...")."""
+    size = store.size(rel)
+    if size is None:
         return "missing"
     if not _valid_record(record):
         return "has no valid checksum record"
-    size = path.stat().st_size
     if size != record["bytes"]:
         return f"corrupt (size {size}, committed {record['bytes']})"
-    if file_crc32(path) != record["crc32"]:
+    if store.crc32(rel) != record["crc32"]:
         return "corrupt (checksum mismatch)"
     return None
 
@@ -93,17 +74,18 @@ def _valid_record(record: Any) -> bool:
             and isinstance(record.get("crc32"), int))
 
 
-def _read_json(path: Path) -> Any:
+def read_json(store: Storage, rel: str) -> Any:
+    """The parsed JSON file ``rel``, or None: missing, a folder, bad JSON, bad UTF-8."""
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError):  # missing, a directory, bad JSON, bad UTF-8
+        return json.loads(store.read_bytes(rel))
+    except (OSError, ValueError):
         return None
 
 
-def read_shard_marker(root: Path, shard: int) -> dict[str, Any] | None:
+def read_shard_marker(store: Storage, shard: int) -> dict[str, Any] | None:
     """The commit marker of ``shard``, or None when the shard is not committed: no marker, or
     one that is truncated, not a JSON object, for another shard, or missing a field."""
-    obj = _read_json(root / DONE / f"{shard_name(shard)}.json")
+    obj = read_json(store, f"{DONE}/{shard_name(shard)}.json")
     if not isinstance(obj, dict) or obj.get("shard") != shard:
         return None
     if not all(isinstance(obj.get(k), int) for k in ("start", "stop")):
@@ -116,9 +98,9 @@ def read_shard_marker(root: Path, shard: int) -> dict[str, Any] | None:
     return obj
 
 
-def read_head_marker(root: Path) -> dict[str, Any] | None:
+def read_head_marker(store: Storage) -> dict[str, Any] | None:
     """The head's commit marker, or None: a head without a valid marker does not exist."""
-    obj = _read_json(root / DONE / HEAD_MARKER)
+    obj = read_json(store, f"{DONE}/{HEAD_MARKER}")
     if not isinstance(obj, dict) or not isinstance(obj.get("shape"), list):
         return None
     files = obj.get("files")
@@ -127,8 +109,8 @@ def read_head_marker(root: Path) -> dict[str, Any] | None:
     return obj
 
 
-def records(root: Path, rels: list[str]) -> dict[str, dict[str, int]]:
-    return {rel: file_record(root / rel) for rel in rels}
+def records(store: Storage, rels: list[str]) -> dict[str, dict[str, int]]:
+    return {rel: file_record(store, rel) for rel in rels}
 
 
 def check_finite(shard: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
@@ -147,44 +129,62 @@ def chunk_files(arr, rel: str) -> list[str]:
     return [f"{rel}/{arr.metadata.encode_chunk_key(tuple(idx))}" for idx in np.ndindex(*grid)]
 
 
-def array_metadata_files(root: Path) -> list[str]:
+def array_metadata_files(store: Storage) -> list[str]:
     """The group's and every array's zarr.json (not the head's: its marker vouches for it)."""
-    return [f"{ARRAYS}/zarr.json"] + sorted(str(p.relative_to(root)) for p in (root / ARRAYS).glob("*/zarr.json")
-                                            if p.parent.name != "head")
+    return [f"{ARRAYS}/zarr.json"] + [f"{ARRAYS}/{name}/zarr.json" for name in store.list(ARRAYS)
+                                      if name != "head" and store.is_file(f"{ARRAYS}/{name}/zarr.json")]
 
 
 # ---------------------------------------------------------------- replacing a cache directory
 
 
-def not_a_cache_reason(root: Path) -> str | None:
-    """None if ``root`` is recognisably a cache of this tool, else why not. Recognisable: only
+def not_a_cache_reason(store: Storage) -> str | None:
+    """None if ``store`` is recognisably a cache of this tool, else why not. Recognisable: only
     the cache layout at the top level (manifest, arrays.zarr with zarr group metadata, meta/,
-    done/, student-views/, hidden temp files), a manifest that is a cache manifest of any schema
-    version (or unreadable: a truncated manifest is still a damaged cache), and nothing in meta/
-    or done/ but the files this tool writes there."""
-    if not root.is_dir():
+    done/, student-views/, tokenizer/, hidden temp files), a manifest that is a cache manifest of
+    any schema version (or unreadable: a truncated manifest is still a damaged cache), and nothing
+    in meta/ or done/ but the files this tool writes there."""
+    if not store.is_dir():
         return "it is not a directory"
-    entries = {p.name for p in root.iterdir() if not p.name.startswith(".")}
+    entries = {n for n in store.list() if not n.startswith(".")}
     foreign = sorted(entries - TOP_LEVEL)
     if foreign:
         return f"it holds {foreign[0]!r}, which no cache holds"
-    for name in (MANIFEST, ARRAYS, META, DONE):
+    for name in (MANIFEST, ARRAYS) + (() if store.remote else (META, DONE)):  # no empty folders in object stores
         if name not in entries:
             return f"it has no {name}"
-    if not (root / MANIFEST).is_file() or not (root / ARRAYS / "zarr.json").is_file():
+    if not store.is_file(MANIFEST) or not store.is_file(f"{ARRAYS}/zarr.json"):
         return f"its {MANIFEST} or {ARRAYS}/zarr.json is not a file"
-    manifest = _read_json(root / MANIFEST)
+    manifest = read_json(store, MANIFEST)
     if manifest is not None and not (isinstance(manifest, dict) and isinstance(manifest.get("schema_version"), int)
                                      and isinstance(manifest.get("spec"), dict)):
         return f"its {MANIFEST} is not a cache manifest"
     for folder, ok in ((META, lambda n: n == "documents.arrow" or (n.startswith("shard-") and n.endswith(".arrow"))),
                        (DONE, lambda n: n == HEAD_MARKER or (n.startswith("shard-") and n.endswith(".json")))):
-        if not (root / folder).is_dir():
+        if folder in entries and not store.is_dir(folder):
             return f"its {folder} is not a directory"
-        for p in (root / folder).iterdir():
-            if not p.name.startswith(".") and not (p.is_file() and ok(p.name)):
-                return f"it holds {folder}/{p.name}, which no cache holds"
+        for name in store.list(folder):
+            if not name.startswith(".") and not (store.is_file(f"{folder}/{name}") and ok(name)):
+                return f"it holds {folder}/{name}, which no cache holds"
     return None
+
+
+def interrupted_creation(store: Storage) -> bool:
+    """True when an object-store prefix holds what a cut-short creation leaves (stage 1 writes
+    the skeleton in place there, the manifest last): arrays.zarr and nothing committed."""
+    entries = {n for n in store.list() if not n.startswith(".")}
+    return bool(entries) and entries <= {ARRAYS, META} and not store.list(DONE)
+
+
+def clear_for_replacement(store: Storage) -> None:
+    """Object stores (no rename): delete a cache in an order that keeps it recognisable until the
+    end: commit markers first, then the data, the manifest last. A kill part-way leaves a damaged
+    cache that ``cache.overwrite=true`` replaces again."""
+    store.remove_tree(DONE)
+    for rel in store.files_under():
+        if rel != MANIFEST:
+            store.remove(rel)
+    store.remove(MANIFEST)
 
 
 def aside_prefix(root: Path) -> str:
@@ -211,7 +211,10 @@ def remove_leftovers(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def lock_path(root: Path) -> Path:
-    """The lock of a cache directory: beside it (it must outlive a replacement of the directory)."""
-    root = root.resolve()
-    return root.parent / f".{root.name}.lock"
+def lock_path(store: Storage) -> Path:
+    """The lock of a cache: beside a local one (it must outlive a replacement of the directory);
+    for an object store, a local file named by the URL (it keeps out writers on this machine only)."""
+    if isinstance(store, LocalStorage):
+        root = store.root.resolve()
+        return root.parent / f".{root.name}.lock"
+    return user_cache_dir() / "locks" / f"{hashlib.sha256(store.url.encode()).hexdigest()[:16]}.lock"

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .cache import CacheSpec
+    from .spec import CacheSpec
 
 FORMAT_DOC = "docs/cache-format.md"
 FORMAT_NAME = "kd-pipeline teacher cache"

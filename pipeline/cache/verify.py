@@ -19,9 +19,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cache_files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, check_record, read_head_marker, read_shard_marker,
-                          shard_name)
-from .tokenizer_files import RERUN, TOKENIZER_DIR, tokenizer_records
+from .files import ARRAYS, DONE, HEAD_MARKER, MANIFEST, check_record, read_head_marker, read_shard_marker, shard_name
+from .spec import SCHEMA_VERSION, CacheSpec
+from .store import Storage, open_storage
+from .tokenizer import RERUN, TOKENIZER_DIR, tokenizer_records
 
 
 @dataclass
@@ -41,14 +42,12 @@ class VerifyReport:
                 "damaged": self.damaged, "uncommitted_shards": self.uncommitted}
 
 
-def verify_cache(root: str | Path) -> VerifyReport:
-    from .cache import SCHEMA_VERSION, CacheSpec
-
-    root = Path(root)
+def verify_cache(root: str | Path | Storage) -> VerifyReport:
+    store = open_storage(root)
     report = VerifyReport()
     rebuild = "rebuild with cache-teacher cache.overwrite=true"
     try:
-        manifest = json.loads((root / MANIFEST).read_bytes())
+        manifest = json.loads(store.read_bytes(MANIFEST))
         spec = CacheSpec(**manifest["spec"])
         if manifest["schema_version"] != SCHEMA_VERSION:
             raise ValueError(f"schema version {manifest['schema_version']}")
@@ -58,7 +57,7 @@ def verify_cache(root: str | Path) -> VerifyReport:
         return report
 
     def check(rel: str, record, remedy: str) -> None:
-        problem = check_record(root, rel, record)
+        problem = check_record(store, rel, record)
         report.checked_files += 1
         if problem is None:
             report.checked_bytes += record["bytes"]
@@ -80,7 +79,7 @@ def verify_cache(root: str | Path) -> VerifyReport:
         report.damaged.append(f"{ARRAYS}/rank_to_id: no checksum recorded; {rebuild}")
 
     for shard in range(spec.num_shards):
-        marker = read_shard_marker(root, shard)
+        marker = read_shard_marker(store, shard)
         if marker is None:
             report.uncommitted.append(shard)
             continue
@@ -88,12 +87,11 @@ def verify_cache(root: str | Path) -> VerifyReport:
         for rel, record in sorted(marker["files"].items()):
             check(rel, record, remedy)
 
-    head_path = root / DONE / HEAD_MARKER
-    head = read_head_marker(root)
+    head = read_head_marker(store)
     head_remedy = f"delete {DONE}/{HEAD_MARKER} and rerun cache-teacher with cache.store_head=true"
     if head is not None:
         for rel, record in sorted(head["files"].items()):
             check(rel, record, head_remedy)
-    elif head_path.exists():
+    elif store.exists(f"{DONE}/{HEAD_MARKER}"):
         report.damaged.append(f"{DONE}/{HEAD_MARKER}: unreadable or malformed; {head_remedy}")
     return report

@@ -6,15 +6,10 @@ Functions of a ``CacheReader`` (its methods delegate here), kept apart from the 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 if TYPE_CHECKING:
-    from .cache import CacheReader
-
-
-def bytes_on_disk(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
+    from .reader import CacheReader
 
 
 def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:

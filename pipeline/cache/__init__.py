@@ -1,0 +1,37 @@
+"""The teacher cache: one package, one job per module, along the data flow.
+
+    spec.py       what a cache is (CacheSpec: shapes, encodings, shards, splits; names; manifest)
+    store.py      where it lives: a local directory or an fsspec URL (s3://, gs://, hf://, memory://)
+    files.py      its files: checksum records, commit markers, what may be replaced, the lock
+    codecs.py     logical <-> stored arrays: top-k (sqrt8, float16/32) and hidden (float16, int8)
+    writer.py     CacheWriter: create or reopen, commit shard by shard
+    reader.py     CacheReader: batched reads of any range, decoded and verified
+    tokenizer.py  the teacher's tokenizer inside the cache (self-contained caches)
+    summary.py    what ``inspect`` reports; verify.py: ``inspect --verify``
+    attrs.py      the self-description every zarr array carries
+
+Layout of a cache (schema version ``SCHEMA_VERSION``; every array, field and decoding rule is in
+``docs/cache-format.md``)::
+
+    manifest.json          schema, fingerprint, spec, teacher facts, ``files``: size + CRC32 of the
+                           array metadata, rank_to_id, meta/documents.arrow and tokenizer/
+    arrays.zarr/           zarr v3 group; per-token arrays [N, L, ...], one zarr shard = one cache shard
+    meta/documents.arrow   one row per source document
+    meta/shard-SSSSS.arrow one row per sequence: seq_index, split, text, char_end, doc_id
+    done/shard-SSSSS.json  a shard's commit marker, written last: every file of the shard + stats
+    done/head.json         the optional teacher head's commit marker
+    tokenizer/             the teacher's tokenizer (save_pretrained)
+"""
+
+from ..atomic import atomic_write_bytes, atomic_write_json, file_crc32, file_record
+from .codecs import quantize_hidden_int8
+from .files import ARRAYS, DONE, MANIFEST, META, VIEWS, check_finite, lock_path
+from .reader import CacheReader, Sequence
+from .spec import DERIVED, LOGICAL, SCHEMA_VERSION, CacheSpec, fingerprint_diff, id_dtype
+from .store import Storage, is_url, open_storage
+from .writer import CacheWriter
+
+__all__ = ["ARRAYS", "DERIVED", "DONE", "LOGICAL", "MANIFEST", "META", "SCHEMA_VERSION", "VIEWS", "CacheReader",
+           "CacheSpec", "CacheWriter", "Sequence", "Storage", "atomic_write_bytes", "atomic_write_json",
+           "check_finite", "file_crc32", "file_record", "fingerprint_diff", "id_dtype", "is_url", "lock_path",
+           "open_storage", "quantize_hidden_int8"]

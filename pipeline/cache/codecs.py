@@ -1,0 +1,97 @@
+"""Codecs between the logical arrays (what stages write and read) and the stored ones.
+
+Two kinds, one interface each; the writer encodes, the reader decodes, and no stage sees a
+stored form:
+
+- top-k (``cache.topk_encoding``): ``Sqrt8Codec`` (rank gaps + sqrt codes + an explicit tail,
+  ``logit_codec.py``) or ``FloatCodec`` (ids + float16/float32 log-probs). Logical form:
+  ``topk_ids`` by descending probability, ``topk_logprobs`` float32, and the derived
+  ``topk_log_tail`` (log of the mass beyond the top-k);
+- hidden (``cache.hidden_dtype``): ``Float16Hidden`` or ``Int8Hidden`` (per-token absmax). Logical
+  form: ``hidden`` as float (float16 as stored, int8 dequantised to float32).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .. import logit_codec
+from .spec import CacheSpec, id_dtype
+
+
+class Sqrt8Codec:
+    stored = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
+
+    def __init__(self, spec: CacheSpec, rank_to_id: Callable[[], np.ndarray]):
+        self.levels, self.vocab = spec.sqrt_levels, spec.vocab_size
+        self._rank_to_id = rank_to_id  # called when needed: the reader checks the table on first use
+
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        """Stored arrays, and the summed KL(exact || stored) over the K+1 buckets (the fidelity)."""
+        gaps, codes, tail = logit_codec.encode(ids, logprobs, self._rank_to_id(), self.levels)
+        kl = logit_codec.bucket_kl(logprobs, logit_codec.roundtrip(logprobs, self.levels))
+        return {"topk_rank_gaps": gaps, "topk_sqrt_codes": codes, "topk_tail_code": tail}, float(kl.sum())
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, logprobs, log_tail = logit_codec.decode_with_tail(*(stored[n] for n in self.stored),
+                                                               self._rank_to_id(), self.levels)
+        return {"topk_ids": ids.astype(id_dtype(self.vocab)), "topk_logprobs": logprobs,
+                "topk_log_tail": log_tail.astype(np.float32)}
+
+
+class FloatCodec:
+    stored = ("topk_ids", "topk_logprobs")
+
+    def __init__(self, spec: CacheSpec):
+        self.dtype = np.dtype(spec.topk_encoding)
+
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        stored = logprobs.astype(self.dtype)
+        kl = logit_codec.bucket_kl(logprobs, stored.astype(np.float32))
+        return {"topk_ids": ids, "topk_logprobs": stored}, float(kl.sum())
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The tail is 1 - sum p in float64: as exact as the stored values allow."""
+        logprobs = stored["topk_logprobs"]
+        mass = np.exp(logprobs.astype(np.float64)).sum(-1)
+        return {"topk_ids": stored["topk_ids"], "topk_logprobs": logprobs,
+                "topk_log_tail": np.log(np.clip(1.0 - mass, 1e-300, None)).astype(np.float32)}
+
+
+def topk_codec(spec: CacheSpec, rank_to_id: Callable[[], np.ndarray]) -> Sqrt8Codec | FloatCodec:
+    return Sqrt8Codec(spec, rank_to_id) if spec.topk_encoding == "sqrt8" else FloatCodec(spec)
+
+
+def quantize_hidden_int8(hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-token int8: codes = round(h / s), s = max|h| / 127; error <= s / 2 per element."""
+    absmax = np.abs(hidden).max(axis=-1)
+    scale = (np.maximum(absmax, 1e-12) / 127.0).astype(np.float32)
+    codes = np.clip(np.rint(hidden / scale[..., None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+class Float16Hidden:
+    stored = ("hidden",)
+
+    def encode(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        return {"hidden": hidden.astype(np.float16, copy=False)}
+
+    def decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+        return stored["hidden"]
+
+
+class Int8Hidden:
+    stored = ("hidden", "hidden_scale")
+
+    def encode(self, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = quantize_hidden_int8(np.asarray(hidden, np.float32))
+        return {"hidden": codes, "hidden_scale": scale}
+
+    def decode(self, stored: dict[str, np.ndarray]) -> np.ndarray:
+        return stored["hidden"].astype(np.float32) * stored["hidden_scale"][..., None]
+
+
+def hidden_codec(spec: CacheSpec) -> Float16Hidden | Int8Hidden:
+    return Int8Hidden() if spec.hidden_dtype == "int8" else Float16Hidden()

@@ -1,0 +1,161 @@
+"""What a cache is, fixed before the teacher runs: its spec (shapes, encodings, shards, splits),
+the names of its logical arrays, its Arrow schemas and its manifest.
+
+The full on-disk format, with every decoding rule, is ``docs/cache-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .. import logit_codec
+from ..errors import CacheError
+from .files import MANIFEST
+from .store import Storage
+
+SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
+SPLITS = ("train", "eval")
+LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "draw_ids", "draw_counts")
+"""What a writer is given and a reader returns, whatever the encodings (``codecs.py``)."""
+DERIVED = ("topk_log_tail",)
+"""Read-only logical arrays computed by the reader: ``topk_log_tail`` = log of the teacher's mass
+beyond its top-k (sqrt8: the decoded explicit tail; float encodings: log(1 - sum p) in float64)."""
+SQRT8_ARRAYS = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
+DRAW_ARRAYS = ("draw_gaps", "draw_counts")
+COMPACT_ZSTD_LEVEL = 9  # the small coded arrays: level 9 saves ~5 B/token over 3 on the gaps, for little CPU
+
+META_SCHEMA = pa.schema([
+    ("seq_index", pa.int64()),
+    ("split", pa.string()),
+    ("text", pa.large_string()),
+    ("char_end", pa.list_(pa.int32())),
+    ("doc_id", pa.list_(pa.int32())),
+])
+DOCUMENTS_SCHEMA = pa.schema([
+    ("doc_id", pa.int32()), ("name", pa.string()), ("split", pa.string()), ("chars", pa.int64()),
+])
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+@dataclass
+class CacheSpec:
+    """Everything about a cache that is fixed before the teacher runs."""
+
+    num_sequences: int
+    seq_len: int
+    top_k: int
+    vocab_size: int
+    hidden_dim: int
+    splits: dict[str, list[int]]
+    """split name -> [first sequence, end sequence); splits are contiguous and ordered."""
+    fingerprint: dict[str, Any]
+    """The inputs that determine the cache's content; a rerun must match it exactly."""
+    hidden_dtype: str = "float16"
+    topk_encoding: str = "sqrt8"
+    """sqrt8 (compact, see logit_codec.py), float16 or float32 log-probs."""
+    sqrt_levels: int = logit_codec.SQRT_LEVELS
+    store_hidden: bool = True
+    shard_sequences: int = 32
+    chunk_sequences: int = 4
+    zstd_level: int = 3
+    samples: int = 0
+    """RS-KD draws per position (0: no sampled tokens); the stored width of the sample arrays."""
+    teacher: dict[str, Any] = field(default_factory=dict)
+    """Facts about the teacher (name, head check, eos id, dtype): informative, not fingerprinted."""
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(self.num_sequences / self.shard_sequences)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        start = shard * self.shard_sequences
+        return start, min(start + self.shard_sequences, self.num_sequences)
+
+    def split_of(self, seq_index: int) -> str:
+        for name, (start, stop) in self.splits.items():
+            if start <= seq_index < stop:
+                return name
+        raise IndexError(seq_index)
+
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """name -> (shape, dtype) of every per-token array as stored."""
+        n, length, k, d = self.num_sequences, self.seq_len, self.top_k, self.hidden_dim
+        ids = id_dtype(self.vocab_size)
+        specs = {"input_ids": ((n, length), ids)}
+        if self.topk_encoding == "sqrt8":
+            specs.update({"topk_rank_gaps": ((n, length, k), ids), "topk_sqrt_codes": ((n, length, k), np.dtype(np.uint8)),
+                          "topk_tail_code": ((n, length), np.dtype(np.uint8))})
+        else:
+            specs.update({"topk_ids": ((n, length, k), ids),
+                          "topk_logprobs": ((n, length, k), np.dtype(self.topk_encoding))})
+        specs.update({
+            "logz": ((n, length), np.dtype(np.float32)),
+            "next_logprob": ((n, length), np.dtype(np.float32)),
+        })
+        if self.samples:
+            specs.update({"draw_gaps": ((n, length, self.samples), ids),
+                          "draw_counts": ((n, length, self.samples), np.dtype(np.uint8))})
+        if self.store_hidden:
+            specs["hidden"] = ((n, length, d), np.dtype(np.int8 if self.hidden_dtype == "int8" else np.float16))
+            if self.hidden_dtype == "int8":
+                specs["hidden_scale"] = ((n, length), np.dtype(np.float32))
+        return specs
+
+    def logical_arrays(self) -> tuple[str, ...]:
+        """The arrays a writer is given and a reader returns (decoded, whatever the encoding)."""
+        stored = self.array_specs()
+        return tuple(name for name in LOGICAL if name in stored or name in ("topk_ids", "topk_logprobs")
+                     or name == "draw_ids" and self.samples)
+
+    def tokens(self) -> int:
+        return self.num_sequences * self.seq_len
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def read_manifest(store: Storage) -> dict[str, Any]:
+    """The cache's manifest, checked to be one this tool reads; ``CacheError`` saying what to do."""
+    root, path = store.url, store.display(MANIFEST)
+    if store.is_file(""):
+        raise CacheError(f"cache path {root} is a file, not a cache directory; point cache.dir at a directory")
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise CacheError(f"{root} is not a teacher cache (no {MANIFEST}); run cache-teacher to build one") from None
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path} is unreadable ({e.__class__.__name__}: {e}); "
+                         "rebuild the cache with cache-teacher cache.overwrite=true") from None
+    if not isinstance(manifest, dict) or "schema_version" not in manifest or "spec" not in manifest:
+        raise CacheError(f"{path} is not a cache manifest; rebuild with cache-teacher cache.overwrite=true")
+    if manifest["schema_version"] != SCHEMA_VERSION:
+        raise CacheError(f"{root} has cache schema version {manifest['schema_version']}, this tool reads "
+                         f"version {SCHEMA_VERSION}; rebuild it with cache-teacher cache.overwrite=true")
+    if not isinstance(manifest.get("files", {}), dict):
+        raise CacheError(f"{path} is malformed (files); rebuild with cache-teacher cache.overwrite=true")
+    return manifest
+
+
+def spec_from_manifest(manifest: dict[str, Any], store: Storage) -> CacheSpec:
+    try:
+        return CacheSpec(**manifest["spec"])
+    except TypeError as e:
+        raise CacheError(f"{store.display(MANIFEST)} has a malformed spec ({e}); "
+                         "rebuild with cache.overwrite=true") from None
+
+

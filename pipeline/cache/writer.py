@@ -1,0 +1,295 @@
+"""Writing a cache: create (or reopen for resume), then commit shard by shard.
+
+Commit protocol (the same on a local disk and an object store, ``store.py``): a shard's arrays
+and metadata are written first, then its marker ``done/shard-S.json`` listing every file with
+size and CRC32, in one all-or-nothing write. A shard counts exactly when a valid marker exists;
+a crash leaves at most unfinished shards, which a rerun redoes. The head is committed the same
+way (``done/head.json``). Each rank of a multi-process run writes only its own shard files and
+markers; rank 0 alone writes the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import zarr
+from zarr.codecs import BloscCodec
+
+from .. import logit_codec
+from ..errors import CacheError, FingerprintMismatch, NonFiniteError
+from . import attrs
+from .codecs import hidden_codec, topk_codec
+from .files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite, check_record,
+                    chunk_files, clear_for_replacement, file_record, interrupted_creation, move_aside,
+                    not_a_cache_reason, read_head_marker, read_shard_marker, records, remove_leftovers, shard_name,
+                    write_json)
+from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, META_SCHEMA, SCHEMA_VERSION, SQRT8_ARRAYS,
+                   CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
+from .store import LocalStorage, Storage, open_storage
+
+
+class CacheWriter:
+    """Creates (or reopens for resume) a cache and commits it shard by shard.
+
+    ``write_shard`` is synchronous and thread-safe for distinct shards; call it from a background
+    thread to keep the teacher busy. Use ``CacheWriter.open`` to get one; hold the cache's lock
+    (``files.lock_path``) around it when several processes could write the same cache.
+    """
+
+    def __init__(self, store: Storage, spec: CacheSpec, manifest: dict[str, Any]):
+        self.store, self.spec, self.manifest = store, spec, manifest
+        self.root = store.root if isinstance(store, LocalStorage) else store.url
+        self._group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="r+")
+        # zarr does not store write_empty_chunks: without it a reopened array skips an all-zero
+        # shard, and the shard's file (listed in its marker) would not exist.
+        self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
+                        for name in spec.array_specs()}
+        rank_to_id = self._group["rank_to_id"][:] if spec.topk_encoding == "sqrt8" else None
+        self._rank_to_id = rank_to_id
+        self._topk = topk_codec(spec, lambda: rank_to_id)
+        self._hidden = hidden_codec(spec)
+
+    @classmethod
+    def open(cls, root: str | Path | Storage, spec: CacheSpec, *, overwrite: bool = False, create: bool = True,
+             rank_table: Callable[[], np.ndarray] | None = None) -> CacheWriter:
+        """Create the cache, or reopen an existing one built from the same fingerprint.
+
+        ``create=False`` (non-zero ranks) waits for nothing and only reopens what rank 0 made.
+        An existing cache with another fingerprint is refused with the differing fields named;
+        ``overwrite=True`` replaces it, but only if it is recognisably a cache of this tool
+        (``files.not_a_cache_reason``). Locally the new skeleton is built beside it first and
+        swapped in by renames, so a kill at any moment leaves the old cache or the new one under
+        the name, never a half-deleted tree; on an object store (no rename) the old cache is
+        deleted markers first and manifest last (``files.clear_for_replacement``), and the new
+        skeleton's manifest is written last. ``rank_table()`` gives the sqrt8 rank -> id table;
+        it is called only when a cache is created.
+        """
+        store = open_storage(root)
+        if store.is_file(""):
+            raise CacheError(f"cache.dir {store} is a file, not a directory; choose another cache.dir")
+        local = isinstance(store, LocalStorage)
+        if create and local:
+            remove_leftovers(store.root)
+        if create and not local and not store.is_file(MANIFEST) and interrupted_creation(store):
+            store.remove_tree("")  # a skeleton whose manifest was never written
+        replace = False
+        if create and overwrite and store.list():
+            reason = not_a_cache_reason(store)
+            if reason is not None:
+                raise CacheError(f"{store} is not a cache of this tool ({reason}); cache.overwrite=true only "
+                                 "replaces caches: choose another cache.dir")
+            replace = True
+        if not replace and (store.is_file(MANIFEST) or not create):
+            manifest = read_manifest(store)
+            diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
+            if diff:
+                raise FingerprintMismatch(
+                    f"cache {store} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
+                    "or rebuild with cache.overwrite=true")
+            old = spec_from_manifest(manifest, store)
+            if old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences:
+                raise FingerprintMismatch(
+                    f"cache {store} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
+                    f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
+                    "rebuild with cache.overwrite=true")
+            if create and local:
+                _remove_stale_temp_files(store.root)
+            return cls(store, old, manifest)
+        if not replace and store.list():
+            raise CacheError(f"{store} exists, is not empty and holds no cache manifest; "
+                             "choose another cache.dir or remove it")
+        if not local:
+            if replace:
+                clear_for_replacement(store)
+            manifest = _build_skeleton(store, spec, rank_table)
+            return cls(store, spec, manifest)
+        # Locally: build the skeleton beside the target and rename it into place. A crash leaves
+        # either nothing or a whole skeleton, never a directory that is neither a cache nor empty.
+        root = store.root
+        tmp = root.parent / f".{root.name}.creating"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / META).mkdir(parents=True)
+        (tmp / DONE).mkdir()
+        manifest = _build_skeleton(LocalStorage(tmp), spec, rank_table)
+        if root.exists() and not replace:
+            root.rmdir()  # empty, checked above
+        root.parent.mkdir(parents=True, exist_ok=True)
+        aside = move_aside(root) if replace else None
+        os.replace(tmp, root)
+        if aside is not None:
+            shutil.rmtree(aside)
+        return cls(store, spec, manifest)
+
+    # -- documents and head are written once, by rank 0, before any shard
+
+    def has_documents(self) -> bool:
+        return f"{META}/documents.arrow" in self.manifest.get("files", {})
+
+    def write_documents(self, doc_ids: list[int], names: list[str], splits: list[str], chars: list[int]) -> None:
+        """Write the documents table, then vouch for it in the manifest."""
+        table = pa.table({"doc_id": pa.array(doc_ids, pa.int32()), "name": names, "split": splits,
+                          "chars": pa.array(chars, pa.int64())}, schema=DOCUMENTS_SCHEMA)
+        rel = f"{META}/documents.arrow"
+        self.store.write_bytes(rel, arrow_bytes(table))
+        self._vouch(rel)
+
+    def write_documents_file(self, source: Path) -> None:
+        """Install a ready documents table (an Arrow IPC file of ``DOCUMENTS_SCHEMA``, e.g. stage 1's
+        streamed plan's), copied without loading it into memory, then vouch for it in the manifest."""
+        rel = f"{META}/documents.arrow"
+        self.store.put_file(rel, source)
+        self._vouch(rel)
+
+    def _vouch(self, rel: str) -> None:
+        self.manifest.setdefault("files", {})[rel] = file_record(self.store, rel)
+        write_json(self.store, MANIFEST, self.manifest)
+
+    def has_head(self) -> bool:
+        """A head exists exactly when its commit marker does and vouches for every head file (a
+        half-added or damaged head is written again)."""
+        marker = read_head_marker(self.store)
+        return marker is not None and all(check_record(self.store, rel, rec) is None
+                                          for rel, rec in marker["files"].items())
+
+    def write_head(self, head: np.ndarray) -> None:
+        """Store the teacher's output head [V, D] (fp32) once: exact logits for any id later.
+
+        Committed like a shard: leftovers of an interrupted add are removed, the array is written,
+        then ``done/head.json`` (every head file with its CRC32) is written last, in one write."""
+        if not np.isfinite(head).all():
+            raise NonFiniteError("the teacher's output head holds NaN/Inf; it is not stored. Load the teacher "
+                                 "with teacher.dtype=float32 or check its weights")
+        self.store.remove(f"{DONE}/{HEAD_MARKER}")
+        self.store.remove_tree(f"{ARRAYS}/head")
+        arr = self._group.create_array("head", shape=head.shape, dtype=np.float32, chunks=(4096, head.shape[1]),
+                                       compressors=BloscCodec(cname="zstd", clevel=self.spec.zstd_level,
+                                                              shuffle="shuffle"), overwrite=True,
+                                       config={"write_empty_chunks": True},
+                                       attributes=attrs.array_attrs("head", self.spec))
+        arr[:] = head.astype(np.float32)
+        rel = f"{ARRAYS}/head"
+        marker = {"shape": list(head.shape), "dtype": "float32",
+                  "files": records(self.store, [f"{rel}/zarr.json", *chunk_files(arr, rel)])}
+        write_json(self.store, f"{DONE}/{HEAD_MARKER}", marker)
+        self.manifest["has_head"] = True
+        write_json(self.store, MANIFEST, self.manifest)
+
+    # -- shards
+
+    def done_shards(self) -> set[int]:
+        """Shards with a valid commit marker; the same rule as the reader's, so the two agree."""
+        return {s for s in range(self.spec.num_shards) if read_shard_marker(self.store, s) is not None}
+
+    def pending_shards(self) -> list[int]:
+        done = self.done_shards()
+        return [s for s in range(self.spec.num_shards) if s not in done]
+
+    def encode(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """Logical arrays -> stored arrays (``codecs.py``), and the summed KL(exact || stored) of
+        the top-k encoding over K+1 buckets (its fidelity, measured on every position written)."""
+        out = dict(arrays)
+        stored, kl_sum = self._topk.encode(out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32))
+        out.update(stored)
+        if "hidden" in out:
+            out.update(self._hidden.encode(out.pop("hidden")))
+        if self.spec.samples:
+            out["draw_gaps"], out["draw_counts"] = logit_codec.encode_samples(out.pop("draw_ids"),
+                                                                              out["draw_counts"], self._rank_to_id)
+        return out, kl_sum
+
+    def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],
+                    stats: dict[str, float]) -> None:
+        """Write one shard: its logical arrays (encoded as the spec says) and metadata, then its
+        commit marker. ``stats`` are sums; ``topk_encoding_kl_sum`` is added here."""
+        start, stop = self.spec.shard_range(shard)
+        if set(arrays) != set(self.spec.logical_arrays()):
+            raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(self.spec.logical_arrays())}")
+        check_finite(shard, start, stop, arrays)
+        arrays, kl_sum = self.encode(arrays)
+        stats = {**stats, "topk_encoding_kl_sum": kl_sum}
+        specs = self.spec.array_specs()
+        rels = {name: f"{ARRAYS}/{name}/{self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
+                for name, (shape, _) in specs.items()}
+        meta_rel = f"{META}/{shard_name(shard)}.arrow"
+        # An uncommitted shard's old files may be damaged (that may be why it is redone): zarr
+        # would read a partial shard's index back before writing, so start from nothing.
+        self.store.remove(f"{DONE}/{shard_name(shard)}.json")
+        for rel in [*rels.values(), meta_rel]:
+            self.store.remove(rel)
+        for name, (shape, dtype) in specs.items():
+            data = arrays[name]
+            if data.shape != (stop - start,) + shape[1:]:
+                raise ValueError(f"{name}: shape {data.shape} != {(stop - start,) + shape[1:]}")
+            self._arrays[name][start:stop] = data.astype(dtype, copy=False)
+        table = pa.table({"seq_index": pa.array(range(start, stop), pa.int64()),
+                          "split": [self.spec.split_of(i) for i in range(start, stop)], **meta},
+                         schema=META_SCHEMA)
+        self.store.write_bytes(meta_rel, arrow_bytes(table))
+        marker = {"shard": shard, "start": start, "stop": stop, "files": records(self.store, [*rels.values(), meta_rel]),
+                  "stats": stats}
+        write_json(self.store, f"{DONE}/{shard_name(shard)}.json", marker)
+
+    def finalize(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rank 0, after every shard is committed: mark the manifest complete with the summary."""
+        from .reader import CacheReader
+
+        reader = CacheReader(self.store, verify=False)
+        missing = reader.missing_shards()
+        if missing:
+            raise CacheError(f"cannot finalize {self.store}: shards {missing[:10]} are not committed")
+        summary = reader.summary_stats()
+        summary.update(extra_summary or {})
+        self.manifest.update(complete=True, summary=summary)
+        write_json(self.store, MANIFEST, self.manifest)
+        return summary
+
+
+def _build_skeleton(store: Storage, spec: CacheSpec, rank_table: Callable[[], np.ndarray] | None) -> dict[str, Any]:
+    """The zarr group with every (empty) array and the rank table, then the manifest, last."""
+    group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="w",
+                            attributes=attrs.group_attrs(spec, SCHEMA_VERSION))
+    for name, (shape, dtype) in spec.array_specs().items():
+        level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS + DRAW_ARRAYS else spec.zstd_level
+        group.create_array(name, shape=shape, dtype=dtype, chunks=(spec.chunk_sequences,) + shape[1:],
+                           shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
+                           compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
+                           config={"write_empty_chunks": True}, attributes=attrs.array_attrs(name, spec))
+    vouched = array_metadata_files(store)
+    if spec.topk_encoding == "sqrt8":
+        if rank_table is None:
+            raise ValueError("a sqrt8 cache needs its rank table at creation")
+        table = np.asarray(rank_table(), np.int64)
+        if sorted(table.tolist()) != list(range(spec.vocab_size)):
+            raise ValueError("the rank table must be a permutation of the vocabulary")
+        arr = group.create_array("rank_to_id", shape=table.shape, dtype=np.int64, chunks=table.shape,
+                                 config={"write_empty_chunks": True},
+                                 attributes=attrs.array_attrs("rank_to_id", spec))
+        arr[:] = table
+        vouched += [f"{ARRAYS}/rank_to_id/zarr.json", *chunk_files(arr, f"{ARRAYS}/rank_to_id")]
+    manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
+                "files": records(store, vouched)}
+    write_json(store, MANIFEST, manifest)
+    return manifest
+
+
+def _remove_stale_temp_files(root: Path) -> None:
+    """Temp files of writes that a crash cut short: never referenced, safe to drop on resume."""
+    for folder in (root, root / META, root / DONE):
+        for p in folder.glob(".*.tmp*"):
+            p.unlink(missing_ok=True)
+    for p in (root / ARRAYS).rglob("*.partial"):  # zarr's LocalStore writes through <key>.<uuid>.partial
+        p.unlink(missing_ok=True)
+
+
+def arrow_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()

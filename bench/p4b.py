@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from stage2_student_train.align import bytes_to_unicode
 
 QWEN_VOCAB = 151936
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -39,19 +40,6 @@ HELD_OUT = ("hamlet_gut.txt", "macbeth_gut.txt")
 
 
 # ---------------------------------------------------------------- Qwen's tokenizer, offline
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by every byte-level BPE vocabulary."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _merge_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
@@ -81,7 +69,7 @@ def tiktoken_to_hf(rank_file: Path, pattern: str, special: tuple[str, ...], eos:
         if line.strip():
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
 
     def text(b: bytes) -> str:
         return "".join(table[x] for x in b)

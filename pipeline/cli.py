@@ -11,7 +11,6 @@ import errno
 import importlib
 import json
 import sys
-from pathlib import Path
 from typing import Callable
 
 from . import __version__
@@ -137,7 +136,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .errors import CacheError
     if args.verify:
         from .cache.verify import verify_cache
-        if not Path(args.cache).is_dir():
+        from .cache.store import open_storage
+        if not open_storage(args.cache).is_dir():
             CacheReader(args.cache)  # the usual one-line error: missing, a file, ...
         report = verify_cache(args.cache)
         if args.json:

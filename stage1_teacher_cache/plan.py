@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cache.store import is_url, user_cache_dir
+from pipeline.cache.store import open_storage, user_cache_dir
 from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.fingerprint import tokenizer_hash
@@ -199,9 +199,10 @@ def plan_folder(cfg: Config) -> Path:
     (an fsspec URL) a local folder named by the URL in this user's cache folder."""
     if cfg.cache.plan_dir:
         return Path(cfg.cache.plan_dir)
-    if is_url(cfg.cache.dir):
-        return user_cache_dir() / "plans" / hashlib.sha256(cfg.cache.dir.encode()).hexdigest()[:16]
-    root = Path(cfg.cache.dir)
+    store = open_storage(cfg.cache.dir)
+    if store.remote:
+        return user_cache_dir() / "plans" / hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    root = store.root
     return root.parent / f".{root.name}.plan"
 
 

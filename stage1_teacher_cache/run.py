@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import CacheReader, CacheSpec, CacheWriter, check_finite
+from pipeline.cache.codecs import hidden_codec
 from pipeline.cache.files import lock_path
 from pipeline.cache.store import open_storage
 from pipeline.config import Config, load_config
@@ -268,13 +269,13 @@ def teach(teacher: TeacherPass, input_ids: np.ndarray, rows: range, cfg: Config)
 
 
 def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:
-    """The logical arrays the writer takes: hidden only if stored, float16 already when the cache
-    stores float16 (half the memory while the shard waits for the writer); int8 coding is the
-    writer's (``pipeline/cache/codecs.py``)."""
+    """The arrays handed to the writer: hidden only if stored, and already in its stored coding
+    (``pipeline/cache/codecs.py``: float16, or int8 codes + scale), so a shard waiting in the
+    writer's queue holds 2 or 1 bytes per hidden value instead of 4."""
     out = dict(arrays)
     hidden = out.pop("hidden")
     if spec.store_hidden:
-        out["hidden"] = hidden if spec.hidden_dtype == "int8" else hidden.astype(np.float16)
+        out.update(hidden_codec(spec).encode(hidden))
     return out
 
 

@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.cache.store import is_url
+from pipeline.cache.store import open_storage
 from pipeline.config import Config, to_toml
 from pipeline.errors import CacheError, ConfigError
 
@@ -36,9 +36,10 @@ def check_location(run_dir: Path, cache_dir: str) -> None:
     """A run directory that is a file, or that is (inside) the cache, is refused."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file; choose another run.name or run.runs_dir")
-    if is_url(cache_dir):
+    store = open_storage(cache_dir)
+    if store.remote:
         return  # a remote cache cannot overlap a local run directory
-    run, cache = run_dir.resolve(), Path(cache_dir).resolve()
+    run, cache = run_dir.resolve(), store.root.resolve()
     if run == cache or cache in run.parents or run in cache.parents:
         raise ConfigError(f"run directory {run_dir} and cache {cache_dir} overlap; put runs elsewhere (run.runs_dir)")
 

@@ -176,6 +176,14 @@ def test_overwrite_and_refusals_on_a_bucket(s3, tiny_teacher_dir, corpus, capsys
         "cache.overwrite": True})]) != 0
     assert "is not a cache of this tool" in capsys.readouterr().err
     assert store.read_bytes("notes.txt") == b"mine"
+    # A replacement killed after it deleted the markers and the manifest leaves cache folders
+    # only: the next run, overwrite or not, starts over instead of refusing a "foreign" prefix.
+    store = open_storage(url)
+    store.remove_tree("done")
+    store.remove("manifest.json")
+    assert store.list() and not store.is_file("manifest.json")
+    assert cli_main(["cache-teacher", *stage1(tiny_teacher_dir, corpus, url, **{"cache.top_k": 4})]) == 0
+    assert CacheReader(url).complete
     # A skeleton whose manifest was never written (a kill during creation) is started over.
     half = open_storage(f"s3://{BUCKET}/caches/half")
     half.write_bytes("arrays.zarr/zarr.json", b"{}")
@@ -207,3 +215,21 @@ def test_a_memory_cache_reads_like_a_local_one(tiny_teacher_dir, corpus_dir, tin
     assert np.array_equal(a.head(), b.head())
     assert b.sequence(3).text == a.sequence(3).text
     fs.rm("/kd/tiny", recursive=True)
+
+
+def test_s3_folder_marker_keys_are_not_files(s3, tmp_path):
+    """Keys ending in "/" (what the S3 console makes for a "folder") are neither files nor names."""
+    import boto3
+
+    from pipeline.cache import open_storage
+
+    store = open_storage(f"s3://{BUCKET}/caches/markers")
+    store.write_bytes("tokenizer/a.json", b"{}")
+    client = boto3.client("s3")
+    for key in ("caches/markers/", "caches/markers/tokenizer/"):
+        client.put_object(Bucket=BUCKET, Key=key, Body=b"")
+    assert store.list() == ["tokenizer"] and store.list("tokenizer") == ["a.json"]
+    assert store.files_under("") == ["tokenizer/a.json"] and store.bytes_under("") == 2
+    store.get_dir("tokenizer", tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    assert store.size("tokenizer") is None and store.size("tokenizer/a.json") == 2

@@ -170,21 +170,20 @@ def not_a_cache_reason(store: Storage) -> str | None:
 
 
 def interrupted_creation(store: Storage) -> bool:
-    """True when an object-store prefix holds what a cut-short creation leaves (stage 1 writes
-    the skeleton in place there, the manifest last): arrays.zarr and nothing committed."""
+    """True when an object-store prefix holds what a cut-short creation or replacement leaves
+    (the skeleton is written in place there, the manifest last; a replacement deletes the
+    markers, then the manifest, then the rest): cache folders only, no manifest, no marker."""
     entries = {n for n in store.list() if not n.startswith(".")}
-    return bool(entries) and entries <= {ARRAYS, META} and not store.list(DONE)
+    return bool(entries) and entries <= {ARRAYS, META, TOKENIZER} and not store.list(DONE)
 
 
 def clear_for_replacement(store: Storage) -> None:
-    """Object stores (no rename): delete a cache in an order that keeps it recognisable until the
-    end: commit markers first, then the data, the manifest last. A kill part-way leaves a damaged
-    cache that ``cache.overwrite=true`` replaces again."""
+    """Object stores (no rename): delete a cache so that a kill at any point leaves something the
+    next run recognises: the commit markers first (no shard counts any more), then the manifest
+    (what is left is an ``interrupted_creation``, started over by any run), then the rest."""
     store.remove_tree(DONE)
-    for rel in store.files_under():
-        if rel != MANIFEST:
-            store.remove(rel)
     store.remove(MANIFEST)
+    store.remove_tree("")
 
 
 def aside_prefix(root: Path) -> str:

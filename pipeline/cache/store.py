@@ -216,8 +216,8 @@ class FsspecStorage(Storage):
     def __init__(self, url: str):
         import fsspec
 
-        self.url = url.rstrip("/")
-        self.protocol = url.split("://", 1)[0]
+        self.protocol, rest = url.split("://", 1)
+        self.url = f"{self.protocol}://{rest.rstrip('/')}"
         self.fs, self.base = fsspec.core.url_to_fs(self.url)
         self.base = self.base.rstrip("/")
 
@@ -239,20 +239,20 @@ class FsspecStorage(Storage):
         self._fresh()
         try:
             info = self.fs.info(self.path(rel))
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:  # other errors (permissions, network) are not "missing"
             return None
         return int(info["size"]) if info.get("type") == "file" else None
 
     def list(self, rel: str = "") -> list[str]:
         self._fresh()
+        here = self.path(rel).rstrip("/")
         try:
-            entries = self.fs.ls(self.path(rel), detail=False)
+            entries = self.fs.ls(here, detail=False)
         except FileNotFoundError:
             return []
-        prefix = self.path(rel).rstrip("/") + "/"
-        names = {str(e).rstrip("/")[len(prefix):] if str(e).startswith(prefix) else str(e).rsplit("/", 1)[-1]
-                 for e in entries}
-        return sorted(n for n in names if n and "/" not in n)
+        # entry names relative to ``here``; a folder-marker key for ``here`` itself names nothing
+        names = {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries if str(e).rstrip("/") != here}
+        return sorted(n for n in names if n)
 
     def files_under(self, rel: str = "") -> list[str]:
         self._fresh()
@@ -262,7 +262,18 @@ class FsspecStorage(Storage):
         except FileNotFoundError:
             return []
         cut = len(self.base) + 1
-        return sorted(str(f)[cut:] for f in found if str(f).startswith(root.rstrip("/") + "/"))
+        # keys ending in "/" are S3 console folder markers, not files
+        return sorted(str(f)[cut:] for f in found if str(f).startswith(root.rstrip("/") + "/")
+                      and not str(f).endswith("/"))
+
+    def bytes_under(self, rel: str = "") -> int:
+        self._fresh()
+        try:
+            found = self.fs.find(self.path(rel), detail=True)
+        except FileNotFoundError:
+            return 0
+        return sum(int(info.get("size") or 0) for key, info in found.items()
+                   if info.get("type") == "file" and not key.endswith("/"))
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self.path(rel))

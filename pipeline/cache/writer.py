@@ -46,7 +46,11 @@ class CacheWriter:
     def __init__(self, store: Storage, spec: CacheSpec, manifest: dict[str, Any]):
         self.store, self.spec, self.manifest = store, spec, manifest
         self.root = store.root if isinstance(store, LocalStorage) else store.url
-        self._group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="r+")
+        try:
+            self._group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="r+")
+        except Exception as e:  # zarr raises many types for missing/corrupt metadata
+            raise CacheError(f"{store.display(ARRAYS)} is damaged ({e.__class__.__name__}); "
+                             "rebuild with cache-teacher cache.overwrite=true") from None
         # zarr does not store write_empty_chunks: without it a reopened array skips an all-zero
         # shard, and the shard's file (listed in its marker) would not exist.
         self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
@@ -197,7 +201,8 @@ class CacheWriter:
         out = dict(arrays)
         stored, kl_sum = self._topk.encode(out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32))
         out.update(stored)
-        if "hidden" in out:
+        coded = len(self._hidden.stored) > 1 and set(self._hidden.stored) <= set(out)  # int8 codes + scale given
+        if "hidden" in out and not coded:
             out.update(self._hidden.encode(out.pop("hidden")))
         if self.spec.samples:
             out["draw_gaps"], out["draw_counts"] = logit_codec.encode_samples(out.pop("draw_ids"),
@@ -209,8 +214,9 @@ class CacheWriter:
         """Write one shard: its logical arrays (encoded as the spec says) and metadata, then its
         commit marker. ``stats`` are sums; ``topk_encoding_kl_sum`` is added here."""
         start, stop = self.spec.shard_range(shard)
-        if set(arrays) != set(self.spec.logical_arrays()):
-            raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(self.spec.logical_arrays())}")
+        logical = set(self.spec.logical_arrays())
+        if set(arrays) not in (logical, logical | set(self._hidden.stored)):  # hidden as floats or already coded
+            raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(logical)}")
         check_finite(shard, start, stop, arrays)
         arrays, kl_sum = self.encode(arrays)
         stats = {**stats, "topk_encoding_kl_sum": kl_sum}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -319,7 +318,3 @@ class FsspecStorage(Storage):
                 crc = zlib.crc32(block, crc)
         return crc
 
-
-def scratch_dir(prefix: str) -> Path:
-    """A fresh local temp folder (the caller removes it)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))

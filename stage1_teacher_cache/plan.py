@@ -164,10 +164,14 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
                     ids, offsets = encoded[doc.doc_id]
                     packer.add(doc.doc_id, doc.text, ids, offsets)
                     bar.update(len(ids) + 1)
-                if packers["train"].full and (packers["eval"].full or limits["eval"] is None and eval_done()):
+                if packers["train"].full and packers["eval"].full:
                     early = True
                     break
-            if early:
+            # Without an eval cap, stop only at a batch's end: ``eval_done`` knows every document
+            # the batch pulled from the stream, and a held-out one after the point where train
+            # filled up must still be packed.
+            if early or packers["train"].full and limits["eval"] is None and eval_done():
+                early = True
                 break
         if train_docs == 0:
             raise DataError("every document read is held out for eval (data.eval_documents / data.eval_fraction); "

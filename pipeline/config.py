@@ -121,6 +121,10 @@ class CacheConfig:
     store_hidden: bool = True
     overwrite: bool = False
     """Replace an existing cache at ``dir`` (only a directory that is recognisably a cache)."""
+    extend: bool = False
+    """Append to a complete cache at ``dir`` the train sequences a larger ``data.max_train_tokens``
+    (or more files, sorting after the cached ones) adds; the teacher runs only on those. The held-out
+    set must stay the same. Students trained on the smaller cache still resume on what they saw."""
     views_dir: str = ""
     """Where cross-tokenizer student views are stored; empty: inside a local cache
     (``dir/student-views``), or ``~/.cache/kd-pipeline/student-views`` for a remote one. Set it
@@ -139,6 +143,8 @@ class CacheConfig:
                  f"must be a multiple of cache.chunk_sequences ({self.chunk_sequences})")
         _require(1 <= self.zstd_level <= 22, "cache.zstd_level", "must be in 1..22")
         _require(0 <= self.samples <= 255, "cache.samples", f"must be in 0..255 (0 = off), got {self.samples}")
+        _require(not (self.extend and self.overwrite), "cache.extend",
+                 "and cache.overwrite=true contradict (keep the cache and add to it, or replace it): set one")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from pipeline.fingerprint import tokenizer_hash
 from pipeline.cache.tokenizer import store_tokenizer
 
 from .background import BackgroundWriter
+from .extend import open_cache, plan_rows
 from .plan import ensure_plan, plan_folder
 from .plan_store import Plan, Rows, remove_plan
 from .sampling import teacher_outputs
@@ -98,9 +99,9 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
         return table
 
     def create() -> CacheWriter:
-        writer = CacheWriter.open(cfg.cache.dir, spec, overwrite=cfg.cache.overwrite, rank_table=rank_table)
+        writer = open_cache(cfg, spec, plan, rank_table, show_progress=progress)
         store_tokenizer(writer, tokenizer)  # the cache carries the teacher's tokenizer (added to older caches)
-        if not writer.has_documents():
+        if not writer.has_documents() or "extending" in writer.manifest:  # an extension's plan read more documents
             writer.write_documents_file(plan.folder / "documents.arrow")
         return writer
 
@@ -108,6 +109,7 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     dist.barrier()
     if writer is None:
         writer = CacheWriter.open(cfg.cache.dir, spec, create=False)
+    spec = writer.spec  # an extended cache's layout (train in segments), not the plan's
     pending = writer.pending_shards()
     dist.barrier()  # every rank has read the same pending list before anyone commits
 
@@ -119,7 +121,11 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
             f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
         dist.run_on_main(lambda: remove_plan(plan.folder))
         return CacheReader(cfg.cache.dir, verify=False).info()
-    if pending and len(pending) < spec.num_shards:
+    if "extending" in writer.manifest:
+        first = writer.manifest["extending"]["from_sequences"]
+        say(f"extending cache {cfg.cache.dir}: {spec.num_sequences - first} train sequences after its {first}; "
+            f"{len(pending)} shards to write")
+    elif pending and len(pending) < spec.num_shards:
         say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
             "shards already committed")
 
@@ -234,14 +240,14 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
     if needs_head:
         writer.write_head(teacher.head.weight.detach().float().cpu().numpy())
 
-    total = sum(spec.shard_range(s)[1] - spec.shard_range(s)[0] for s in shards) * spec.seq_len
+    total = sum(stop - start for start, stop in map(writer.rows_to_write, shards)) * spec.seq_len
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher ({len(shards)} shards)",
                disable=not progress, smoothing=0.1, mininterval=1.0)
     t_run = time.perf_counter()
     with BackgroundWriter(writer, cfg.cache.writer_queue) as background:
         for shard in shards:
-            start, stop = spec.shard_range(shard)
-            planned = plan.rows_of(start, stop)  # this shard's plan, read from disk now
+            start, stop = writer.rows_to_write(shard)  # a growing last shard keeps its old rows
+            planned = plan.rows_of(*plan_rows(spec, plan, start, stop))  # this shard's plan, read from disk now
             parts = []
             for b in range(start, stop, cfg.teacher.batch_size):
                 rows = range(b, min(b + cfg.teacher.batch_size, stop))

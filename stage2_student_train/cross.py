@@ -76,9 +76,13 @@ def _load_view(folder: Path, reader: CacheReader) -> StudentView | None:
             view = StudentView(z["ids"], z["aligned"], z["vmap"], z["first_end"],
                                json.loads((folder / "coverage.json").read_text()))
         n = len(reader)
-        if (view.ids.shape[0] != n or view.aligned.shape != view.ids.shape or view.first_end.shape != (n,)
+        if (view.aligned.shape != view.ids.shape or view.first_end.shape != (view.ids.shape[0],)
                 or view.vmap.shape != (reader.spec.vocab_size,) or not isinstance(view.coverage, dict)):
             raise ValueError("shapes do not fit the cache")
+        if view.ids.shape[0] != n:
+            print(f"student view {folder} covers {view.ids.shape[0]} sequences, the cache now {n} (it was extended); "
+                  "rebuilding it", file=sys.stderr)
+            return None
         return view
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         print(f"student view {folder} is unreadable ({e.__class__.__name__}); rebuilding it", file=sys.stderr)

@@ -42,6 +42,14 @@ class RunSetup:
     parallel: str
     need_hidden: bool
     t_start: float = field(default_factory=time.perf_counter)
+    cache_fingerprint: dict = field(default_factory=dict)
+    """The cache's fingerprint when this run began (an extended cache keeps it in its history)."""
+    train_sequences: int = 0
+    """How many of the cache's train sequences (a prefix) this run trains on: all of them for a
+    new run; on resume, as many as the cache held when the run began (it may have been extended)."""
+
+    def train_indices(self):
+        return self.reader.split_indices("train")[:self.train_sequences]
 
     def autocast(self):
         low = self.device.type == "cuda" and self.precision.dtype != torch.float32
@@ -84,7 +92,8 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     access = data_access(reader, tokenizer, same_tokenizer, need_hidden, dist, show_progress,
                          need_samples="samples" in mode.needs)
     return RunSetup(cfg, dist, device, precision, reader, tokenizer, same_tokenizer, mode, access,
-                    Path(cfg.run.runs_dir) / cfg.run.name, kind, need_hidden)
+                    Path(cfg.run.runs_dir) / cfg.run.name, kind, need_hidden,
+                    cache_fingerprint=reader.fingerprint, train_sequences=reader.spec.split_sizes()["train"])
 
 
 @dataclass
@@ -158,7 +167,7 @@ def build_state(run: RunSetup, student: nn.Module | None = None) -> TrainState:
     optimizer = build_optimizer(named, cfg.train)
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.precision.use_grad_scaler)
     init_scaler(scaler, run.device)
-    stream = BatchStream(reader.split_indices("train"), cfg.train.batch_size, cfg.run.seed, run.access.load,
+    stream = BatchStream(run.train_indices(), cfg.train.batch_size, cfg.run.seed, run.access.load,
                          rank=run.dist.rank, world=run.dist.world)
     return TrainState(parts, net, named, optimizer, build_scheduler(optimizer, cfg.train), scaler,
                       EMA(named, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,

@@ -72,7 +72,11 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     saved = load_state(resume_from) if resume_from else None
     setup = setup_run(cfg, dist, show_progress)
     if saved is not None:
-        check_resumable(saved, setup, resume_from)
+        setup.train_sequences = check_resumable(saved, setup, resume_from)
+        setup.cache_fingerprint = saved["cache_fingerprint"]
+        if setup.train_sequences < setup.reader.spec.split_sizes()["train"] and dist.is_main:
+            print(f"cache {cfg.cache.dir} was extended after this run began; the run continues on the "
+                  f"{setup.train_sequences} train sequences it started with", flush=True)
     state = build_state(setup, student=load_student(resume_from) if saved else None)
     if saved is not None:
         resume_state(setup, state, saved, resume_from)
@@ -127,7 +131,8 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         write_model_card(final, {
             "run": cfg.run.name, "teacher": setup.reader.fingerprint.get("teacher"),
-            "cache_fingerprint": setup.reader.fingerprint, "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
+            "cache_fingerprint": setup.cache_fingerprint, "cache train sequences": setup.train_sequences,
+            "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
             "steps": state.step, "tokens": tokens, "tokenizer": cfg.student.tokenizer or "the teacher's",
             "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}})
     return summary
@@ -179,7 +184,8 @@ def maybe_save(setup: RunSetup, state: TrainState, stop_at: int) -> Path | None:
                 state.parts.student.config.save_pretrained(tmp / "student")
                 setup.tokenizer.save_pretrained(tmp / "student")
             write_state(tmp, {**state.state_dict(rng, sharded=sharded), "config_toml": to_toml(setup.cfg),
-                              "cache_fingerprint": setup.reader.fingerprint, "parallel": setup.parallel,
+                              "cache_fingerprint": setup.cache_fingerprint, "parallel": setup.parallel,
+                              "cache_train_sequences": setup.train_sequences,
                               "student_config": state.parts.student.config.to_dict()}, to_toml(setup.cfg))
             final = commit_checkpoint(setup.run_dir, state.step, tmp, t.keep_checkpoints)
     except OSError as e:
@@ -216,8 +222,11 @@ def export(setup: RunSetup, state: TrainState, path: Path, ema: bool = True) -> 
 # ---------------------------------------------------------------- run directory and resume
 
 
-def check_resumable(saved: dict, setup: RunSetup, ckpt: Path) -> None:
-    if saved["cache_fingerprint"] != setup.reader.fingerprint:
+def check_resumable(saved: dict, setup: RunSetup, ckpt: Path) -> int:
+    """Refuse a checkpoint this setup cannot continue exactly; return how many train sequences
+    (a prefix of the cache's) it trained on: the cache's extent when the run began."""
+    seen = setup.reader.spec.train_sequences_of(saved["cache_fingerprint"])
+    if seen is None:
         from pipeline.cache import fingerprint_diff
         diff = fingerprint_diff(saved["cache_fingerprint"], setup.reader.fingerprint)
         raise CheckpointError(f"checkpoint {ckpt} was trained on another cache ({'; '.join(diff)}); "
@@ -230,6 +239,7 @@ def check_resumable(saved: dict, setup: RunSetup, ckpt: Path) -> None:
     if (was == "fsdp") != (setup.parallel == "fsdp"):
         raise CheckpointError(f"checkpoint {ckpt} was written with train.parallel={was}; resume it with "
                               f"{'train.parallel=fsdp under torchrun' if was == 'fsdp' else 'train.parallel=none or ddp'}")
+    return seen
 
 
 def load_student(ckpt: Path):

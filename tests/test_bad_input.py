@@ -106,7 +106,7 @@ def test_manifest_of_another_schema_version(capsys, cache_copy):
     obj = json.loads(m.read_text())
     obj["schema_version"] = 1
     m.write_text(json.dumps(obj))
-    assert_refused(capsys, ["inspect", cache_copy], r"schema version 1, this tool reads version 2; rebuild", cache_copy)
+    assert_refused(capsys, ["inspect", cache_copy], r"schema version 1, this tool reads versions 2, 3; rebuild", cache_copy)
 
 
 @pytest.mark.parametrize("change, named", [

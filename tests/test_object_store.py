@@ -233,3 +233,20 @@ def test_s3_folder_marker_keys_are_not_files(s3, tmp_path):
     store.get_dir("tokenizer", tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert store.size("tokenizer") is None and store.size("tokenizer/a.json") == 2
+
+
+def test_a_cache_on_s3_extends_like_a_local_one(s3, tiny_teacher_dir, corpus, tmp_path):
+    from pipeline.cache import CacheReader
+    from pipeline.cache.verify import verify_cache
+    from pipeline.cli import main as cli_main
+
+    env, fs = s3
+    url, local = f"s3://{BUCKET}/caches/grow", tmp_path / "grow"
+    for cache in (url, str(local)):
+        for tokens, extend in ((9 * 32, False), (20 * 32, True)):  # 9 train + eval: the last shard is partial
+            assert cli_main(["cache-teacher", *stage1(tiny_teacher_dir, corpus, cache, **{
+                "data.max_train_tokens": tokens, "cache.extend": extend, **EXTRA})]) == 0
+    assert remote_files(fs, f"{BUCKET}/caches/grow") == cache_files(local)
+    reader = CacheReader(url)
+    assert reader.complete and reader.spec.split_sizes()["train"] == 20 and len(reader.spec.generations) == 1
+    assert not verify_cache(url).damaged

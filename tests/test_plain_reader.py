@@ -27,9 +27,13 @@ class PlainCache:
         self.wrong = wrong  # only for the test that the comparison can fail: one rule broken on purpose
         self.root = Path(root)
         self.manifest = json.loads((self.root / "manifest.json").read_text())
-        assert self.manifest["schema_version"] == 2
+        assert self.manifest["schema_version"] == 3
         self.spec = self.manifest["spec"]
         self.group = zarr.open_group(str(self.root / "arrays.zarr"), mode="r")
+
+    def split_indices(self, split: str) -> list[int]:
+        """A split's sequences in order: its segments' ranges concatenated."""
+        return [i for start, stop in self.spec["splits"].get(split, []) for i in range(start, stop)]
 
     # checksums: every file the manifest and the markers vouch for
     def verify(self) -> int:
@@ -126,6 +130,8 @@ def test_a_reader_written_from_the_doc_gets_the_same_numbers(which, request):
     assert plain.verify() > 0
     n = plain.spec["num_sequences"]
     assert n == len(reader) and n > plain.spec["shard_sequences"]
+    for split in ("train", "eval"):
+        assert plain.split_indices(split) == reader.split_indices(split).tolist()
     want = reader.read_range(0, n, reader.spec.logical_arrays() + ("topk_log_tail",))
     ids, logprobs, log_tail = plain.topk(0, n)
     assert ids.dtype == want["topk_ids"].dtype and np.array_equal(ids, want["topk_ids"])
@@ -154,6 +160,7 @@ def test_a_reader_written_from_the_doc_gets_the_same_numbers(which, request):
         assert np.array_equal(logprobs[i] + group["logz"][i][..., None], seq.topk_logits())  # logit = lp + logz
         rec = plain.row(i)
         assert rec["text"] == seq.text and rec["split"] == seq.split
+        assert i in plain.split_indices(rec["split"])
         assert np.array_equal(rec["char_end"], seq.char_end) and np.array_equal(rec["doc_id"], seq.doc_id)
 
 

@@ -147,7 +147,7 @@ def test_a_damaged_tokenizer_file_is_named_and_rewritten(tiny_cache, tiny_teache
 
 def test_arrays_and_group_describe_themselves(tiny_cache):
     group = zarr.open_group(str(tiny_cache / "arrays.zarr"), mode="r")
-    assert group.attrs["schema_version"] == 2 and group.attrs["format_doc"] == "docs/cache-format.md"
+    assert group.attrs["schema_version"] == 3 and group.attrs["format_doc"] == "docs/cache-format.md"
     assert (Path(__file__).resolve().parents[1] / group.attrs["format_doc"]).is_file()
     names = [name for name, _ in group.arrays()]
     assert {"input_ids", "topk_ids", "topk_logprobs", "logz", "hidden", "head"} <= set(names)

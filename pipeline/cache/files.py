@@ -82,13 +82,14 @@ def read_json(store: Storage, rel: str) -> Any:
         return None
 
 
-def read_shard_marker(store: Storage, shard: int) -> dict[str, Any] | None:
+def read_shard_marker(store: Storage, shard: int, rows: tuple[int, int]) -> dict[str, Any] | None:
     """The commit marker of ``shard``, or None when the shard is not committed: no marker, or
-    one that is truncated, not a JSON object, for another shard, or missing a field."""
+    one that is truncated, not a JSON object, for another shard or other rows than ``rows``
+    (the last shard of a cache being extended grows), or missing a field."""
     obj = read_json(store, f"{DONE}/{shard_name(shard)}.json")
     if not isinstance(obj, dict) or obj.get("shard") != shard:
         return None
-    if not all(isinstance(obj.get(k), int) for k in ("start", "stop")):
+    if [obj.get("start"), obj.get("stop")] != list(rows):
         return None
     files, stats = obj.get("files"), obj.get("stats")
     if not isinstance(files, dict) or not files or not all(_valid_record(r) for r in files.values()):

@@ -101,7 +101,7 @@ class CacheReader:
 
     def _load_markers(self) -> None:
         for shard in range(self.spec.num_shards):
-            marker = read_shard_marker(self.store, shard)
+            marker = read_shard_marker(self.store, shard, self.spec.shard_range(shard))
             if marker is not None:  # a truncated or malformed marker is an uncommitted shard
                 self._markers[shard] = marker
 
@@ -125,11 +125,12 @@ class CacheReader:
     def __len__(self) -> int:
         return self.spec.num_sequences
 
-    def split_indices(self, split: str) -> range:
+    def split_indices(self, split: str) -> np.ndarray:
+        """The sequence indices of ``split``, in order (an extended cache's train split has two
+        segments: the original train sequences, and those appended after eval)."""
         if split not in self.spec.splits:
             raise CacheError(f"cache {self.root} has no split {split!r} (it has {sorted(self.spec.splits)})")
-        start, stop = self.spec.splits[split]
-        return range(start, stop)
+        return self.spec.split_indices(split)
 
     # -- data
 
@@ -319,7 +320,7 @@ class CacheReader:
 
     def info(self) -> dict[str, Any]:
         """The fields of ``inspect --json``."""
-        return cache_summary.info(self, SCHEMA_VERSION)
+        return cache_summary.info(self, self.manifest.get("schema_version", SCHEMA_VERSION))
 
     def logit_bytes_per_token(self) -> float:
         """Bytes per token of what top-k KD needs: ids + values (+ tail) + logZ."""

@@ -19,8 +19,12 @@ from ..errors import CacheError
 from .files import MANIFEST
 from .store import Storage
 
-SCHEMA_VERSION = 2  # 2: topk_encoding (sqrt8) replaced topk_dtype
+SCHEMA_VERSION = 3  # 2: topk_encoding (sqrt8) replaced topk_dtype; 3: splits as segment lists, extensions
+READABLE_VERSIONS = (2, 3)
 SPLITS = ("train", "eval")
+EXTENT_KEYS = ("dataset", "dataset_hash", "max_train_tokens", "max_eval_tokens")
+"""Fingerprint fields that say how much data a cache holds; an extension may change them (the
+rest say what every sequence's numbers are made of, and must stay equal)."""
 LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "draw_ids", "draw_counts")
 """What a writer is given and a reader returns, whatever the encodings (``codecs.py``)."""
 DERIVED = ("topk_log_tail",)
@@ -56,8 +60,9 @@ class CacheSpec:
     top_k: int
     vocab_size: int
     hidden_dim: int
-    splits: dict[str, list[int]]
-    """split name -> [first sequence, end sequence); splits are contiguous and ordered."""
+    splits: dict[str, list[list[int]]]
+    """split name -> its segments [first sequence, end sequence), ascending. A new cache has one
+    segment per split (train, then eval); each extension appends train sequences at the end."""
     fingerprint: dict[str, Any]
     """The inputs that determine the cache's content; a rerun must match it exactly."""
     hidden_dtype: str = "float16"
@@ -72,6 +77,14 @@ class CacheSpec:
     """RS-KD draws per position (0: no sampled tokens); the stored width of the sample arrays."""
     teacher: dict[str, Any] = field(default_factory=dict)
     """Facts about the teacher (name, head check, eos id, dtype): informative, not fingerprinted."""
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    """Earlier extents of an extended cache, oldest first: ``{"fingerprint", "train_sequences",
+    "num_sequences"}`` each. A student trained on one of them resumes on its train prefix."""
+
+    def __post_init__(self):
+        # Schema 2 stored one [start, stop) per split.
+        self.splits = {name: [list(seg) for seg in (segs if segs and isinstance(segs[0], (list, tuple)) else [segs])]
+                       for name, segs in self.splits.items()}
 
     @property
     def num_shards(self) -> int:
@@ -82,10 +95,28 @@ class CacheSpec:
         return start, min(start + self.shard_sequences, self.num_sequences)
 
     def split_of(self, seq_index: int) -> str:
-        for name, (start, stop) in self.splits.items():
-            if start <= seq_index < stop:
+        for name, segments in self.splits.items():
+            if any(start <= seq_index < stop for start, stop in segments):
                 return name
         raise IndexError(seq_index)
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """The sequence indices of ``split`` in order (int64)."""
+        segments = self.splits.get(split, [])
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in segments] or [np.zeros(0, np.int64)])
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: sum(b - a for a, b in segs) for name, segs in self.splits.items()}
+
+    def train_sequences_of(self, fingerprint: dict[str, Any]) -> int | None:
+        """How many train sequences (a prefix of ``split_indices("train")``) the cache held when
+        its fingerprint was ``fingerprint``: now or at an earlier extent; None if never."""
+        if fingerprint == self.fingerprint:
+            return self.split_sizes().get("train", 0)
+        for gen in reversed(self.generations):
+            if gen.get("fingerprint") == fingerprint:
+                return int(gen["train_sequences"])
+        return None
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """name -> (shape, dtype) of every per-token array as stored."""
@@ -124,9 +155,15 @@ class CacheSpec:
 # ---------------------------------------------------------------- the manifest
 
 
-def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any], keys=None) -> list[str]:
+    keys = sorted(set(old) | set(new)) if keys is None else keys
     return [f"{k}: cache has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The differing fingerprint fields other than the extent (``EXTENT_KEYS``): what makes two
+    caches' sequences incomparable, so that one cannot extend the other."""
+    return fingerprint_diff(old, new, [k for k in sorted(set(old) | set(new)) if k not in EXTENT_KEYS])
 
 
 def read_manifest(store: Storage) -> dict[str, Any]:
@@ -143,9 +180,9 @@ def read_manifest(store: Storage) -> dict[str, Any]:
                          "rebuild the cache with cache-teacher cache.overwrite=true") from None
     if not isinstance(manifest, dict) or "schema_version" not in manifest or "spec" not in manifest:
         raise CacheError(f"{path} is not a cache manifest; rebuild with cache-teacher cache.overwrite=true")
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if manifest["schema_version"] not in READABLE_VERSIONS:
         raise CacheError(f"{root} has cache schema version {manifest['schema_version']}, this tool reads "
-                         f"version {SCHEMA_VERSION}; rebuild it with cache-teacher cache.overwrite=true")
+                         f"versions {', '.join(map(str, READABLE_VERSIONS))}; rebuild it with cache-teacher cache.overwrite=true")
     if not isinstance(manifest.get("files", {}), dict):
         raise CacheError(f"{path} is malformed (files); rebuild with cache-teacher cache.overwrite=true")
     return manifest

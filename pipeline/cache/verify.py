@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import ARRAYS, DONE, HEAD_MARKER, MANIFEST, check_record, read_head_marker, read_shard_marker, shard_name
-from .spec import SCHEMA_VERSION, CacheSpec
+from .spec import READABLE_VERSIONS, SCHEMA_VERSION, CacheSpec
 from .store import Storage, open_storage
 from .tokenizer import RERUN, TOKENIZER_DIR, tokenizer_records
 
@@ -49,7 +49,7 @@ def verify_cache(root: str | Path | Storage) -> VerifyReport:
     try:
         manifest = json.loads(store.read_bytes(MANIFEST))
         spec = CacheSpec(**manifest["spec"])
-        if manifest["schema_version"] != SCHEMA_VERSION:
+        if manifest["schema_version"] not in READABLE_VERSIONS:
             raise ValueError(f"schema version {manifest['schema_version']}")
     except (OSError, ValueError, KeyError, TypeError) as e:
         report.damaged.append(f"{MANIFEST}: unreadable or not a cache manifest of schema {SCHEMA_VERSION} "
@@ -79,7 +79,7 @@ def verify_cache(root: str | Path | Storage) -> VerifyReport:
         report.damaged.append(f"{ARRAYS}/rank_to_id: no checksum recorded; {rebuild}")
 
     for shard in range(spec.num_shards):
-        marker = read_shard_marker(store, shard)
+        marker = read_shard_marker(store, shard, spec.shard_range(shard))
         if marker is None:
             report.uncommitted.append(shard)
             continue

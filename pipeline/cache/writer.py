@@ -51,6 +51,8 @@ class CacheWriter:
         except Exception as e:  # zarr raises many types for missing/corrupt metadata
             raise CacheError(f"{store.display(ARRAYS)} is damaged ({e.__class__.__name__}); "
                              "rebuild with cache-teacher cache.overwrite=true") from None
+        if "extending" in manifest:
+            self._grow_arrays()
         # zarr does not store write_empty_chunks: without it a reopened array skips an all-zero
         # shard, and the shard's file (listed in its marker) would not exist.
         self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
@@ -131,6 +133,75 @@ class CacheWriter:
             shutil.rmtree(aside)
         return cls(store, spec, manifest)
 
+    # -- extension: more train sequences appended to a complete cache
+
+    @classmethod
+    def extend(cls, root: str | Path | Storage, spec: CacheSpec) -> CacheWriter:
+        """Grow the complete cache at ``root`` to ``spec``: the same cache (same identity, same
+        shards) with train sequences appended after its last one, which ``spec.generations``
+        records. Nothing the cache holds is rewritten except the last shard when it is partial:
+        its new rows are written beside the old ones (zarr rewrites the shard file with the old
+        rows' stored bytes unchanged), after its files were verified against their checksums.
+
+        Crash-safe in the same way as a build: the manifest (the new spec, incomplete, and the
+        kept rows' statistics) is written first, then the partial shard's marker is removed, so
+        a rerun finds the extension pending and redoes only uncommitted shards."""
+        store = open_storage(root)
+        manifest = read_manifest(store)
+        old = spec_from_manifest(manifest, store)
+        if not manifest.get("complete"):
+            raise CacheError(f"cache {store} is not complete; finish it with the config it was started with "
+                             "before extending it")
+        grows = (spec.num_sequences > old.num_sequences and spec.shard_sequences == old.shard_sequences
+                 and all(spec.split_indices(n)[:old.split_sizes()[n]].tolist() == old.split_indices(n).tolist()
+                         for n in old.splits))
+        if not grows:
+            raise ValueError("an extension must keep every sequence where it is and only add sequences")
+        first = old.num_sequences
+        shard = first // old.shard_sequences
+        kept: dict[str, float] = {}
+        if first % old.shard_sequences:  # the last shard is partial: it will grow
+            marker = read_shard_marker(store, shard, old.shard_range(shard))
+            damaged = marker is None or any(check_record(store, rel, rec) is not None
+                                            for rel, rec in marker["files"].items())
+            if damaged:
+                raise CacheError(f"cache {store}: shard {shard} is damaged or uncommitted; run inspect --verify and "
+                                 "repair the cache before extending it")
+            kept = marker["stats"]
+        manifest = {**manifest, "schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False,
+                    "extending": {"from_sequences": first, "kept_stats": kept}}
+        write_json(store, MANIFEST, manifest)
+        if kept:
+            store.remove(f"{DONE}/{shard_name(shard)}.json")
+        return cls(store, spec, manifest)
+
+    def _grow_arrays(self) -> None:
+        """Give every array the (larger) shape of the spec, once, and vouch for the new metadata."""
+        grown = False
+        for name, (shape, _) in self.spec.array_specs().items():
+            array = self._group[name]
+            if array.shape != shape:
+                if array.shape[1:] != shape[1:] or array.shape[0] > shape[0]:
+                    raise CacheError(f"{self.store.display(ARRAYS)}/{name} has shape {array.shape}, the extended "
+                                     f"cache needs {shape}; rebuild with cache-teacher cache.overwrite=true")
+                array.resize(shape)
+                grown = True
+        if grown or self._group.attrs.get("schema_version") != SCHEMA_VERSION:
+            self._group.attrs.update(attrs.group_attrs(self.spec, SCHEMA_VERSION))
+        # Only when they changed: the other ranks of a torchrun job reopen after rank 0 grew them.
+        files = self.manifest.setdefault("files", {})
+        fresh = records(self.store, array_metadata_files(self.store))
+        if any(files.get(rel) != rec for rel, rec in fresh.items()):
+            files.update(fresh)
+            write_json(self.store, MANIFEST, self.manifest)
+
+    def rows_to_write(self, shard: int) -> tuple[int, int]:
+        """The rows [first, stop) of ``shard`` that its writer computes: all of them, except in
+        the partial last shard of a cache being extended, whose old rows are kept."""
+        start, stop = self.spec.shard_range(shard)
+        kept_below = self.manifest.get("extending", {}).get("from_sequences", 0)
+        return max(start, kept_below), stop
+
     # -- documents and head are written once, by rank 0, before any shard
 
     def has_documents(self) -> bool:
@@ -189,7 +260,7 @@ class CacheWriter:
 
     def done_shards(self) -> set[int]:
         """Shards with a valid commit marker; the same rule as the reader's, so the two agree."""
-        return {s for s in range(self.spec.num_shards) if read_shard_marker(self.store, s) is not None}
+        return {s for s in range(self.spec.num_shards) if read_shard_marker(self.store, s, self.spec.shard_range(s)) is not None}
 
     def pending_shards(self) -> list[int]:
         done = self.done_shards()
@@ -211,36 +282,59 @@ class CacheWriter:
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],
                     stats: dict[str, float]) -> None:
-        """Write one shard: its logical arrays (encoded as the spec says) and metadata, then its
-        commit marker. ``stats`` are sums; ``topk_encoding_kl_sum`` is added here."""
+        """Write one shard's rows ``rows_to_write(shard)``: their logical arrays (encoded as the
+        spec says) and metadata, then the shard's commit marker. ``stats`` are sums;
+        ``topk_encoding_kl_sum`` is added here."""
         start, stop = self.spec.shard_range(shard)
+        first, _ = self.rows_to_write(shard)
         logical = set(self.spec.logical_arrays())
         if set(arrays) not in (logical, logical | set(self._hidden.stored)):  # hidden as floats or already coded
             raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(logical)}")
-        check_finite(shard, start, stop, arrays)
+        check_finite(shard, first, stop, arrays)
         arrays, kl_sum = self.encode(arrays)
         stats = {**stats, "topk_encoding_kl_sum": kl_sum}
         specs = self.spec.array_specs()
         rels = {name: f"{ARRAYS}/{name}/{self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
                 for name, (shape, _) in specs.items()}
         meta_rel = f"{META}/{shard_name(shard)}.arrow"
-        # An uncommitted shard's old files may be damaged (that may be why it is redone): zarr
-        # would read a partial shard's index back before writing, so start from nothing.
         self.store.remove(f"{DONE}/{shard_name(shard)}.json")
-        for rel in [*rels.values(), meta_rel]:
-            self.store.remove(rel)
+        kept_meta = None
+        if first > start:  # the partial last shard of an extended cache: its old rows stay
+            kept_meta = self._kept_meta(meta_rel, first - start)
+            stats = {k: self.manifest["extending"]["kept_stats"].get(k, 0.0) + stats.get(k, 0.0)
+                     for k in {*stats, *self.manifest["extending"]["kept_stats"]}}
+        else:
+            # An uncommitted shard's old files may be damaged (that may be why it is redone): zarr
+            # would read a partial shard's index back before writing, so start from nothing.
+            for rel in [*rels.values(), meta_rel]:
+                self.store.remove(rel)
         for name, (shape, dtype) in specs.items():
             data = arrays[name]
-            if data.shape != (stop - start,) + shape[1:]:
-                raise ValueError(f"{name}: shape {data.shape} != {(stop - start,) + shape[1:]}")
-            self._arrays[name][start:stop] = data.astype(dtype, copy=False)
-        table = pa.table({"seq_index": pa.array(range(start, stop), pa.int64()),
-                          "split": [self.spec.split_of(i) for i in range(start, stop)], **meta},
+            if data.shape != (stop - first,) + shape[1:]:
+                raise ValueError(f"{name}: shape {data.shape} != {(stop - first,) + shape[1:]}")
+            self._arrays[name][first:stop] = data.astype(dtype, copy=False)
+        table = pa.table({"seq_index": pa.array(range(first, stop), pa.int64()),
+                          "split": [self.spec.split_of(i) for i in range(first, stop)], **meta},
                          schema=META_SCHEMA)
+        if kept_meta is not None:
+            table = pa.concat_tables([kept_meta, table])
         self.store.write_bytes(meta_rel, arrow_bytes(table))
         marker = {"shard": shard, "start": start, "stop": stop, "files": records(self.store, [*rels.values(), meta_rel]),
                   "stats": stats}
         write_json(self.store, f"{DONE}/{shard_name(shard)}.json", marker)
+
+    def _kept_meta(self, rel: str, rows: int) -> pa.Table:
+        """The first ``rows`` metadata rows of a shard being grown (a rerun after a crash may find
+        the file already grown: only its first rows are kept)."""
+        try:
+            table = ipc.open_file(pa.BufferReader(self.store.read_bytes(rel))).read_all()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise CacheError(f"{self.store.display(rel)} is unreadable ({e.__class__.__name__}); rebuild with "
+                             "cache-teacher cache.overwrite=true") from None
+        if table.num_rows < rows or table.schema != META_SCHEMA:
+            raise CacheError(f"{self.store.display(rel)} does not hold the shard's {rows} kept rows; rebuild "
+                             "with cache-teacher cache.overwrite=true")
+        return table.slice(0, rows)
 
     def finalize(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Rank 0, after every shard is committed: mark the manifest complete with the summary."""
@@ -253,6 +347,7 @@ class CacheWriter:
         summary = reader.summary_stats()
         summary.update(extra_summary or {})
         self.manifest.update(complete=True, summary=summary)
+        self.manifest.pop("extending", None)
         write_json(self.store, MANIFEST, self.manifest)
         return summary
 

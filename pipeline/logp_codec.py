@@ -44,9 +44,10 @@ from .errors import CacheError, NonFiniteError
 from .logit_codec import ids_from_rank_gaps, rank_gaps
 
 LOGP_STEP = 1.0 / 24.0
-"""Nats per code. Measured (docs/loss-math.md): the coarsest step of 1/8, 1/12, ... 1/32 whose
-perfect-student loss stays under 1e-4 at tau 1, 2 and 4 on the real and the synthetic teachers
-(~STEP^2 / 24 = 7.2e-5 at most); each halving of the step costs one more bit per value."""
+"""Nats per code. Measured (docs/loss-math.md, bench/topk_fidelity.py): the coarsest of 1/12,
+1/16, 1/20, 1/24 and 1/32 whose perfect-student loss stays under 1e-4 at tau 1, 2 and 4 on the
+real and the synthetic teachers (7.1e-5 at most; ~STEP^2 / 24 = 7.2e-5 predicted); 1/20 misses
+on the real teacher at tau 4. Each halving of the step costs one more bit per value."""
 FLOOR_CODE = np.iinfo(np.uint16).max
 """65535: log p below the grid (or p = 0); decodes by the same rule as every code."""
 

@@ -102,15 +102,17 @@ class CacheConfig:
     top_k: int = 64
     hidden_dtype: Literal["float16", "int8"] = "float16"
     """int8 stores a per-token scale beside the codes (~2x smaller, bounded error)."""
-    topk_encoding: Literal["sqrt8", "float16", "float32"] = "sqrt8"
+    topk_encoding: Literal["sqrt8", "logp16", "float16", "float32"] = "sqrt8"
     """How top-k values are stored: sqrt8 (rank-gap ids + uint8 sqrt(p) codes + explicit tail,
-    ~90 B/token at k=64 with mean KL ~4e-4 nats), or float16/float32 log-probs with plain ids."""
+    ~90 B/token at k=64 with mean KL ~4e-4 nats), logp16 (rank-gap ids + uint16 log-p codes on a
+    1/24-nat grid + explicit tail: a perfect student pays < 1e-4 at every temperature, for runs at
+    kd.temperature > 1), or float16/float32 log-probs with plain ids."""
     samples: int = 0
     """Random-sampling KD: tokens drawn per position from the teacher's full distribution (with
     replacement, seeded by run.seed and the sequence), stored as distinct ids + counts for
     kd.mode=sampled (0: off; 48 draws give ~22 distinct tokens and ~34 B/token on the embedded teacher)."""
     pilot_sequences: int = 8
-    """sqrt8: sequences the teacher runs first to rank tokens by how often they are in top-k lists."""
+    """sqrt8, logp16: sequences the teacher runs first to rank tokens by how often they are in top-k lists."""
     shard_sequences: int = 32
     """Sequences per shard: the unit of commit, resume and work split between ranks."""
     chunk_sequences: int = 4

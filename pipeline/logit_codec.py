@@ -40,16 +40,32 @@ def rank_table(token_counts: np.ndarray) -> np.ndarray:
 def encode(ids: np.ndarray, logprobs: np.ndarray, rank_to_id: np.ndarray,
            levels: int = SQRT_LEVELS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids [..., K], fp32 log-probs [..., K]) -> (rank gaps [..., K] int64, sqrt codes uint8, tail code uint8)."""
-    id_to_rank = np.empty_like(rank_to_id)
-    id_to_rank[rank_to_id] = np.arange(len(rank_to_id))
-    ranks = id_to_rank[ids]
-    order = np.argsort(ranks, axis=-1, kind="stable")
-    ranks = np.take_along_axis(ranks, order, -1)
+    gaps, order = rank_gaps(ids, rank_to_id)
     probs = np.exp(np.take_along_axis(logprobs.astype(np.float64), order, -1))
-    gaps = np.diff(ranks, axis=-1, prepend=0)
     codes = _code(probs, levels).astype(np.uint8)
     tail_code = _code(_tail_mass(np.exp(logprobs.astype(np.float64)), None), levels).astype(np.uint8)
     return gaps, codes, tail_code
+
+
+def id_to_rank(rank_to_id: np.ndarray) -> np.ndarray:
+    """The inverse permutation of ``rank_to_id``: id -> rank."""
+    inverse = np.empty_like(rank_to_id)
+    inverse[rank_to_id] = np.arange(len(rank_to_id))
+    return inverse
+
+
+def rank_gaps(ids: np.ndarray, rank_to_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [..., K]) -> (gaps [..., K] int64, order [..., K]): the ranks ``r`` of the ids sorted
+    ascending, stored as ``r_0, r_1 - r_0, ...``; ``order`` puts any per-id array in the same
+    (rank) order. Shared by every encoding with a rank table (sqrt8, logp16)."""
+    ranks = id_to_rank(rank_to_id)[ids]
+    order = np.argsort(ranks, axis=-1, kind="stable")
+    return np.diff(np.take_along_axis(ranks, order, -1), axis=-1, prepend=0), order
+
+
+def ids_from_rank_gaps(gaps: np.ndarray, rank_to_id: np.ndarray) -> np.ndarray:
+    """Inverse of `rank_gaps`: ``ids = rank_to_id[cumsum(gaps)]`` (int64, rank order)."""
+    return rank_to_id[np.cumsum(gaps.astype(np.int64), axis=-1)]
 
 
 CODE0_CLASSES = ("entry, tail code 0", "entry, tail code > 0", "tail, tail code 0")
@@ -73,7 +89,7 @@ def decode_with_tail(gaps: np.ndarray, codes: np.ndarray, tail_code: np.ndarray,
     """`decode` plus the decoded log-tail [...] in float64: the explicit tail bucket, renormalised
     with the top-k (pass it to the KD losses as ``teacher_log_tail``; ``1 - sum`` of the fp32
     log-probs would lose a small tail)."""
-    ids = rank_to_id[np.cumsum(gaps.astype(np.int64), axis=-1)]
+    ids = ids_from_rank_gaps(gaps, rank_to_id)
     probs, tail = dequantize(codes, tail_code, levels, code0)
     total = probs.sum(-1) + tail
     probs /= total[..., None]
@@ -207,9 +223,7 @@ def encode_samples(ids: np.ndarray, counts: np.ndarray, rank_to_id: np.ndarray |
     small repetitive integers that byte-shuffled zstd packs tightly."""
     keys = ids.astype(np.int64)
     if rank_to_id is not None:
-        id_to_rank = np.empty_like(rank_to_id)
-        id_to_rank[rank_to_id] = np.arange(len(rank_to_id))
-        keys = id_to_rank[keys]
+        keys = id_to_rank(rank_to_id)[keys]
     keys = np.where(counts == 0, np.iinfo(np.int64).max, keys)  # padding sorts last
     order = np.argsort(keys, axis=-1, kind="stable")
     keys, counts = np.take_along_axis(keys, order, -1), np.take_along_axis(counts, order, -1)

@@ -122,6 +122,19 @@ def tiny_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def logp16_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory) -> Path:
+    """The tiny cache's sequences with the logp16 top-k encoding (tiny_cache: the float32 one)."""
+    from pipeline.config import load_config
+    from stage1_teacher_cache.run import cache_teacher
+
+    cache = tmp_path_factory.mktemp("logp16-cache") / "cache"
+    cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache, **{
+        "cache.store_head": True, "cache.topk_encoding": "logp16", "cache.pilot_sequences": 2})),
+        show_progress=False)
+    return cache
+
+
 def stage2_overrides(cache: Path, runs: Path, name: str = "run", **extra) -> list[str]:
     """key=value overrides for a small, fast student run on a tiny cache."""
     values = {

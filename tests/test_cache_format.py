@@ -52,7 +52,7 @@ def random_shard(spec: CacheSpec, shard: int, rng: np.random.Generator):
         else:
             arrays[name] = (rng.standard_normal(shape) * 3).astype(dtype)
     ids, logp = random_topk(rng, (n, L), spec.vocab_size)
-    value_dtype = np.float32 if spec.topk_encoding == "sqrt8" else spec.topk_encoding
+    value_dtype = spec.topk_encoding if spec.topk_encoding.startswith("float") else np.float32
     arrays["topk_ids"] = ids.astype(id_dtype(spec.vocab_size))
     arrays["topk_logprobs"] = logp.astype(value_dtype)
     texts = ["".join(rng.choice(list("abcé東 \n"), size=rng.integers(1, 20))) for _ in range(n)]
@@ -263,17 +263,24 @@ def test_inspect_cli_json_and_error(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+COMPACT = {"sqrt8": ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code"),
+           "logp16": ("topk_rank_gaps", "topk_log_codes", "topk_log_tail_code")}
+
+
+@pytest.mark.parametrize("encoding", list(COMPACT))
 @pytest.mark.parametrize("vocab", [50_000, 150_000])
-def test_sqrt8_encoding_round_trip_and_fidelity(tmp_path, vocab):
+def test_compact_encoding_round_trip_and_fidelity(tmp_path, vocab, encoding):
     from pipeline.logit_codec import bucket_kl
 
     rng = np.random.default_rng(10)
-    spec = make_spec(vocab, topk_encoding="sqrt8")
+    spec = make_spec(vocab, topk_encoding=encoding)
     w, written = write_all(tmp_path / "c", spec, rng)
     w.finalize()
     r = CacheReader(tmp_path / "c")
-    stored = set(r.spec.array_specs())
-    assert {"topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code"} <= stored and "topk_ids" not in stored
+    stored = r.spec.array_specs()
+    assert set(COMPACT[encoding]) <= set(stored) and "topk_ids" not in stored
+    if encoding == "logp16":
+        assert stored["topk_log_codes"][1] == np.uint16 and stored["topk_log_tail_code"][1] == np.uint16
     kl_total, positions = 0.0, 0
     for s, (arrays, _) in written.items():
         start, stop = spec.shard_range(s)
@@ -291,9 +298,12 @@ def test_sqrt8_encoding_round_trip_and_fidelity(tmp_path, vocab):
                         for i in range(stop - start)])
         exact = np.take_along_axis(np.take_along_axis(arrays["topk_logprobs"], order, -1), pos, -1)
         kl = bucket_kl(exact, got["topk_logprobs"])
-        assert np.all(kl >= -1e-12) and kl.mean() < 1e-3
-        # sqrt(p) is off by at most about half a step (plus renormalisation).
-        assert np.abs(np.sqrt(np.exp(got["topk_logprobs"])) - np.sqrt(np.exp(exact))).max() < 1.5 / spec.sqrt_levels
+        assert np.all(kl >= -1e-12) and kl.mean() < (1e-3 if encoding == "sqrt8" else 1e-4)
+        if encoding == "sqrt8":  # sqrt(p) is off by at most about half a step (plus renormalisation)
+            assert np.abs(np.sqrt(np.exp(got["topk_logprobs"])) - np.sqrt(np.exp(exact))).max() < 1.5 / spec.sqrt_levels
+        else:  # log p is off by at most half a step, each ratio to the top-1 by one step
+            ratio = (got["topk_logprobs"] - got["topk_logprobs"][..., :1]) - (exact - exact[..., :1])
+            assert np.abs(ratio).max() <= spec.logp_step + 1e-5
         kl_total += kl.sum()
         positions += kl.size
     # The writer measured the same fidelity on every position it wrote.

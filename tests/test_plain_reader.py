@@ -1,7 +1,7 @@
 """docs/cache-format.md is enough to read a cache: a reader written from that page alone, with
 plain zarr + pyarrow + numpy + json (no import of this project in the reading part), gets
 exactly the numbers ``CacheReader`` returns, for a sqrt8 cache with int8 hidden states and
-sampled tokens, and a float32 cache with fp16 hidden states and a head. If the page's rules are wrong, this fails."""
+sampled tokens, a logp16 cache, and a float32 cache with fp16 hidden states and a head. If the page's rules are wrong, this fails."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ class PlainCache:
     def topk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids by descending p, float32 log-probs, float32 log-tail) for sequences [start, stop)."""
         g = self.group
+        if self.spec["topk_encoding"] == "logp16":
+            return self.logp16_topk(start, stop)
         if self.spec["topk_encoding"] != "sqrt8":
             ids = g["topk_ids"][start:stop]
             logprobs = g["topk_logprobs"][start:stop]
@@ -84,6 +86,19 @@ class PlainCache:
         id_type = np.uint16 if self.spec["vocab_size"] <= 65536 else np.uint32
         return ids.astype(id_type), logprobs, np.log(tail).astype(np.float32)
 
+    def logp16_topk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        g, step = self.group, self.spec["logp_step"]
+        assert g.attrs["logp_step"] == step
+        ids = g["rank_to_id"][:][np.cumsum(g["topk_rank_gaps"][start:stop].astype(np.int64), axis=-1)]
+        values = -g["topk_log_codes"][start:stop].astype(np.float64) * step  # every code, the floor too
+        tail = -g["topk_log_tail_code"][start:stop].astype(np.float64) * step
+        lse = np.logaddexp(np.logaddexp.reduce(values, axis=-1), tail)  # the K + 1 buckets, in log space
+        values, tail = values - lse[..., None], tail - lse
+        order = np.argsort(-values, axis=-1, kind="stable")
+        id_type = np.uint16 if self.spec["vocab_size"] <= 65536 else np.uint32
+        return (np.take_along_axis(ids, order, -1).astype(id_type),
+                np.take_along_axis(values, order, -1).astype(np.float32), tail.astype(np.float32))
+
     def hidden(self, start: int, stop: int) -> np.ndarray:
         h = self.group["hidden"][start:stop]
         if self.spec["hidden_dtype"] == "int8":
@@ -93,7 +108,7 @@ class PlainCache:
     def samples(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(drawn ids, counts) [n, L, S] of a sampled cache; padding (count 0) keeps its decoded id."""
         keys = np.cumsum(self.group["draw_gaps"][start:stop].astype(np.int64), axis=-1)
-        ids = self.group["rank_to_id"][:][keys] if self.spec["topk_encoding"] == "sqrt8" else keys
+        ids = self.group["rank_to_id"][:][keys] if self.spec["topk_encoding"] in ("sqrt8", "logp16") else keys
         return ids, self.group["draw_counts"][start:stop]
 
     def row(self, index: int) -> dict:
@@ -121,7 +136,7 @@ def sqrt8_int8_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.mark.parametrize("which", ["sqrt8_int8_cache", "tiny_cache"])
+@pytest.mark.parametrize("which", ["sqrt8_int8_cache", "logp16_cache", "tiny_cache"])
 def test_a_reader_written_from_the_doc_gets_the_same_numbers(which, request):
     from pipeline.cache import CacheReader
 
@@ -140,7 +155,7 @@ def test_a_reader_written_from_the_doc_gets_the_same_numbers(which, request):
     group = plain.group
     for name in ("input_ids", "logz", "next_logprob"):
         assert np.array_equal(group[name][:], want[name]), name
-    if plain.spec["topk_encoding"] == "sqrt8":
+    if plain.spec["topk_encoding"] in ("sqrt8", "logp16"):
         assert group["input_ids"].dtype == np.uint16 and (np.diff(np.cumsum(
             group["topk_rank_gaps"][:].astype(np.int64), -1), axis=-1) > 0).all()  # ranks strictly increase
     if plain.spec.get("samples"):

@@ -24,13 +24,23 @@ _SQRT8_DECODE = (
     "renormalise: p_i /= (sum p + T), T /= (sum p + T); re-sort ids and p by descending p (stable); "
     "log-prob = log(p), float32. M = group attribute sqrt_levels")
 
+_LOGP16_DECODE = (
+    "per position: ranks = cumsum(topk_rank_gaps) (the first gap is absolute), ids = rank_to_id[ranks]; "
+    "l_i = -c_i * S (float64) for every code c_i of topk_log_codes, the floor 65535 included, and "
+    "l_T = -c_T * S for topk_log_tail_code; renormalise in log space: l_i -= lse, l_T -= lse with "
+    "lse = logaddexp.reduce(l_0..l_K-1, l_T); re-sort ids and l by descending l (stable); log-prob = "
+    "float32(l), log-tail = l_T. S = group attribute logp_step")
+
 
 def group_attrs(spec: CacheSpec, schema_version: int) -> dict[str, Any]:
-    return {"format": FORMAT_NAME, "schema_version": schema_version, "format_doc": FORMAT_DOC,
-            "description": "per-token teacher outputs, [N sequences, L positions, ...], sharded along N; "
-                           "manifest.json beside this group says which shards are committed",
-            "topk_encoding": spec.topk_encoding, "sqrt_levels": spec.sqrt_levels, "top_k": spec.top_k,
-            "vocab_size": spec.vocab_size, "hidden_dim": spec.hidden_dim, "seq_len": spec.seq_len}
+    out = {"format": FORMAT_NAME, "schema_version": schema_version, "format_doc": FORMAT_DOC,
+           "description": "per-token teacher outputs, [N sequences, L positions, ...], sharded along N; "
+                          "manifest.json beside this group says which shards are committed",
+           "topk_encoding": spec.topk_encoding, "sqrt_levels": spec.sqrt_levels, "top_k": spec.top_k,
+           "vocab_size": spec.vocab_size, "hidden_dim": spec.hidden_dim, "seq_len": spec.seq_len}
+    if spec.topk_encoding == "logp16":
+        out["logp_step"] = spec.logp_step
+    return out
 
 
 def array_attrs(name: str, spec: CacheSpec) -> dict[str, Any]:
@@ -41,10 +51,22 @@ def array_attrs(name: str, spec: CacheSpec) -> dict[str, Any]:
         "input_ids": {"description": "the teacher's token ids of each packed sequence (documents joined by the "
                                      "end-of-sequence token)", "dims": ["sequence", "position"], "units": "token id",
                       "dtype_note": ids, **raw},
-        "topk_rank_gaps": {"description": "sqrt8: the top-k token ids as ranks in rank_to_id, sorted ascending, stored "
-                                          "as the first rank then the differences", "dims": ["sequence", "position", "k"],
-                           "units": "rank difference", "encoding": "sqrt8", "decode": _SQRT8_DECODE,
+        "topk_rank_gaps": {"description": f"{spec.topk_encoding}: the top-k token ids as ranks in rank_to_id, sorted "
+                                          "ascending, stored as the first rank then the differences",
+                           "dims": ["sequence", "position", "k"], "units": "rank difference",
+                           "encoding": spec.topk_encoding,
+                           "decode": _LOGP16_DECODE if spec.topk_encoding == "logp16" else _SQRT8_DECODE,
                            "dtype_note": f"{ids}, like the ids"},
+        "topk_log_codes": {"description": "logp16: round(-log p / S) of each top-k log-probability, S = logp_step, "
+                                          "clipped to 0..65535, in the same (rank) order as topk_rank_gaps",
+                           "dims": ["sequence", "position", "k"], "units": "code (-log p / logp_step nats)",
+                           "encoding": "logp16", "decode": _LOGP16_DECODE,
+                           "dtype_note": "uint16; 65535 = the floor (log p below -65534.5 S, or p = 0)"},
+        "topk_log_tail_code": {"description": "logp16: round(-log T / S) of the tail mass T = 1 - sum of the top-k "
+                                              "probabilities (stored explicitly; 65535 for T = 0)",
+                               "dims": ["sequence", "position"], "units": "code (-log p / logp_step nats)",
+                               "encoding": "logp16", "decode": _LOGP16_DECODE,
+                               "dtype_note": "uint16 (sqrt8's topk_tail_code is a different, uint8 array)"},
         "topk_sqrt_codes": {"description": "sqrt8: round(sqrt(p) * M) of each top-k probability, in the same (rank) "
                                            "order as topk_rank_gaps", "dims": ["sequence", "position", "k"],
                             "units": "code (sqrt of probability * M)", "encoding": "sqrt8", "decode": _SQRT8_DECODE,
@@ -53,7 +75,7 @@ def array_attrs(name: str, spec: CacheSpec) -> dict[str, Any]:
                                           "probabilities (stored explicitly)", "dims": ["sequence", "position"],
                            "units": "code (sqrt of probability * M)", "encoding": "sqrt8", "decode": _SQRT8_DECODE,
                            "dtype_note": "uint8, 0..M"},
-        "rank_to_id": {"description": "sqrt8: the per-cache rank table, rank -> token id (tokens most often in the "
+        "rank_to_id": {"description": "sqrt8, logp16: the per-cache rank table, rank -> token id (tokens most often in the "
                                       "teacher's top-k first); a permutation of 0..V-1", "dims": ["rank"],
                        "units": "token id", "dtype_note": "int64", **raw},
         "topk_ids": {"description": "the teacher's top-k token ids, by descending logit",
@@ -84,8 +106,8 @@ def array_attrs(name: str, spec: CacheSpec) -> dict[str, Any]:
                                      "softmax at temperature 1 (cache.samples draws per position), ascending by rank, "
                                      "stored as the first rank then the differences; padding (count 0) last, gap 0",
                       "dims": ["sequence", "position", "sample"], "units": "rank difference",
-                      "encoding": "gaps over ranks (rank_to_id with sqrt8, else the ids themselves)",
-                      "decode": "ranks = cumsum(draw_gaps); ids = rank_to_id[ranks] (sqrt8) or ranks; "
+                      "encoding": "gaps over ranks (rank_to_id with sqrt8 and logp16, else the ids themselves)",
+                      "decode": "ranks = cumsum(draw_gaps); ids = rank_to_id[ranks] (sqrt8, logp16) or ranks; "
                                 "ignore entries whose draw_counts is 0",
                       "dtype_note": f"{ids}, like the ids"},
         "draw_counts": {"description": "sampled cache: how often each id of draw_gaps was drawn; the counts of a "

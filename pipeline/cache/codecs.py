@@ -4,7 +4,8 @@ Two kinds, one interface each; the writer encodes, the reader decodes, and no st
 stored form:
 
 - top-k (``cache.topk_encoding``): ``Sqrt8Codec`` (rank gaps + sqrt codes + an explicit tail,
-  ``logit_codec.py``) or ``FloatCodec`` (ids + float16/float32 log-probs). Logical form:
+  ``logit_codec.py``), ``LogP16Codec`` (rank gaps + uint16 log-p codes + an explicit tail,
+  ``logp_codec.py``; for KD at temperature > 1) or ``FloatCodec`` (ids + float16/float32 log-probs). Logical form:
   ``topk_ids`` by descending probability, ``topk_logprobs`` float32, and the derived
   ``topk_log_tail`` (log of the mass beyond the top-k);
 - hidden (``cache.hidden_dtype``): ``Float16Hidden`` or ``Int8Hidden`` (per-token absmax). Logical
@@ -17,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import logit_codec
+from .. import logit_codec, logp_codec
 from .spec import CacheSpec, id_dtype
 
 
@@ -41,6 +42,27 @@ class Sqrt8Codec:
                 "topk_log_tail": log_tail.astype(np.float32)}
 
 
+class LogP16Codec:
+    stored = ("topk_rank_gaps", "topk_log_codes", "topk_log_tail_code")
+
+    def __init__(self, spec: CacheSpec, rank_to_id: Callable[[], np.ndarray]):
+        self.step, self.vocab = spec.logp_step, spec.vocab_size
+        self._rank_to_id = rank_to_id  # called when needed, as for sqrt8
+
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+        """Stored arrays, and the summed KL(exact || stored) over the K+1 buckets (the fidelity)."""
+        gaps, codes, tail = logp_codec.encode(ids, logprobs, self._rank_to_id(), step=self.step)
+        decoded, _ = logp_codec.roundtrip_with_tail(logprobs, step=self.step)
+        kl = logit_codec.bucket_kl(logprobs, decoded)
+        return {"topk_rank_gaps": gaps, "topk_log_codes": codes, "topk_log_tail_code": tail}, float(kl.sum())
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, logprobs, log_tail = logp_codec.decode_with_tail(*(stored[n] for n in self.stored),
+                                                              self._rank_to_id(), self.step)
+        return {"topk_ids": ids.astype(id_dtype(self.vocab)), "topk_logprobs": logprobs,
+                "topk_log_tail": log_tail.astype(np.float32)}
+
+
 class FloatCodec:
     stored = ("topk_ids", "topk_logprobs")
 
@@ -60,8 +82,12 @@ class FloatCodec:
                 "topk_log_tail": np.log(np.clip(1.0 - mass, 1e-300, None)).astype(np.float32)}
 
 
-def topk_codec(spec: CacheSpec, rank_to_id: Callable[[], np.ndarray]) -> Sqrt8Codec | FloatCodec:
-    return Sqrt8Codec(spec, rank_to_id) if spec.topk_encoding == "sqrt8" else FloatCodec(spec)
+def topk_codec(spec: CacheSpec, rank_to_id: Callable[[], np.ndarray]) -> Sqrt8Codec | LogP16Codec | FloatCodec:
+    if spec.topk_encoding == "sqrt8":
+        return Sqrt8Codec(spec, rank_to_id)
+    if spec.topk_encoding == "logp16":
+        return LogP16Codec(spec, rank_to_id)
+    return FloatCodec(spec)
 
 
 def quantize_hidden_int8(hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

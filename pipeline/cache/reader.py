@@ -150,15 +150,15 @@ class CacheReader:
 
     @property
     def _rank_to_id(self) -> np.ndarray | None:
-        """sqrt8's rank -> id table, checked against the CRC recorded when the cache was created."""
-        if self.spec.topk_encoding != "sqrt8":
+        """The rank -> id table (sqrt8, logp16), checked against the CRC recorded when the cache was created."""
+        if not self.spec.uses_rank_table:
             return None
         if self._rank_to_id_cache is None:
             rels = [r for r in self._files if r.startswith(f"{ARRAYS}/rank_to_id/")]
             if self.verify and not rels:
                 raise CacheError(f"cache {self.root} was written by an older version that did not checksum its "
                                  "rank_to_id table; rebuild it with cache-teacher cache.overwrite=true")
-            self._check_files(rels, "the sqrt8 rank table")
+            self._check_files(rels, f"the {self.spec.topk_encoding} rank table")
             try:
                 table = self._group["rank_to_id"][:]
             except Exception as e:

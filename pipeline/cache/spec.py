@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import logit_codec
+from .. import logit_codec, logp_codec
 from ..errors import CacheError
 from .files import MANIFEST
 from .store import Storage
@@ -29,8 +29,11 @@ LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hi
 """What a writer is given and a reader returns, whatever the encodings (``codecs.py``)."""
 DERIVED = ("topk_log_tail",)
 """Read-only logical arrays computed by the reader: ``topk_log_tail`` = log of the teacher's mass
-beyond its top-k (sqrt8: the decoded explicit tail; float encodings: log(1 - sum p) in float64)."""
+beyond its top-k (sqrt8, logp16: the decoded explicit tail; float encodings: log(1 - sum p) in float64)."""
 SQRT8_ARRAYS = ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code")
+LOGP16_ARRAYS = ("topk_rank_gaps", "topk_log_codes", "topk_log_tail_code")
+RANK_TABLE_ENCODINGS = ("sqrt8", "logp16")
+"""Encodings that store ids as rank gaps over the cache's ``rank_to_id`` table."""
 DRAW_ARRAYS = ("draw_gaps", "draw_counts")
 COMPACT_ZSTD_LEVEL = 9  # the small coded arrays: level 9 saves ~5 B/token over 3 on the gaps, for little CPU
 
@@ -67,8 +70,11 @@ class CacheSpec:
     """The inputs that determine the cache's content; a rerun must match it exactly."""
     hidden_dtype: str = "float16"
     topk_encoding: str = "sqrt8"
-    """sqrt8 (compact, see logit_codec.py), float16 or float32 log-probs."""
+    """sqrt8 (compact, see logit_codec.py), logp16 (log p on a grid, see logp_codec.py), float16 or
+    float32 log-probs."""
     sqrt_levels: int = logit_codec.SQRT_LEVELS
+    logp_step: float = logp_codec.LOGP_STEP
+    """logp16: nats per code (code c decodes to log p = -c * logp_step)."""
     store_hidden: bool = True
     shard_sequences: int = 32
     chunk_sequences: int = 4
@@ -93,6 +99,11 @@ class CacheSpec:
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_sequences
         return start, min(start + self.shard_sequences, self.num_sequences)
+
+    @property
+    def uses_rank_table(self) -> bool:
+        """True when top-k ids (and sampled ids) are stored as rank gaps over ``rank_to_id``."""
+        return self.topk_encoding in RANK_TABLE_ENCODINGS
 
     def split_of(self, seq_index: int) -> str:
         for name, segments in self.splits.items():
@@ -126,6 +137,9 @@ class CacheSpec:
         if self.topk_encoding == "sqrt8":
             specs.update({"topk_rank_gaps": ((n, length, k), ids), "topk_sqrt_codes": ((n, length, k), np.dtype(np.uint8)),
                           "topk_tail_code": ((n, length), np.dtype(np.uint8))})
+        elif self.topk_encoding == "logp16":
+            specs.update({"topk_rank_gaps": ((n, length, k), ids), "topk_log_codes": ((n, length, k), np.dtype(np.uint16)),
+                          "topk_log_tail_code": ((n, length), np.dtype(np.uint16))})
         else:
             specs.update({"topk_ids": ((n, length, k), ids),
                           "topk_logprobs": ((n, length, k), np.dtype(self.topk_encoding))})

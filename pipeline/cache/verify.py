@@ -75,7 +75,7 @@ def verify_cache(root: str | Path | Storage) -> VerifyReport:
     if files and not tokenizer_records(manifest):
         report.damaged.append(f"{TOKENIZER_DIR}/: the cache carries no copy of the teacher tokenizer (built by an "
                               f"older version); {RERUN}")
-    if spec.topk_encoding == "sqrt8" and files and not any(r.startswith(f"{ARRAYS}/rank_to_id/") for r in files):
+    if spec.uses_rank_table and files and not any(r.startswith(f"{ARRAYS}/rank_to_id/") for r in files):
         report.damaged.append(f"{ARRAYS}/rank_to_id: no checksum recorded; {rebuild}")
 
     for shard in range(spec.num_shards):

@@ -30,8 +30,8 @@ from .files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_fi
                     chunk_files, clear_for_replacement, file_record, interrupted_creation, move_aside,
                     not_a_cache_reason, read_head_marker, read_shard_marker, records, remove_leftovers, shard_name,
                     write_json)
-from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, META_SCHEMA, SCHEMA_VERSION, SQRT8_ARRAYS,
-                   CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
+from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, LOGP16_ARRAYS, META_SCHEMA, SCHEMA_VERSION,
+                   SQRT8_ARRAYS, CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
 from .store import LocalStorage, Storage, open_storage
 
 
@@ -57,7 +57,7 @@ class CacheWriter:
         # shard, and the shard's file (listed in its marker) would not exist.
         self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
                         for name in spec.array_specs()}
-        rank_to_id = self._group["rank_to_id"][:] if spec.topk_encoding == "sqrt8" else None
+        rank_to_id = self._group["rank_to_id"][:] if spec.uses_rank_table else None
         self._rank_to_id = rank_to_id
         self._topk = topk_codec(spec, lambda: rank_to_id)
         self._hidden = hidden_codec(spec)
@@ -357,15 +357,15 @@ def _build_skeleton(store: Storage, spec: CacheSpec, rank_table: Callable[[], np
     group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="w",
                             attributes=attrs.group_attrs(spec, SCHEMA_VERSION))
     for name, (shape, dtype) in spec.array_specs().items():
-        level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS + DRAW_ARRAYS else spec.zstd_level
+        level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS + LOGP16_ARRAYS + DRAW_ARRAYS else spec.zstd_level
         group.create_array(name, shape=shape, dtype=dtype, chunks=(spec.chunk_sequences,) + shape[1:],
                            shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
                            compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),
                            config={"write_empty_chunks": True}, attributes=attrs.array_attrs(name, spec))
     vouched = array_metadata_files(store)
-    if spec.topk_encoding == "sqrt8":
+    if spec.uses_rank_table:
         if rank_table is None:
-            raise ValueError("a sqrt8 cache needs its rank table at creation")
+            raise ValueError(f"a {spec.topk_encoding} cache needs its rank table at creation")
         table = np.asarray(rank_table(), np.int64)
         if sorted(table.tolist()) != list(range(spec.vocab_size)):
             raise ValueError("the rank table must be a permutation of the vocabulary")

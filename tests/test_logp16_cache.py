@@ -1,0 +1,62 @@
+"""A logp16 cache end to end: stage 1 builds it from the tiny teacher, ``CacheReader`` decodes the
+teacher's exact top-k (the float32 cache of the same sequences) within the codec's bound,
+``inspect --verify`` finds it clean, and stage 2 trains from it with kd.mode=topk_tail at tau 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from conftest import stage2_overrides
+from pipeline.cache import CacheReader
+from pipeline.cli import main as cli_main
+from pipeline.config import load_config
+from stage2_student_train.train import train
+
+
+def aligned(ids: np.ndarray, values: np.ndarray, order_ids: np.ndarray) -> np.ndarray:
+    """``values`` (one per id of ``ids``) in the order of ``order_ids`` (same id sets), per position."""
+    sort = np.argsort(ids, -1)
+    sorted_ids = np.take_along_axis(ids, sort, -1)
+    where = np.stack([np.searchsorted(a, b) for a, b in zip(sorted_ids.reshape(-1, ids.shape[-1]),
+                                                            order_ids.reshape(-1, ids.shape[-1]))])
+    return np.take_along_axis(np.take_along_axis(values, sort, -1).reshape(where.shape), where, -1).reshape(ids.shape)
+
+
+def test_stage1_logp16_cache_decodes_the_teachers_topk_within_the_bound(logp16_cache, tiny_cache):
+    exact, got = CacheReader(tiny_cache), CacheReader(logp16_cache)
+    info = got.info()
+    assert info["topk_encoding"] == "logp16" and 0 < info["topk_encoding_kl_mean"] < 1e-4
+    stored = got.spec.array_specs()
+    assert stored["topk_log_codes"][1] == np.uint16 and "topk_ids" not in stored
+    names = got.spec.logical_arrays() + ("topk_log_tail",)
+    a, b = exact.read_range(0, len(exact), names), got.read_range(0, len(got), names)
+    assert b["topk_ids"].dtype == a["topk_ids"].dtype and b["topk_logprobs"].dtype == np.float32
+    assert np.array_equal(np.sort(a["topk_ids"], -1), np.sort(b["topk_ids"], -1))
+    assert (np.diff(b["topk_logprobs"], axis=-1) <= 0).all()
+    assert np.array_equal(a["logz"], b["logz"]) and np.array_equal(a["hidden"], b["hidden"])
+    # each log-prob within half a step, so each ratio to the top-1 (and the tail's) within one step
+    ref = aligned(a["topk_ids"], a["topk_logprobs"].astype(np.float64), b["topk_ids"])
+    step, tol = got.spec.logp_step, 1e-5
+    ratio = (b["topk_logprobs"] - b["topk_logprobs"][..., :1]) - (ref - ref[..., :1])
+    assert np.abs(ratio).max() <= step + tol
+    tail = (b["topk_log_tail"] - b["topk_logprobs"][..., 0]) - (a["topk_log_tail"] - ref[..., 0])
+    assert np.abs(tail).max() <= step + tol
+    assert np.allclose(np.exp(b["topk_logprobs"].astype(np.float64)).sum(-1) + np.exp(b["topk_log_tail"]), 1.0,
+                       atol=1e-5)
+
+
+def test_inspect_verify_is_clean(logp16_cache, capsys):
+    assert cli_main(["inspect", str(logp16_cache), "--verify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verify"]["ok"] and not out["verify"]["damaged"]
+
+
+def test_stage2_trains_from_it_with_topk_tail_at_tau2(logp16_cache, tmp_path):
+    extra = {"kd.mode": "topk_tail", "train.steps": 3, "kd.temperature": 2.0, "kd.temperature_final": 2.0}
+    out = train(load_config(None, stage2_overrides(logp16_cache, tmp_path, "logp16", **extra)), show_progress=False)
+    assert out["step"] == 3
+    recs = [json.loads(line) for line in (tmp_path / "logp16" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "split" not in r and "kd" in r]
+    assert len(steps) == 3 and all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in steps)

@@ -251,3 +251,18 @@ def test_planning_memory_does_not_grow_with_the_corpus(tmp_path, tok):
     peak(50)  # one-time allocations (imports, tokenizer caches) out of the way
     small, large = peak(1000), peak(10000)  # both past the documents table's write batch
     assert large < 1.3 * small, (small, large)
+
+
+def test_a_held_out_document_after_train_fills_up_is_still_packed(tmp_path, tok):
+    """A train cap reached in the first document of a batch must not drop the named eval document
+    later in the same batch (the chooser has already seen it when train fills up)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, text in CORPUS.items():
+        (corpus / name).write_text(text)
+    cfg = load_config(None, [f'data.source="{corpus}"', f'cache.dir="{tmp_path / "c"}"', "data.seq_len=16",
+                             'data.eval_documents=["omega.txt"]', "data.max_train_tokens=32"])
+    plan = ensure_plan(cfg, tok, show_progress=False)
+    assert plan.count["train"] == 2 and plan.count["eval"] > 0
+    text = plan.rows_of(2, 3).text.to_pylist()[0]
+    assert text in CORPUS["omega.txt"]

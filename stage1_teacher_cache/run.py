@@ -321,6 +321,9 @@ def print_summary(info: dict, wall: float) -> None:
         ("top-k mass mean", f"{fmt(info['topk_mass_mean'], '.3f')} (k={info['top_k']})"),
         ("top-k encoding", f"{info['topk_encoding']}, mean KL to exact top-k+tail "
                            f"{fmt(info['topk_encoding_kl_mean'], '.2e')} nats"),
+        ("KD floor", "n/a" if not info.get("kd_floor") else
+         ", ".join(f"tau {t}: {v:.1e}" for t, v in info["kd_floor"].items()) + " nats (what a student equal "
+         "to the teacher pays, topk_tail)"),
         ("teacher eval ppl", f"{fmt(info['teacher_eval_ppl'], '.2f')}  bpb {fmt(info['teacher_eval_bpb'], '.3f')}"),
         ("teacher tokens/s", fmt(info.get("teacher_tokens_per_s"), ".1f")),
         ("wall time", f"{wall:.1f} s"),

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipeline.cache import CacheReader
+from pipeline.cache.summary import kd_floor_at
 from pipeline.config import Config
 from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
 from pipeline.distributed import Dist
@@ -50,6 +51,21 @@ class RunSetup:
 
     def train_indices(self):
         return self.reader.split_indices("train")[:self.train_sequences]
+
+    def kd_floor(self) -> list[dict[str, float]]:
+        """The cache encoding's fidelity at this run's temperature(s), in the loss's direction: the
+        KD loss a student equal to the exact teacher pays (``kd_floor`` of the cache's summary; the
+        recorded temperature nearest to the run's). Empty for modes that read no cached top-k
+        values, or a cache that did not record it."""
+        if "topk" not in self.mode.needs or self.mode.name == "none":
+            return []
+        floor = self.reader.summary_stats().get("kd_floor")
+        out = []
+        for tau in dict.fromkeys(t for t in (self.cfg.kd.temperature, self.cfg.kd.temperature_final) if t != -1):
+            found = kd_floor_at(floor, tau)
+            if found is not None:
+                out.append({"temperature": tau, "measured_at": found[0], "nats": found[1]})
+        return out
 
     def autocast(self):
         low = self.device.type == "cuda" and self.precision.dtype != torch.float32

@@ -83,6 +83,13 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     elif dist.is_main:  # only once everything above is known to work: a failed load leaves nothing
         prepare_run_dir(setup.run_dir, with_cache_facts(cfg, setup.reader))  # records the cache's teacher/data
     dist.barrier()
+    kd_floor = setup.kd_floor()
+    if kd_floor and dist.is_main:  # what the cache's top-k encoding costs this run, before it starts
+        print("cache fidelity: a student equal to the teacher pays " + "; ".join(
+            f"{f['nats']:.2e} nats at kd.temperature={f['temperature']:g}"
+            + (f" (measured at {f['measured_at']:g})" if f["measured_at"] != f["temperature"] else "")
+            for f in kd_floor) + f" ({setup.reader.spec.topk_encoding} encoding, {cfg.kd.mode} loss's direction)",
+              flush=True)
     head, autocast = setup.teacher_head(), setup.autocast()
     log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main)
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
@@ -107,7 +114,8 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     bar.close()
     state.data.close()
     log.close()
-    summary = {"run_dir": str(setup.run_dir), "step": state.step, "skipped_steps": state.skipped, "eval": last_eval}
+    summary = {"run_dir": str(setup.run_dir), "step": state.step, "skipped_steps": state.skipped, "eval": last_eval,
+               "cache_kd_floor": kd_floor}
     if state.step < t.steps:
         why = f"{stop.name} received" if stop_at == state.step and stop.signum is not None else "train.stop_after"
         if dist.is_main:
@@ -133,6 +141,8 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
             "run": cfg.run.name, "teacher": setup.reader.fingerprint.get("teacher"),
             "cache_fingerprint": setup.cache_fingerprint, "cache train sequences": setup.train_sequences,
             "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
+            **({"cache KD floor (nats)": {f"{f['temperature']:g}": f["nats"] for f in summary["cache_kd_floor"]}}
+               if summary.get("cache_kd_floor") else {}),
             "steps": state.step, "tokens": tokens, "tokenizer": cfg.student.tokenizer or "the teacher's",
             "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}})
     return summary

@@ -325,3 +325,51 @@ def test_audit_against_the_teacher(tiny_cache, capsys):
     assert len(audit["sequences"]) == 3 and audit["stored_k"] == 8
     assert audit["kl_stored"] < 1e-6  # float32 log-probs, same teacher, same tokens
     assert audit["per_k"]["8"]["mass"] == pytest.approx(CacheReader(tiny_cache).info()["topk_mass_mean"], rel=0.5)
+
+
+@pytest.mark.parametrize("topk_encoding", ["sqrt8", "logp16", "float16"])
+def test_each_shard_records_the_kd_floor_at_every_temperature(tmp_path, topk_encoding):
+    """The KD loss a student equal to the exact teacher pays on the decoded cache, tau^2 KL(decoded_tau
+    || exact_tau) over top-k + tail, recorded per shard: checked against a float64 reference
+    computed from the full distribution the top-k came from, and the decoded values read back."""
+    from pipeline.cache.codecs import FIDELITY_TEMPERATURES, fidelity_key
+    from pipeline.cache.files import read_shard_marker
+    from pipeline.cache.store import open_storage
+
+    rng = np.random.default_rng(11)
+    spec = make_spec(topk_encoding=topk_encoding)
+    w = CacheWriter.open(tmp_path / "c", spec, rank_table=lambda: rng.permutation(spec.vocab_size))
+    arrays, meta = random_shard(spec, 0, rng)
+    n = len(meta["text"])
+    logits = rng.standard_normal((n, L, K + 30)) * 3.0
+    logits[..., 0] += 6.0 * rng.random((n, L))  # some confident positions
+    logits[:, ::3, 0] += 18.0  # and near one-hot ones, where the encodings' errors are large and one-sided
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    order = np.argsort(-full, axis=-1)
+    top = np.take_along_axis(full, order[..., :K], -1)
+    exact_tail = np.log(np.exp(np.take_along_axis(full, order[..., K:], -1)).sum(-1))
+    ids = np.stack([rng.choice(spec.vocab_size, size=K, replace=False) for _ in range(n * L)]).reshape(n, L, K)
+    arrays["topk_ids"] = ids.astype(id_dtype(spec.vocab_size))
+    arrays["topk_logprobs"] = top.astype(np.float32)
+    w.write_shard(0, arrays, meta, {"positions": float(n * L)})
+    stats = read_shard_marker(open_storage(tmp_path / "c"), 0, spec.shard_range(0))["stats"]
+
+    got = CacheReader(tmp_path / "c").read_range(0, n, ("topk_ids", "topk_logprobs", "topk_log_tail"))
+    # decoded values back in the input's id order: sort both sides by id
+    by_id = np.take_along_axis(got["topk_logprobs"].astype(np.float64), np.argsort(got["topk_ids"].astype(np.int64), -1), -1)
+    dec = np.take_along_axis(by_id, np.argsort(np.argsort(ids, -1), -1), -1)
+    dec_buckets = np.concatenate([dec, got["topk_log_tail"].astype(np.float64)[..., None]], -1)
+    exact_buckets = np.concatenate([top, exact_tail[..., None]], -1)
+    for tau in FIDELITY_TEMPERATURES:
+        def tempered(b):
+            x = b / tau
+            return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+        a, e = tempered(dec_buckets), tempered(exact_buckets)
+        want = (tau ** 2 * (np.exp(a) * (a - e)).sum(-1)).sum()
+        assert stats[fidelity_key(tau)] == pytest.approx(want, rel=2e-3, abs=1e-9 * n * L), tau
+    floor = CacheReader(tmp_path / "c").summary_stats()["kd_floor"]
+    assert set(floor) == {f"{t:g}" for t in FIDELITY_TEMPERATURES}
+    if topk_encoding == "sqrt8":
+        assert floor["4"] > 2 * floor["1"]  # sqrt8 pays more when tempered
+    if topk_encoding == "logp16":
+        assert max(floor.values()) < 1e-4

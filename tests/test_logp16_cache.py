@@ -60,3 +60,23 @@ def test_stage2_trains_from_it_with_topk_tail_at_tau2(logp16_cache, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "logp16" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "split" not in r and "kd" in r]
     assert len(steps) == 3 and all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in steps)
+
+
+def test_a_run_states_the_caches_fidelity_at_its_temperature(logp16_cache, tiny_cache, tmp_path, capsys):
+    """Stage 2 says what the cache's top-k encoding costs at the run's temperature (the KD floor
+    stage 1 recorded), in its log, summary.json and model card; sampled/CE runs do not."""
+    from pipeline.cache import CacheReader
+
+    extra = {"kd.mode": "topk_tail", "train.steps": 2, "train.warmup_steps": 1, "kd.temperature": 2.0,
+             "kd.temperature_final": 4.0}
+    capsys.readouterr()
+    out = train(load_config(None, stage2_overrides(logp16_cache, tmp_path, "floor", **extra)), show_progress=False)
+    floor = CacheReader(logp16_cache).summary_stats()["kd_floor"]
+    assert [f["temperature"] for f in out["cache_kd_floor"]] == [2.0, 4.0]
+    assert [f["nats"] for f in out["cache_kd_floor"]] == [floor["2"], floor["4"]]
+    assert 0 < floor["2"] < 1e-4 and 0 < floor["4"] < 1e-4
+    assert f"{floor['2']:.2e} nats at kd.temperature=2" in capsys.readouterr().out
+    assert "cache KD floor (nats)" in (tmp_path / "floor" / "final" / "student" / "README.md").read_text()
+    ce = train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "ce", **{
+        "kd.mode": "none", "train.steps": 2, "train.warmup_steps": 1})), show_progress=False)
+    assert ce["cache_kd_floor"] == []

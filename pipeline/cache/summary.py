@@ -30,7 +30,27 @@ def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
                               if tot.get("train_targets") else None),
         "samples_unique_mean": tot["sample_unique_sum"] / positions if positions and "sample_unique_sum" in tot else None,
+        "kd_floor": kd_floor_means(tot, positions),
     }
+
+
+def kd_floor_means(tot: dict[str, float], positions: float) -> dict[str, float] | None:
+    """temperature (as text) -> mean KD floor per position (``codecs.fidelity_sums``); None for
+    a cache written before the floor was recorded."""
+    from .codecs import FIDELITY_TEMPERATURES, fidelity_key
+
+    if not positions or fidelity_key(1.0) not in tot:
+        return None
+    return {f"{t:g}": tot[fidelity_key(t)] / positions for t in FIDELITY_TEMPERATURES if fidelity_key(t) in tot}
+
+
+def kd_floor_at(floor: dict[str, float] | None, tau: float) -> tuple[float, float] | None:
+    """(temperature measured, mean KD floor) for a run at ``tau``: the recorded temperature
+    nearest to it (equal when tau is one of ``FIDELITY_TEMPERATURES``), or None if none is."""
+    if not floor:
+        return None
+    nearest = min(floor, key=lambda t: abs(float(t) - tau))
+    return float(nearest), floor[nearest]
 
 
 def logit_bytes_per_token(per_array: dict[str, float]) -> float:

@@ -266,11 +266,12 @@ class CacheWriter:
         done = self.done_shards()
         return [s for s in range(self.spec.num_shards) if s not in done]
 
-    def encode(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """Logical arrays -> stored arrays (``codecs.py``), and the summed KL(exact || stored) of
-        the top-k encoding over K+1 buckets (its fidelity, measured on every position written)."""
+    def encode(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Logical arrays -> stored arrays (``codecs.py``), and the top-k encoding's fidelity sums
+        (``codecs.fidelity_sums``: KL at temperature 1 and the KD floor at several temperatures,
+        measured on every position written)."""
         out = dict(arrays)
-        stored, kl_sum = self._topk.encode(out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32))
+        stored, fidelity = self._topk.encode(out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32))
         out.update(stored)
         coded = len(self._hidden.stored) > 1 and set(self._hidden.stored) <= set(out)  # int8 codes + scale given
         if "hidden" in out and not coded:
@@ -278,21 +279,21 @@ class CacheWriter:
         if self.spec.samples:
             out["draw_gaps"], out["draw_counts"] = logit_codec.encode_samples(out.pop("draw_ids"),
                                                                               out["draw_counts"], self._rank_to_id)
-        return out, kl_sum
+        return out, fidelity
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],
                     stats: dict[str, float]) -> None:
         """Write one shard's rows ``rows_to_write(shard)``: their logical arrays (encoded as the
-        spec says) and metadata, then the shard's commit marker. ``stats`` are sums;
-        ``topk_encoding_kl_sum`` is added here."""
+        spec says) and metadata, then the shard's commit marker. ``stats`` are sums; the
+        encoding's fidelity sums are added here."""
         start, stop = self.spec.shard_range(shard)
         first, _ = self.rows_to_write(shard)
         logical = set(self.spec.logical_arrays())
         if set(arrays) not in (logical, logical | set(self._hidden.stored)):  # hidden as floats or already coded
             raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(logical)}")
         check_finite(shard, first, stop, arrays)
-        arrays, kl_sum = self.encode(arrays)
-        stats = {**stats, "topk_encoding_kl_sum": kl_sum}
+        arrays, fidelity = self.encode(arrays)
+        stats = {**stats, **fidelity}
         specs = self.spec.array_specs()
         rels = {name: f"{ARRAYS}/{name}/{self._arrays[name].metadata.encode_chunk_key((shard,) + (0,) * (len(shape) - 1))}"
                 for name, (shape, _) in specs.items()}

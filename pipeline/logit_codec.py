@@ -37,13 +37,14 @@ def rank_table(token_counts: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(len(token_counts)), -token_counts)).astype(np.int64)
 
 
-def encode(ids: np.ndarray, logprobs: np.ndarray, rank_to_id: np.ndarray,
-           levels: int = SQRT_LEVELS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids [..., K], fp32 log-probs [..., K]) -> (rank gaps [..., K] int64, sqrt codes uint8, tail code uint8)."""
+def encode(ids: np.ndarray, logprobs: np.ndarray, rank_to_id: np.ndarray, levels: int = SQRT_LEVELS,
+           log_tail: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [..., K], fp32 log-probs [..., K]) -> (rank gaps [..., K] int64, sqrt codes uint8, tail
+    code uint8). ``log_tail``: the exact log tail mass when known (else ``1 - sum p``)."""
     gaps, order = rank_gaps(ids, rank_to_id)
     probs = np.exp(np.take_along_axis(logprobs.astype(np.float64), order, -1))
     codes = _code(probs, levels).astype(np.uint8)
-    tail_code = _code(_tail_mass(np.exp(logprobs.astype(np.float64)), None), levels).astype(np.uint8)
+    tail_code = _code(_tail_mass(np.exp(logprobs.astype(np.float64)), log_tail), levels).astype(np.uint8)
     return gaps, codes, tail_code
 
 

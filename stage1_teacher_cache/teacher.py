@@ -206,7 +206,7 @@ class TeacherPass:
         flat = hidden.reshape(b * length, -1)
         # Next token of each position; the last position of a sequence has none (masked below).
         nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)
-        top_ids, top_lp, logz, next_lp = [], [], [], []
+        top_ids, top_lp, logz, next_lp, tail = [], [], [], [], []
         for s in range(0, flat.shape[0], self.logits_chunk):
             logits = self.logits(flat[s:s + self.logits_chunk])  # [chunk, V] fp32, ours to overwrite
             values, indices = logits.topk(self.top_k, dim=-1, sorted=True)
@@ -217,10 +217,16 @@ class TeacherPass:
             # work after the matmul on a CPU; same fp32 sum, same result).
             peak = values[:, :1]
             if self.chunk_hook is None:
-                lz = logits.sub_(peak).exp_().sum(-1).log_().add_(peak[:, 0])
+                scaled = logits.sub_(peak).exp_()
             else:  # the same numbers out of place: the hook (sampled caches) needs the logits
-                lz = (logits - peak).exp_().sum(-1).log_().add_(peak[:, 0])
+                scaled = (logits - peak).exp_()
+            total = scaled.sum(-1)
+            lz = total.log().add_(peak[:, 0])
+            if self.chunk_hook is not None:
                 self.chunk_hook(s, logits, lz)
+            # The mass beyond the top-k summed over the other ids directly, not as 1 - sum(top-k),
+            # whose cancellation leaves tails below ~1e-6 as rounding noise (fp32 logZ).
+            tail.append(scaled.scatter_(1, indices, 0.0).sum(-1).log_().sub_(total.log()))
             top_ids.append(indices)
             top_lp.append(values - lz[:, None])
             logz.append(lz)
@@ -232,6 +238,7 @@ class TeacherPass:
             "input_ids": ids.cpu().numpy(),
             "topk_ids": torch.cat(top_ids).view(b, length, -1).cpu().numpy(),
             "topk_logprobs": torch.cat(top_lp).view(b, length, -1).cpu().numpy(),
+            "topk_log_tail": torch.cat(tail).view(b, length).cpu().numpy(),  # -inf: no mass beyond the top-k
             "logz": torch.cat(logz).view(b, length).cpu().numpy(),
             "next_logprob": next_logprob.cpu().numpy(),
             "hidden": hidden.float().cpu().numpy(),

@@ -80,3 +80,30 @@ def test_a_run_states_the_caches_fidelity_at_its_temperature(logp16_cache, tiny_
     ce = train(load_config(None, stage2_overrides(tiny_cache, tmp_path, "ce", **{
         "kd.mode": "none", "train.steps": 2, "train.warmup_steps": 1})), show_progress=False)
     assert ce["cache_kd_floor"] == []
+
+
+def test_the_teacher_pass_gives_tails_exact_where_one_minus_the_sum_is_noise(tiny_teacher_dir):
+    """The mass beyond the top-k, summed over the other ids, against a float64 reference from the
+    same logits; on a sharpened teacher (tails down to ~1e-30) ``1 - sum p`` of the fp32 top-k is
+    rounding noise, the teacher pass's tail is not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stage1_teacher_cache.teacher import TeacherPass
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    for sharpen in (1.0, 12.0):
+        with torch.no_grad():
+            model.model.norm.weight.mul_(sharpen)  # logits scale with the final norm
+        out = TeacherPass(model, top_k=8, logits_chunk=16)(ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)
+        rest = logp.scatter(-1, torch.from_numpy(out["topk_ids"]).long(), -torch.inf)
+        want = torch.logsumexp(rest, -1).numpy()
+        got = out["topk_log_tail"].astype(np.float64)
+        assert np.abs(got - want).max() < 1e-4, sharpen
+        if sharpen > 1:
+            assert want.min() < -25  # tails far below what 1 - sum can resolve
+            derived = np.log(np.clip(1 - np.exp(out["topk_logprobs"].astype(np.float64)).sum(-1), 1e-300, None))
+            assert np.abs(derived - want).max() > 1.0

@@ -30,18 +30,19 @@ def fidelity_key(tau: float) -> str:
     return f"kd_floor_tau{tau:g}_sum"
 
 
-def fidelity_sums(exact_logprobs: np.ndarray, decoded_logprobs: np.ndarray,
-                  decoded_log_tail: np.ndarray) -> dict[str, float]:
+def fidelity_sums(exact_logprobs: np.ndarray, decoded_logprobs: np.ndarray, decoded_log_tail: np.ndarray,
+                  exact_log_tail: np.ndarray | None = None) -> dict[str, float]:
     """What an encoding costs, summed over positions (sums, so shards combine exactly):
 
     - ``topk_encoding_kl_sum``: KL(exact || decoded) over the K + 1 buckets at temperature 1;
     - ``kd_floor_tau{t}_sum`` for each t of ``FIDELITY_TEMPERATURES``: the KD loss (``topk_tail``,
       ``t^2 KL(decoded_t || exact_t)``, the loss's own direction) that a student equal to the exact
       teacher pays when trained on the decoded cache at temperature t: the floor the encoding
-      puts under that loss. The exact tail is ``1 - sum p`` of the exact log-probs without
-      cancellation (``logp_codec.log_tail_of``); ids are in the same order on both sides."""
+      puts under that loss. The exact tail is ``exact_log_tail`` (the teacher's, summed beyond its
+      top-k), else ``1 - sum p`` of the exact log-probs without cancellation
+      (``logp_codec.log_tail_of``); ids are in the same order on both sides."""
     exact = np.asarray(exact_logprobs, np.float64)
-    exact_tail = logp_codec.log_tail_of(exact)
+    exact_tail = logp_codec.log_tail_of(exact, exact_log_tail)
     out = {"topk_encoding_kl_sum": float(logit_codec.bucket_kl(exact, np.asarray(decoded_logprobs)).sum())}
     for tau in FIDELITY_TEMPERATURES:
         floor = logit_codec.tempered_bucket_kl(exact, np.asarray(decoded_logprobs, np.float64), tau, exact_tail,
@@ -57,12 +58,14 @@ class Sqrt8Codec:
         self.levels, self.vocab = spec.sqrt_levels, spec.vocab_size
         self._rank_to_id = rank_to_id  # called when needed: the reader checks the table on first use
 
-    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Stored arrays, and the encoding's fidelity sums over the positions (`fidelity_sums`)."""
-        gaps, codes, tail = logit_codec.encode(ids, logprobs, self._rank_to_id(), self.levels)
-        decoded = logit_codec.roundtrip_with_tail(logprobs, self.levels)
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray, log_tail: np.ndarray | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Stored arrays, and the encoding's fidelity sums over the positions (`fidelity_sums`).
+        ``log_tail``: the teacher's exact log tail mass, coded instead of ``1 - sum p`` when given."""
+        gaps, codes, tail = logit_codec.encode(ids, logprobs, self._rank_to_id(), self.levels, log_tail)
+        decoded = logit_codec.roundtrip_with_tail(logprobs, self.levels, log_tail=log_tail)
         return ({"topk_rank_gaps": gaps, "topk_sqrt_codes": codes, "topk_tail_code": tail},
-                fidelity_sums(logprobs, *decoded))
+                fidelity_sums(logprobs, *decoded, log_tail))
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, logprobs, log_tail = logit_codec.decode_with_tail(*(stored[n] for n in self.stored),
@@ -78,12 +81,14 @@ class LogP16Codec:
         self.step, self.vocab = spec.logp_step, spec.vocab_size
         self._rank_to_id = rank_to_id  # called when needed, as for sqrt8
 
-    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """Stored arrays, and the encoding's fidelity sums over the positions (`fidelity_sums`)."""
-        gaps, codes, tail = logp_codec.encode(ids, logprobs, self._rank_to_id(), step=self.step)
-        decoded = logp_codec.roundtrip_with_tail(logprobs, step=self.step)
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray, log_tail: np.ndarray | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """Stored arrays, and the encoding's fidelity sums over the positions (`fidelity_sums`).
+        ``log_tail``: the teacher's exact log tail mass, coded instead of a derived one when given."""
+        gaps, codes, tail = logp_codec.encode(ids, logprobs, self._rank_to_id(), log_tail, step=self.step)
+        decoded = logp_codec.roundtrip_with_tail(logprobs, log_tail, step=self.step)
         return ({"topk_rank_gaps": gaps, "topk_log_codes": codes, "topk_log_tail_code": tail},
-                fidelity_sums(logprobs, *decoded))
+                fidelity_sums(logprobs, *decoded, log_tail))
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, logprobs, log_tail = logp_codec.decode_with_tail(*(stored[n] for n in self.stored),
@@ -98,10 +103,14 @@ class FloatCodec:
     def __init__(self, spec: CacheSpec):
         self.dtype = np.dtype(spec.topk_encoding)
 
-    def encode(self, ids: np.ndarray, logprobs: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def encode(self, ids: np.ndarray, logprobs: np.ndarray, log_tail: np.ndarray | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """No tail is stored (the reader derives ``1 - sum p``); ``log_tail``, the teacher's exact
+        one, only makes the fidelity sums honest about what that derivation loses."""
         stored = logprobs.astype(self.dtype)
         decoded = self.decode({"topk_ids": ids, "topk_logprobs": stored})
-        return {"topk_ids": ids, "topk_logprobs": stored}, fidelity_sums(logprobs, stored, decoded["topk_log_tail"])
+        return ({"topk_ids": ids, "topk_logprobs": stored},
+                fidelity_sums(logprobs, stored, decoded["topk_log_tail"], log_tail))
 
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The tail is 1 - sum p in float64: as exact as the stored values allow."""

@@ -115,10 +115,12 @@ def records(store: Storage, rels: list[str]) -> dict[str, dict[str, int]]:
 
 
 def check_finite(shard: int, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
-    """Raise ``NonFiniteError`` naming the shard and array if any float array holds NaN/Inf."""
+    """Raise ``NonFiniteError`` naming the shard and array if any float array holds NaN/Inf (a
+    log-tail may be -inf: no mass beyond the top-k)."""
     for name, data in arrays.items():
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            bad = int((~np.isfinite(data)).sum())
+        ok = np.isfinite(data) | (data == -np.inf) if name == "topk_log_tail" else np.isfinite(data)
+        if data.dtype.kind == "f" and not ok.all():
+            bad = int((~ok).sum())
             raise NonFiniteError(
                 f"the teacher produced NaN/Inf in {name} for shard {shard} (sequences {start}-{stop - 1}, "
                 f"{bad} values); the shard is not committed. Rerun with teacher.dtype=float32 (fp16 overflows)")

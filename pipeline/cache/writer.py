@@ -271,7 +271,8 @@ class CacheWriter:
         (``codecs.fidelity_sums``: KL at temperature 1 and the KD floor at several temperatures,
         measured on every position written)."""
         out = dict(arrays)
-        stored, fidelity = self._topk.encode(out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32))
+        stored, fidelity = self._topk.encode(out.pop("topk_ids"), out.pop("topk_logprobs").astype(np.float32),
+                                             out.pop("topk_log_tail", None))
         out.update(stored)
         coded = len(self._hidden.stored) > 1 and set(self._hidden.stored) <= set(out)  # int8 codes + scale given
         if "hidden" in out and not coded:
@@ -289,7 +290,8 @@ class CacheWriter:
         start, stop = self.spec.shard_range(shard)
         first, _ = self.rows_to_write(shard)
         logical = set(self.spec.logical_arrays())
-        if set(arrays) not in (logical, logical | set(self._hidden.stored)):  # hidden as floats or already coded
+        given = set(arrays) - {"topk_log_tail"}  # optional: the teacher's exact tail, else derived
+        if given not in (logical, logical | set(self._hidden.stored)):  # hidden as floats or already coded
             raise ValueError(f"shard arrays {sorted(arrays)} != expected {sorted(logical)}")
         check_finite(shard, first, stop, arrays)
         arrays, fidelity = self.encode(arrays)

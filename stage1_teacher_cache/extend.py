@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.cache import CacheReader, CacheSpec, CacheWriter
@@ -25,7 +26,7 @@ from pipeline.cache.store import open_storage
 from pipeline.config import Config
 from pipeline.errors import CacheError, DataError, FingerprintMismatch
 
-from .plan_store import Plan
+from .plan_store import Plan, Rows
 
 CHECK_ROWS = 256  # sequences compared per read while checking the prefix
 
@@ -101,13 +102,22 @@ def check_prefix(reader: CacheReader, plan: Plan, show_progress: bool = True) ->
                 bar.update(len(chunk))
 
 
-def plan_rows(spec: CacheSpec, plan: Plan, first: int, stop: int) -> tuple[int, int]:
-    """The plan rows [a, b) of the cache rows [first, stop): a sequence's plan row is its rank in
-    its split plus where that split starts in the plan (train first, then eval)."""
-    a, b = _plan_row(spec, plan, first), _plan_row(spec, plan, stop - 1) + 1
-    if b - a != stop - first:
-        raise AssertionError(f"cache rows [{first}, {stop}) are not contiguous in the plan")
-    return a, b
+def plan_rows(spec: CacheSpec, plan: Plan, first: int, stop: int) -> Rows:
+    """The plan rows of the cache rows [first, stop), in cache order. A sequence's plan row is its
+    rank in its split plus where that split starts in the plan (train first, then eval); after an
+    extension a shard may hold rows of two segments, which are not adjacent in the plan."""
+    runs: list[list[int]] = []  # [plan start, plan stop) of each run of consecutive plan rows
+    for i in range(first, stop):
+        row = _plan_row(spec, plan, i)
+        if runs and runs[-1][1] == row:
+            runs[-1][1] += 1
+        else:
+            runs.append([row, row + 1])
+    parts = [plan.rows_of(a, b) for a, b in runs]
+    if len(parts) == 1:
+        return parts[0]
+    return Rows(np.concatenate([p.input_ids for p in parts]), pa.concat_arrays([p.text for p in parts]),
+                pa.concat_arrays([p.char_end for p in parts]), pa.concat_arrays([p.doc_id for p in parts]))
 
 
 def _plan_row(spec: CacheSpec, plan: Plan, index: int) -> int:

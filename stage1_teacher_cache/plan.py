@@ -139,11 +139,13 @@ def max_sequences(max_tokens: dict[str, int], seq_len: int) -> dict[str, int | N
 
 def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: int, doc_separator: str,
                max_tokens: dict[str, int], folder: Path, rows: int, info: dict | None = None,
-               eval_done: Callable[[], bool] = lambda: True, show_progress: bool = True) -> Plan:
+               eval_done: Callable[[], bool] = lambda: True, show_progress: bool = True,
+               named_eval: bool = False) -> Plan:
     """Pack ``documents`` into the plan folder ``folder`` (replacing what is there) and return it.
 
     ``eval_done()``: whether eval may stop short of ``max_eval_tokens`` (no cap) once train is
-    full (e.g. every named eval document was met). ``info`` is recorded in plan.json."""
+    full (e.g. every named eval document was met); ``named_eval``: eval is a list of named
+    documents (checked at batch ends). ``info`` is recorded in plan.json."""
     limits = max_sequences(max_tokens, seq_len)
     writer = PlanWriter(folder, seq_len, rows)
     packers = {s: Packer(seq_len, eos_id, doc_separator, limits[s],
@@ -164,13 +166,14 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
                     ids, offsets = encoded[doc.doc_id]
                     packer.add(doc.doc_id, doc.text, ids, offsets)
                     bar.update(len(ids) + 1)
-                if packers["train"].full and packers["eval"].full:
+                if packers["train"].full and (packers["eval"].full or limits["eval"] is None and eval_done()
+                                               and not named_eval):
                     early = True
                     break
-            # Without an eval cap, stop only at a batch's end: ``eval_done`` knows every document
-            # the batch pulled from the stream, and a held-out one after the point where train
-            # filled up must still be packed.
-            if early or packers["train"].full and limits["eval"] is None and eval_done():
+            # Named eval documents and no eval cap: stop only at a batch's end. ``eval_done`` knows
+            # every document the batch pulled from the stream, and a named one after the point
+            # where train filled up must still be packed.
+            if early or named_eval and packers["train"].full and limits["eval"] is None and eval_done():
                 early = True
                 break
         if train_docs == 0:
@@ -227,4 +230,5 @@ def ensure_plan(cfg: Config, tokenizer, show_progress: bool = True) -> Plan:
     documents = iter_documents(cfg.data, source, chooser)
     return build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
                       limits, folder, cfg.cache.shard_sequences, info={"key": key, "signature": signature},
-                      eval_done=lambda: not chooser.named or chooser.all_named_seen, show_progress=show_progress)
+                      eval_done=lambda: not chooser.named or chooser.all_named_seen, show_progress=show_progress,
+                      named_eval=bool(chooser.named))

@@ -247,7 +247,7 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
     with BackgroundWriter(writer, cfg.cache.writer_queue) as background:
         for shard in shards:
             start, stop = writer.rows_to_write(shard)  # a growing last shard keeps its old rows
-            planned = plan.rows_of(*plan_rows(spec, plan, start, stop))  # this shard's plan, read from disk now
+            planned = plan_rows(spec, plan, start, stop)  # this shard's plan, read from disk now
             parts = []
             for b in range(start, stop, cfg.teacher.batch_size):
                 rows = range(b, min(b + cfg.teacher.batch_size, stop))

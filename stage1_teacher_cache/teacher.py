@@ -231,7 +231,7 @@ class TeacherPass:
             top_lp.append(values - lz[:, None])
             logz.append(lz)
             next_lp.append(next_logit - lz)
-            del logits
+            del logits, scaled  # both name the [chunk, V] buffer: free it before the next chunk
         next_logprob = torch.cat(next_lp).view(b, length)
         next_logprob[:, -1] = 0.0
         return {

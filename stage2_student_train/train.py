@@ -245,6 +245,9 @@ def check_resumable(saved: dict, setup: RunSetup, ckpt: Path) -> int:
     if setup.run_dir != run_dir and setup.run_dir.resolve() != run_dir.resolve():
         raise CheckpointError(f"checkpoint {ckpt} belongs to run directory {run_dir}, not "
                               f"{setup.run_dir}; do not move checkpoints between runs")
+    if saved.get("cache_train_sequences", seen) != seen:
+        raise CheckpointError(f"checkpoint {ckpt} trained on {saved['cache_train_sequences']} train sequences, but "
+                              f"the cache says its fingerprint then had {seen}; resume with the cache it was trained on")
     was = saved.get("parallel", "none")
     if (was == "fsdp") != (setup.parallel == "fsdp"):
         raise CheckpointError(f"checkpoint {ckpt} was written with train.parallel={was}; resume it with "

@@ -373,3 +373,26 @@ def test_each_shard_records_the_kd_floor_at_every_temperature(tmp_path, topk_enc
         assert floor["4"] > 2 * floor["1"]  # sqrt8 pays more when tempered
     if topk_encoding == "logp16":
         assert max(floor.values()) < 1e-4
+
+
+def test_the_kd_floor_is_finite_for_an_empty_tail_and_averaged_over_measured_positions():
+    """An empty exact tail (top-k = the vocabulary, or a sum that underflows) is floored as the
+    loss floors a student's, not +inf; shards written before the floor existed do not dilute it."""
+    from pipeline import logit_codec
+    from pipeline.cache.codecs import FIDELITY_TEMPERATURES, fidelity_key, fidelity_sums
+    from pipeline.cache.summary import summary_stats
+
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((64, K)) * 2
+    exact = (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32)  # top-k = vocabulary
+    decoded, decoded_tail = logit_codec.roundtrip_with_tail(exact)
+    assert np.isfinite(decoded_tail).all()  # sqrt8 decodes code 0 to a small positive mass
+    sums = fidelity_sums(exact, decoded, decoded_tail, np.full(64, -np.inf))
+    assert all(np.isfinite(v) and v >= 0 for v in sums.values()) and sums["kd_floor_positions"] == 64
+    # the same numbers as flooring the exact tail by hand at tau * log(1e-12) (the loss's floor)
+    for tau in FIDELITY_TEMPERATURES:
+        want = logit_codec.tempered_bucket_kl(exact, decoded, tau, np.full(64, tau * np.log(1e-12)), decoded_tail)
+        assert sums[fidelity_key(tau)] == pytest.approx(want.sum(), rel=1e-9)
+    old = {"stats": {"positions": 64.0}}  # a shard written before the floor existed
+    stats = summary_stats([old, {"stats": {"positions": 64.0, **sums}}])
+    assert stats["kd_floor"]["2"] == pytest.approx(sums[fidelity_key(2.0)] / 64, rel=1e-12)

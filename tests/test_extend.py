@@ -219,3 +219,43 @@ def test_a_student_resumes_on_the_prefix_it_saw(small, tiny_teacher_dir, corpus_
     card = (runs / "new" / "final" / "student" / "README.md").read_text()
     assert "| cache train sequences | 20 |" in card
     assert json.loads((runs / "new" / "summary.json").read_text())["step"] == 2
+
+
+def test_a_shard_across_segments_is_rebuilt_after_an_extension(small, tiny_teacher_dir, corpus_dir, tmp_path):
+    """After an extension, shards holding rows of two segments (train and eval; eval and the new
+    train) map to rows that are not adjacent in the plan: deleting their markers, as `inspect
+    --verify` advises for a damaged shard, and rerunning rebuilds the same bytes. So does an old
+    shard whose marker goes missing while the extension is unfinished."""
+    reference = tmp_path / "reference"
+    extended_copy(small, reference, tiny_teacher_dir, corpus_dir)
+    cache = tmp_path / "c"
+    shutil.copytree(reference, cache)
+    spanning = [2, 3]  # rows 8-11 (train 8, eval 9-11) and 12-15 (eval 12-14, new train 15)
+    for s in spanning:
+        (cache / DONE / f"shard-0000{s}.json").unlink()
+    build(tiny_teacher_dir, corpus_dir, cache, LARGE, **{"cache.extend": True})
+    # Shard 3 grew in the extension: its statistics were summed in two parts then, in one now
+    # (the last bits of the float sums may differ); every other byte is the same.
+    got, want = cache_files(cache), cache_files(reference)
+    marker = "done/shard-00003.json"
+    assert {k: v for k, v in got.items() if k != marker} == {k: v for k, v in want.items() if k != marker}
+    got_m, want_m = json.loads(got[marker]), json.loads(want[marker])
+    assert got_m["files"] == want_m["files"] and got_m["stats"].keys() == want_m["stats"].keys()
+    assert all(got_m["stats"][k] == pytest.approx(want_m["stats"][k], rel=1e-9) for k in got_m["stats"])
+
+    victim = tmp_path / "victim"
+    shutil.copytree(small, victim)
+    real = CacheWriter.write_shard
+
+    def killed(self, shard, *args, **kw):
+        raise KeyboardInterrupt("simulated kill")
+
+    CacheWriter.write_shard = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build(tiny_teacher_dir, corpus_dir, victim, LARGE, **{"cache.extend": True})
+    finally:
+        CacheWriter.write_shard = real
+    (victim / DONE / "shard-00000.json").unlink()  # an old, full shard found damaged meanwhile
+    build(tiny_teacher_dir, corpus_dir, victim, LARGE, **{"cache.extend": True})
+    assert_same_cache(victim, reference)

@@ -14,6 +14,7 @@ stored form:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -30,6 +31,13 @@ def fidelity_key(tau: float) -> str:
     return f"kd_floor_tau{tau:g}_sum"
 
 
+KD_TAIL_FLOOR = 1e-12
+"""The KD losses' floor for an empty student tail (stage 2's ``losses.TAIL_FLOOR``): an empty
+exact tail (the student's role here) is floored the same way, so the floor stays what the loss
+would report instead of +inf."""
+FIDELITY_BLOCK = 2048  # positions per block: bounds the float64 temporaries (a shard can hold 16k+)
+
+
 def fidelity_sums(exact_logprobs: np.ndarray, decoded_logprobs: np.ndarray, decoded_log_tail: np.ndarray,
                   exact_log_tail: np.ndarray | None = None) -> dict[str, float]:
     """What an encoding costs, summed over positions (sums, so shards combine exactly):
@@ -40,14 +48,25 @@ def fidelity_sums(exact_logprobs: np.ndarray, decoded_logprobs: np.ndarray, deco
       teacher pays when trained on the decoded cache at temperature t: the floor the encoding
       puts under that loss. The exact tail is ``exact_log_tail`` (the teacher's, summed beyond its
       top-k), else ``1 - sum p`` of the exact log-probs without cancellation
-      (``logp_codec.log_tail_of``); ids are in the same order on both sides."""
-    exact = np.asarray(exact_logprobs, np.float64)
-    exact_tail = logp_codec.log_tail_of(exact, exact_log_tail)
-    out = {"topk_encoding_kl_sum": float(logit_codec.bucket_kl(exact, np.asarray(decoded_logprobs)).sum())}
-    for tau in FIDELITY_TEMPERATURES:
-        floor = logit_codec.tempered_bucket_kl(exact, np.asarray(decoded_logprobs, np.float64), tau, exact_tail,
-                                               np.asarray(decoded_log_tail, np.float64))
-        out[fidelity_key(tau)] = float(floor.sum())
+      (``logp_codec.log_tail_of``); an empty one is floored as the loss floors a student's
+      (``KD_TAIL_FLOOR``). Ids are in the same order on both sides;
+    - ``kd_floor_positions``: the positions measured (caches may mix shards written before)."""
+    k = np.shape(exact_logprobs)[-1]
+    exact = np.asarray(exact_logprobs).reshape(-1, k)
+    decoded = np.asarray(decoded_logprobs).reshape(-1, k)
+    decoded_tail = np.asarray(decoded_log_tail).reshape(-1)
+    given_tail = None if exact_log_tail is None else np.asarray(exact_log_tail).reshape(-1)
+    out = {"topk_encoding_kl_sum": 0.0, "kd_floor_positions": float(len(exact))}
+    out.update({fidelity_key(t): 0.0 for t in FIDELITY_TEMPERATURES})
+    for a in range(0, len(exact), FIDELITY_BLOCK):
+        e = exact[a:a + FIDELITY_BLOCK].astype(np.float64)
+        d = decoded[a:a + FIDELITY_BLOCK].astype(np.float64)
+        d_tail = decoded_tail[a:a + FIDELITY_BLOCK].astype(np.float64)
+        e_tail = logp_codec.log_tail_of(e, None if given_tail is None else given_tail[a:a + FIDELITY_BLOCK])
+        out["topk_encoding_kl_sum"] += float(logit_codec.bucket_kl(e, d).sum())
+        for tau in FIDELITY_TEMPERATURES:
+            floored = np.where(np.isfinite(e_tail), e_tail, tau * math.log(KD_TAIL_FLOOR))
+            out[fidelity_key(tau)] += float(logit_codec.tempered_bucket_kl(e, d, tau, floored, d_tail).sum())
     return out
 
 

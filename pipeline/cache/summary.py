@@ -30,18 +30,19 @@ def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "teacher_train_ppl": (math.exp(tot["train_nll_sum"] / tot["train_targets"])
                               if tot.get("train_targets") else None),
         "samples_unique_mean": tot["sample_unique_sum"] / positions if positions and "sample_unique_sum" in tot else None,
-        "kd_floor": kd_floor_means(tot, positions),
+        "kd_floor": kd_floor_means(tot),
     }
 
 
-def kd_floor_means(tot: dict[str, float], positions: float) -> dict[str, float] | None:
-    """temperature (as text) -> mean KD floor per position (``codecs.fidelity_sums``); None for
-    a cache written before the floor was recorded."""
+def kd_floor_means(tot: dict[str, float]) -> dict[str, float] | None:
+    """temperature (as text) -> mean KD floor per position measured (``codecs.fidelity_sums``;
+    an extended older cache measured only its new rows); None for a cache that never recorded it."""
     from .codecs import FIDELITY_TEMPERATURES, fidelity_key
 
-    if not positions or fidelity_key(1.0) not in tot:
+    measured = tot.get("kd_floor_positions", 0.0)  # shards written before the floor existed have none
+    if not measured or fidelity_key(1.0) not in tot:
         return None
-    return {f"{t:g}": tot[fidelity_key(t)] / positions for t in FIDELITY_TEMPERATURES if fidelity_key(t) in tot}
+    return {f"{t:g}": tot[fidelity_key(t)] / measured for t in FIDELITY_TEMPERATURES if fidelity_key(t) in tot}
 
 
 def kd_floor_at(floor: dict[str, float] | None, tau: float) -> tuple[float, float] | None:

@@ -100,7 +100,9 @@ class CacheWriter:
                     f"cache {store} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
                     "or rebuild with cache.overwrite=true")
             old = spec_from_manifest(manifest, store)
-            if old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences:
+            # (Only the creating rank checks the layout: an extension keeps the cache's shard size
+            # whatever cache.shard_sequences says, and the other ranks reopen what rank 0 made.)
+            if create and (old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences):
                 raise FingerprintMismatch(
                     f"cache {store} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
                     f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
@@ -200,7 +202,7 @@ class CacheWriter:
         the partial last shard of a cache being extended, whose old rows are kept."""
         start, stop = self.spec.shard_range(shard)
         kept_below = self.manifest.get("extending", {}).get("from_sequences", 0)
-        return max(start, kept_below), stop
+        return (kept_below, stop) if start < kept_below < stop else (start, stop)
 
     # -- documents and head are written once, by rank 0, before any shard
 
@@ -320,7 +322,7 @@ class CacheWriter:
                           "split": [self.spec.split_of(i) for i in range(first, stop)], **meta},
                          schema=META_SCHEMA)
         if kept_meta is not None:
-            table = pa.concat_tables([kept_meta, table])
+            table = pa.concat_tables([kept_meta, table]).combine_chunks()  # one batch, as a shard written whole
         self.store.write_bytes(meta_rel, arrow_bytes(table))
         marker = {"shard": shard, "start": start, "stop": stop, "files": records(self.store, [*rels.values(), meta_rel]),
                   "stats": stats}

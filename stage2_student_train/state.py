@@ -57,7 +57,7 @@ class RunSetup:
         KD loss a student equal to the exact teacher pays (``kd_floor`` of the cache's summary; the
         recorded temperature nearest to the run's). Empty for modes that read no cached top-k
         values, or a cache that did not record it."""
-        if "topk" not in self.mode.needs or self.mode.name == "none":
+        if "topk" not in self.mode.needs:
             return []
         floor = self.reader.summary_stats().get("kd_floor")
         out = []

@@ -85,11 +85,7 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     dist.barrier()
     kd_floor = setup.kd_floor()
     if kd_floor and dist.is_main:  # what the cache's top-k encoding costs this run, before it starts
-        print("cache fidelity: a student equal to the teacher pays " + "; ".join(
-            f"{f['nats']:.2e} nats at kd.temperature={f['temperature']:g}"
-            + (f" (measured at {f['measured_at']:g})" if f["measured_at"] != f["temperature"] else "")
-            for f in kd_floor) + f" ({setup.reader.spec.topk_encoding} encoding, {cfg.kd.mode} loss's direction)",
-              flush=True)
+        print(fidelity_line(kd_floor, setup.reader.spec.topk_encoding, cfg.kd.mode), flush=True)
     head, autocast = setup.teacher_head(), setup.autocast()
     log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main)
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
@@ -149,6 +145,15 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
 
 
 # ---------------------------------------------------------------- the loop's small pieces
+
+
+def fidelity_line(kd_floor: list[dict], encoding: str, mode: str) -> str:
+    """The start-of-run statement of what the cache's encoding costs at the run's temperature(s)."""
+    parts = [f"{f['nats']:.2e} nats at kd.temperature={f['temperature']:g}"
+             + (f" (measured at {f['measured_at']:g})" if f["measured_at"] != f["temperature"] else "")
+             for f in kd_floor]
+    return (f"cache fidelity: a student equal to the teacher pays {'; '.join(parts)} "
+            f"({encoding} encoding, {mode} loss's direction)")
 
 
 def maybe_eval(setup: RunSetup, state: TrainState, log: MetricsLog, show_progress: bool) -> dict | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Iterable
 
+from .codecs import FIDELITY_TEMPERATURES, fidelity_key
+
 if TYPE_CHECKING:
     from .reader import CacheReader
 
@@ -37,8 +39,6 @@ def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def kd_floor_means(tot: dict[str, float]) -> dict[str, float] | None:
     """temperature (as text) -> mean KD floor per position measured (``codecs.fidelity_sums``;
     an extended older cache measured only its new rows); None for a cache that never recorded it."""
-    from .codecs import FIDELITY_TEMPERATURES, fidelity_key
-
     measured = tot.get("kd_floor_positions", 0.0)  # shards written before the floor existed have none
     if not measured or fidelity_key(1.0) not in tot:
         return None

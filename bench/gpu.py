@@ -171,7 +171,7 @@ def stage2(cfg_args: list[str], mode: str, runs: Path, steps: int, device) -> di
 
 
 def as_overrides(cfg) -> list[str]:
-    import tomllib
+    from pipeline.tomlcompat import tomllib
 
     from pipeline.config import to_toml
     raw = tomllib.loads(to_toml(cfg))

@@ -98,7 +98,7 @@ ARGS: list[str] = []
 
 
 def as_overrides(cfg) -> list[str]:
-    import tomllib
+    from pipeline.tomlcompat import tomllib
 
     from pipeline.config import to_toml
     raw = tomllib.loads(to_toml(cfg))

@@ -20,7 +20,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def teacher_level(run_dir: Path) -> dict | None:
     """The teacher's eval ppl/bpb from the manifest of the cache the run trained on."""
-    import tomllib
+    from .tomlcompat import tomllib
 
     from .cache.store import open_storage
     try:

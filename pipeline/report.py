@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import time
-import tomllib
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from .cache import CacheReader
 from .errors import PipelineError
 from .plot import plot_runs, read_metrics
+from .tomlcompat import tomllib
 
 PROMPTS = ["ROMEO.\nBut soft, what light", "KING.\nMy lords, I bid you", "Enter the Ghost.\n\nHORATIO.\n"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from pipeline.config import load_config
 from pipeline.errors import CacheError
 from pipeline.fingerprint import tokenizer_hash
 from pipeline.cache.verify import verify_cache
+from pipeline.tomlcompat import tomllib
 from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.student import load_teacher_tokenizer
 from stage2_student_train.train import train

@@ -120,7 +120,7 @@ def test_rerun_skips_and_a_foreign_config_is_refused(built, capsys):
 
 def _as_overrides(cfg):
     from pipeline.config import to_toml
-    import tomllib
+    from pipeline.tomlcompat import tomllib
     raw = tomllib.loads(to_toml(cfg))
     import json
     return [f"{s}.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"

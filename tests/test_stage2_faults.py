@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, stage2_overrides
+from pipeline.tomlcompat import tomllib
 from test_bad_input import assert_refused, run, snapshot, train_args
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -169,7 +170,7 @@ def test_resume_refuses_keys_that_define_the_run(capsys, finished, tmp_path, ove
 def test_resume_applies_the_keys_it_may_change(capsys, finished, tmp_path):
     runs = tmp_path / "runs"
     run_dir = copy_run(finished, runs)
-    lr = json.loads(json.dumps(float(__import__("tomllib").loads((run_dir / "config.toml").read_text())["train"]["lr"])))
+    lr = json.loads(json.dumps(float(tomllib.loads((run_dir / "config.toml").read_text())["train"]["lr"])))
     code, err = run(capsys, "resume", run_dir / "checkpoints" / "step-00000004", "train.steps=6", f"train.lr={lr}",
                     "train.save_every=1", f"run.runs_dir={json.dumps(str(runs))}")
     assert code == 0, err

@@ -39,6 +39,12 @@ $(DATA)/shakespeare/.done:
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
+# The edit-test loop: everything but the tests marked slow (processes, stages end to end).
+# `make test` (CI) still runs them all.
+.PHONY: test-fast
+test-fast: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+
 cache-teacher: setup
 	$(PY) -m pipeline cache-teacher --config $(CONFIG) $(ARGS)
 

@@ -169,6 +169,7 @@ def test_incomplete_cache_cannot_train(capsys, cache_copy, tmp_path):
                    cache_copy)
 
 
+@pytest.mark.slow  # runs stage 1 and stage 2
 def test_union_mode_needs_the_stored_head(capsys, tiny_teacher_dir, corpus_dir, tmp_path):
     from pipeline.config import load_config
     from stage1_teacher_cache.run import cache_teacher
@@ -292,6 +293,7 @@ def test_a_document_longer_than_seq_len_is_packed_not_refused(tiny_teacher_dir, 
 # -- the machine --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs stage 1, fails it, and reruns it
 def test_disk_full_while_writing_keeps_committed_shards(capsys, tiny_teacher_dir, corpus_dir, tmp_path, monkeypatch):
     from pipeline import cache as cache_module
 

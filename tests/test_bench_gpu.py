@@ -11,6 +11,8 @@ import torch
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 
 def run(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -6,6 +6,8 @@ import pytest
 
 from bench import p7
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_p7_reports_a_peak_per_corpus_size():

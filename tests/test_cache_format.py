@@ -243,6 +243,7 @@ def test_a_non_cache_directory_is_never_overwritten(tmp_path):
     assert (tmp_path / "c" / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow  # starts a process
 def test_inspect_cli_json_and_error(tmp_path):
     spec = make_spec()
     w, _ = write_all(tmp_path / "c", spec, np.random.default_rng(9))

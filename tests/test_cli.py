@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
 
 
 def run(*args):

@@ -24,6 +24,8 @@ from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.checkpoint import resume_config
 from stage2_student_train.train import train
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 SEQ = 32
 SMALL, LARGE = 9 * SEQ, 20 * SEQ  # train tokens: 9 + 6 eval = 15 sequences, the last shard of 4 partial
 COMPARED = ("input_ids", "topk_ids", "topk_logprobs", "topk_log_tail", "logz", "next_logprob", "hidden")

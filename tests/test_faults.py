@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, assert_same_cache, stage1_overrides, stage2_overrides
 from pipeline.cache import CacheReader
+
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
 
 KILLS = 10
 

@@ -37,6 +37,7 @@ def wide_teacher_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("which, batch, seq, chunk", [("tiny", 4, 512, 512), ("wide", 8, 512, 256)])
 def test_stage1_estimate_within_25_percent_of_measured(which, batch, seq, chunk, tiny_teacher_dir, wide_teacher_dir):
     teacher = tiny_teacher_dir if which == "tiny" else wide_teacher_dir
@@ -56,6 +57,7 @@ def cache128(tiny_teacher_dir, corpus_dir, tmp_path_factory):
     return cache
 
 
+@pytest.mark.slow  # starts a process
 @pytest.mark.parametrize("student, batch, chunk", [
     (("32", "2", "2", "1", "64"), 8, 1024),     # the loss chunk dominates
     (("256", "4", "4", "2", "1024"), 16, 128),  # weights, optimizer state and activations dominate
@@ -97,6 +99,7 @@ def test_largest_batch_and_sizes():
     assert largest_batch(peak, 2**29, cuda=False) == 0
 
 
+@pytest.mark.slow  # starts a process
 def test_doctor_config_prints_the_plan(tiny_teacher_dir):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     args = [sys.executable, "-m", "pipeline", "doctor", "--config", "configs/default.toml",

@@ -22,6 +22,8 @@ import pytest
 
 from conftest import REPO, cache_files, stage1_overrides, stage2_overrides
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 BUCKET = "kd-cache-test"
 
 

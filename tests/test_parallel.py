@@ -24,6 +24,8 @@ from stage2_student_train.state import build_state, setup_run
 from stage2_student_train.step import step_weights, train_step
 from stage2_student_train.train import train
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "-m", "pipeline"]
 

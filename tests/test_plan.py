@@ -233,6 +233,7 @@ def test_tokenize_batch_matches_single_calls(tok):
         assert ids.tolist() == enc["input_ids"] and offs.tolist() == [list(o) for o in enc["offset_mapping"]]
 
 
+@pytest.mark.slow  # plans 11k documents under tracemalloc (~20 s)
 def test_planning_memory_does_not_grow_with_the_corpus(tmp_path, tok):
     """Python-side peak allocation while planning 10x more documents stays flat (the plan goes to
     disk as it is made; a planner that kept every sequence would grow ~10x here)."""

@@ -73,6 +73,7 @@ def test_fp32_teacher_uses_its_head_without_a_copy(tiny_teacher_dir):
     assert head.mode == "native-fp32" and head.w32 is model.lm_head.weight
 
 
+@pytest.mark.slow  # builds an fp16 cache with stage 1
 def test_precision_check_of_an_fp32_and_an_fp16_cache(tiny_cache, tiny_teacher_dir, corpus_dir, tmp_path):
     exact = precision_check(CacheReader(tiny_cache), sequences=3)
     assert exact["positions"] == 3 * 32
@@ -88,6 +89,7 @@ def test_precision_check_of_an_fp32_and_an_fp16_cache(tiny_cache, tiny_teacher_d
     assert low["top1_agreement"] > 0.9
 
 
+@pytest.mark.slow  # starts a process
 def test_inspect_precision_check_cli(tiny_cache):
     import subprocess
     import sys

@@ -23,6 +23,8 @@ from pipeline.cache import CacheReader, CacheWriter
 from pipeline.cli import main as cli_main
 from pipeline.errors import CacheError
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
 
 

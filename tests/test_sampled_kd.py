@@ -176,6 +176,7 @@ def test_stage1_stores_samples_covered_by_the_commit_markers(sampled_cache, tmp_
     assert not report.ok and "draw_gaps" in report.damaged[0]
 
 
+@pytest.mark.slow  # runs stage 1 again (another batching) and a refused rerun
 def test_samples_do_not_depend_on_batching_and_are_fingerprinted(sampled_cache, tiny_teacher_dir, corpus_dir,
                                                                   tmp_path):
     from stage1_teacher_cache.run import cache_teacher
@@ -194,6 +195,7 @@ def test_samples_do_not_depend_on_batching_and_are_fingerprinted(sampled_cache, 
             "cache.samples": 8, "cache.topk_encoding": "sqrt8"})), show_progress=False)
 
 
+@pytest.mark.slow  # trains students
 def test_sampled_mode_trains_and_refuses_what_it_cannot_do(sampled_cache, tiny_cache, tmp_path):
     from stage2_student_train.train import train
 

@@ -25,6 +25,8 @@ from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.student import load_teacher_tokenizer
 from stage2_student_train.train import train
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 
 def tokenizer_records(root: Path) -> dict:
     manifest = json.loads((root / "manifest.json").read_text())

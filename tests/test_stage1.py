@@ -15,6 +15,8 @@ from pipeline.config import load_config
 from pipeline.errors import FingerprintMismatch
 from stage1_teacher_cache.run import cache_teacher
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 
 def run_cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -19,6 +19,8 @@ from pipeline.errors import PipelineError
 from stage1_teacher_cache.run import cache_teacher
 from stage2_student_train.train import train
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 VOLATILE = ("tokens_per_s", "mem_mb", "mem_peak_mb", "data_stall_s")
 
 

@@ -22,6 +22,8 @@ from conftest import REPO, stage2_overrides
 from pipeline.tomlcompat import tomllib
 from test_bad_input import assert_refused, run, snapshot, train_args
 
+pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
+
 ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 

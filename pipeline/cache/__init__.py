@@ -10,17 +10,8 @@
     summary.py    what ``inspect`` reports; verify.py: ``inspect --verify``
     attrs.py      the self-description every zarr array carries
 
-Layout of a cache (schema version ``SCHEMA_VERSION``; every array, field and decoding rule is in
-``docs/cache-format.md``)::
-
-    manifest.json          schema, fingerprint, spec, teacher facts, ``files``: size + CRC32 of the
-                           array metadata, rank_to_id, meta/documents.arrow and tokenizer/
-    arrays.zarr/           zarr v3 group; per-token arrays [N, L, ...], one zarr shard = one cache shard
-    meta/documents.arrow   one row per source document
-    meta/shard-SSSSS.arrow one row per sequence: seq_index, split, text, char_end, doc_id
-    done/shard-SSSSS.json  a shard's commit marker, written last: every file of the shard + stats
-    done/head.json         the optional teacher head's commit marker
-    tokenizer/             the teacher's tokenizer (save_pretrained)
+The layout of a cache on disk (schema version ``SCHEMA_VERSION``), every array, field and
+decoding rule: ``docs/cache-format.md`` (the one place it is written out).
 """
 
 from ..atomic import atomic_write_bytes, atomic_write_json, file_crc32, file_record

@@ -184,7 +184,7 @@ def stage2_run(ctx: dict, label: str, mode: str, cross: bool) -> dict:
     flops = parts.student_flops_per_token(dims, cfg.data.seq_len)
     estimate = plan(cfg, cuda=ctx["device"].type == "cuda", teacher=ctx["tdims"], student=dims)["stage2"]["peak"]
     res.update(student_params=dims.params, student_vocab=dims.vocab, flops_per_token=flops,
-               mfu=round(flops * res["tokens_per_s"] / (ctx["matmul"]["tflops"] * 1e12), 4),
+               mfu=round(flops * res["tokens_per_s"] / (rate * 1e12), 4) if (rate := ctx["matmul"]["tflops"]) else None,
                planner_peak_mb=round(estimate / 2**20, 1))
     print(json.dumps({label: res}), flush=True)
     return res
@@ -257,6 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if phases.errors else 0
 
 
+def prepare(args, tmp: Path, device, shape: str, seq_len: int, sequences: int, batch: int) -> dict:
+    """The base config, the teacher's dimensions, the stage-2 batch and what every run shares."""
+    from pipeline.config import load_config
+    from pipeline.memplan import plan, teacher_dims
+    base = base_config(args, tmp, tmp / "teacher", seq_len, sequences)
+    tdims, cuda = teacher_dims(base), device.type == "cuda"
+    same_args = [*as_overrides(base), *parts.student_args(shape)]
+    if cuda:  # the planner's largest batch for the larger (teacher-vocabulary) student, if below the ask
+        batch = max(1, min(batch, plan(load_config(None, same_args), teacher=tdims)["stage2"]["largest_batch"] or 1))
+    return {"base": base, "batch": batch, "base_args": [*same_args, kv("train.batch_size", batch)],
+            "runs": tmp / "runs", "steps": args.steps, "p100_steps": args.p100_steps, "device": device,
+            "tdims": tdims, "shape": shape, "smollm2": Path(args.bundle) / "tokenizers" / "smollm2",
+            "overrides": args.overrides,
+            "plan_stage1_peak_mb": round(plan(base, cuda=cuda, teacher=tdims)["stage1"]["peak"] / 2**20, 1)}
+
+
 def check(args, phases: Phases, results: dict, device, precision, tmp: Path) -> None:
     shape = "tiny" if args.tiny else "seed"
     seed_path = Path(args.seed_config)
@@ -270,22 +286,12 @@ def check(args, phases: Phases, results: dict, device, precision, tmp: Path) -> 
     if results["teacher"]:
         print(f"teacher: {results['teacher']['params'] / 1e9:.3f}B parameters, "
               f"{results['teacher']['active_params'] / 1e9:.3f}B active: {json.dumps(results['teacher'])}", flush=True)
-    base = phases.run("config", base_config, args, tmp, tmp / "teacher", seq_len, sequences,
-                      needs=("teacher_build",))
-    if base is None:
+    ctx = phases.run("config", prepare, args, tmp, device, shape, seq_len, sequences, batch, needs=("teacher_build",))
+    if ctx is None:
         return
-    from pipeline.memplan import plan, teacher_dims
-    tdims = teacher_dims(base)
-    cuda = device.type == "cuda"
-    same_args = [*as_overrides(base), *parts.student_args(shape)]
-    if cuda:  # the planner's largest batch for the larger (teacher-vocabulary) student, if below the ask
-        from pipeline.config import load_config
-        batch = max(1, min(batch, plan(load_config(None, same_args), teacher=tdims)["stage2"]["largest_batch"] or 1))
-    ctx = {"base": base, "base_args": [*same_args, kv("train.batch_size", batch)], "runs": tmp / "runs",
-           "steps": args.steps, "p100_steps": args.p100_steps, "device": device, "tdims": tdims, "shape": shape,
-           "smollm2": Path(args.bundle) / "tokenizers" / "smollm2", "matmul": results["matmul"] or {"tflops": 0},
-           "overrides": args.overrides}
-    results["plan_stage1_peak_mb"] = round(plan(base, cuda=cuda, teacher=tdims)["stage1"]["peak"] / 2**20, 1)
+    ctx["matmul"] = results["matmul"] or {"tflops": 0}
+    base, batch = ctx["base"], ctx["batch"]
+    results["plan_stage1_peak_mb"] = ctx["plan_stage1_peak_mb"]
     out = phases.run("stage1", parts.stage1, base, device, precision, needs=("config",))
     results["stage1"], teacher_model = out if out else (None, None)
     if teacher_model is not None:

@@ -12,7 +12,7 @@ ARGS     ?=
 CKPT     ?=
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup test cache-teacher train-student resume demo bench bench-gpu quality doctor clean distclean
+.PHONY: setup test cache-teacher train-student resume demo bench bench-gpu gpu-bundle quality doctor clean distclean
 
 setup: $(STAMP)
 
@@ -67,11 +67,17 @@ demo: setup
 bench: setup
 	$(PY) -m pipeline bench --config $(CONFIG) $(ARGS)
 
-# One prepared GPU check (<= 8 min, offline): doctor + memory plan, stage 1 at seq 512 and
-# stage 2 (CE, topk_tail, union) in the policy's precision; bench/gpu-results.{json,md}.
-# Exits at once with a one-line error on a machine without CUDA.
-bench-gpu: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m bench.gpu $(ARGS)
+# One prepared GPU check (< 8 min, offline; docs/gpu-check.md): the seed's shapes with random
+# weights, stage 1 and stage 2 (none, topk_tail, sampled, cross-tokenizer), MFU, a P100 emulation
+# of configs/seed-p100.toml; bench/gpu-results.{json,md}. Exits at once without CUDA.
+bench-gpu: gpu-bundle
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m bench.gpu --bundle gpu-bundle $(ARGS)
+
+# What the check needs on a GPU machine with only python3 + torch + transformers (< 60 MiB):
+# CPython 3.12 wheels it lacks, this project's wheel, the Qwen and SmolLM2 tokenizers, a few plays.
+# gpu-bundle/RUN.txt is the one line to run there.
+gpu-bundle: setup
+	$(PY) -m bench.bundle --out gpu-bundle
 
 # Offline KD modes (one cache: top-k, head, sampled tokens) vs online full-vocabulary KD, same
 # student, data order and steps: quality/results.{json,md} and quality/curves.png (~25 min, 2 cores).

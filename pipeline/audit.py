@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .cache import CacheReader
-from .logit_codec import bucket_kl
+from .cache.logit_codec import bucket_kl
 
 KS = (8, 16, 32, 64, 128)
 

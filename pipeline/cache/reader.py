@@ -17,12 +17,11 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from .. import logit_codec
 from ..errors import CacheError
 from . import summary as cache_summary
-from .codecs import hidden_codec, topk_codec
+from .codecs import SamplesCodec, hidden_codec, topk_codec
 from .files import ARRAYS, DONE, META, VIEWS, check_record, read_head_marker, read_shard_marker, shard_name
-from .spec import DERIVED, SCHEMA_VERSION, id_dtype, read_manifest, spec_from_manifest
+from .spec import DERIVED, SCHEMA_VERSION, read_manifest, spec_from_manifest
 from .store import LocalStorage, Storage, open_storage, user_cache_dir
 
 
@@ -88,6 +87,7 @@ class CacheReader:
         self._head_checked = False
         self._topk = topk_codec(self.spec, lambda: self._rank_to_id)
         self._hidden = hidden_codec(self.spec)
+        self._samples = SamplesCodec(self.spec, lambda: self._rank_to_id)
         self._load_markers()
 
     def _check_files(self, rels: list[str], what: str, remedy: str = "rebuild it with cache-teacher "
@@ -184,15 +184,14 @@ class CacheReader:
         topk = {"topk_ids", "topk_logprobs", "topk_log_tail"} & set(names)
         stored = [n for n in names if n not in topk and n not in ("hidden", "draw_ids")]
         stored += list(self._topk.stored if topk else ()) + list(self._hidden.stored if "hidden" in names else ())
-        stored += ["draw_gaps"] if "draw_ids" in names else []
+        stored += list(self._samples.stored) if "draw_ids" in names else []
         out = self._read_stored(start, stop, tuple(dict.fromkeys(stored)))
         if topk:
             out.update(self._topk.decode(out))
         if "hidden" in names:
             out["hidden"] = self._hidden.decode(out)
         if "draw_ids" in names:
-            out["draw_ids"] = logit_codec.decode_samples(out["draw_gaps"], self._rank_to_id).astype(
-                id_dtype(self.spec.vocab_size))
+            out.update(self._samples.decode(out))
         return {n: out[n] for n in names}
 
     def read_indices(self, indices, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

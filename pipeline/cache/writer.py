@@ -22,10 +22,9 @@ import pyarrow.ipc as ipc
 import zarr
 from zarr.codecs import BloscCodec
 
-from .. import logit_codec
 from ..errors import CacheError, FingerprintMismatch, NonFiniteError
 from . import attrs
-from .codecs import hidden_codec, topk_codec
+from .codecs import SamplesCodec, hidden_codec, topk_codec
 from .files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite, check_record,
                     chunk_files, clear_for_replacement, file_record, interrupted_creation, move_aside,
                     not_a_cache_reason, read_head_marker, read_shard_marker, records, remove_leftovers, shard_name,
@@ -58,9 +57,9 @@ class CacheWriter:
         self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
                         for name in spec.array_specs()}
         rank_to_id = self._group["rank_to_id"][:] if spec.uses_rank_table else None
-        self._rank_to_id = rank_to_id
         self._topk = topk_codec(spec, lambda: rank_to_id)
         self._hidden = hidden_codec(spec)
+        self._samples = SamplesCodec(spec, lambda: rank_to_id)
 
     @classmethod
     def open(cls, root: str | Path | Storage, spec: CacheSpec, *, overwrite: bool = False, create: bool = True,
@@ -280,8 +279,7 @@ class CacheWriter:
         if "hidden" in out and not coded:
             out.update(self._hidden.encode(out.pop("hidden")))
         if self.spec.samples:
-            out["draw_gaps"], out["draw_counts"] = logit_codec.encode_samples(out.pop("draw_ids"),
-                                                                              out["draw_counts"], self._rank_to_id)
+            out.update(self._samples.encode(out.pop("draw_ids"), out.pop("draw_counts")))
         return out, fidelity
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],

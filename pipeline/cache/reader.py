@@ -22,7 +22,7 @@ from . import summary as cache_summary
 from .codecs import SamplesCodec, hidden_codec, topk_codec
 from .files import ARRAYS, DONE, META, VIEWS, check_record, read_head_marker, read_shard_marker, shard_name
 from .spec import DERIVED, SCHEMA_VERSION, read_manifest, spec_from_manifest
-from .store import LocalStorage, Storage, open_storage, user_cache_dir
+from .store import Storage, open_storage, user_cache_dir
 
 
 @dataclass
@@ -62,7 +62,7 @@ class CacheReader:
 
     def __init__(self, root: str | Path | Storage, *, verify: bool = True, views_dir: str | Path | None = None):
         self.store = open_storage(root)
-        self.root = self.store.root if isinstance(self.store, LocalStorage) else self.store.url
+        self.root = self.store.location
         if not self.store.exists():
             raise CacheError(f"cache {self.root} does not exist; build it with cache-teacher (cache.dir={self.root})")
         self.manifest = read_manifest(self.store)
@@ -299,8 +299,8 @@ class CacheReader:
         """Where derived views (cross-tokenizer alignments) of this cache are stored: inside a
         local cache, or under ``views_dir`` in a folder named by the cache's identity. A remote
         cache without ``views_dir`` keeps them in this user's local cache folder."""
-        if self.views_dir is None and isinstance(self.store, LocalStorage):
-            return self.store.root / VIEWS
+        if self.views_dir is None and self.store.local_path() is not None:
+            return self.store.local_path(VIEWS)
         ident = json.dumps([self.spec.fingerprint, self.spec.num_sequences], sort_keys=True, default=str)
         base = self.views_dir if self.views_dir is not None else user_cache_dir() / VIEWS
         return base / hashlib.sha256(ident.encode()).hexdigest()[:16]

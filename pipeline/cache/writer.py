@@ -44,7 +44,7 @@ class CacheWriter:
 
     def __init__(self, store: Storage, spec: CacheSpec, manifest: dict[str, Any]):
         self.store, self.spec, self.manifest = store, spec, manifest
-        self.root = store.root if isinstance(store, LocalStorage) else store.url
+        self.root = store.location
         try:
             self._group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="r+")
         except Exception as e:  # zarr raises many types for missing/corrupt metadata
@@ -79,9 +79,9 @@ class CacheWriter:
         store = open_storage(root)
         if store.is_file(""):
             raise CacheError(f"cache.dir {store} is a file, not a directory; choose another cache.dir")
-        local = isinstance(store, LocalStorage)
+        local = store.local_path() is not None  # a directory here: build beside it, swap in by rename
         if create and local:
-            remove_leftovers(store.root)
+            remove_leftovers(store.local_path())
         if create and not local and not store.is_file(MANIFEST) and interrupted_creation(store):
             store.remove_tree("")  # a skeleton whose manifest was never written
         replace = False
@@ -107,7 +107,7 @@ class CacheWriter:
                     f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
                     "rebuild with cache.overwrite=true")
             if create and local:
-                _remove_stale_temp_files(store.root)
+                _remove_stale_temp_files(store.local_path())
             return cls(store, old, manifest)
         if not replace and store.list():
             raise CacheError(f"{store} exists, is not empty and holds no cache manifest; "
@@ -119,7 +119,7 @@ class CacheWriter:
             return cls(store, spec, manifest)
         # Locally: build the skeleton beside the target and rename it into place. A crash leaves
         # either nothing or a whole skeleton, never a directory that is neither a cache nor empty.
-        root = store.root
+        root = store.local_path()
         tmp = root.parent / f".{root.name}.creating"
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / META).mkdir(parents=True)

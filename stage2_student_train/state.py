@@ -98,7 +98,7 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     temperatures = (cfg.kd.temperature,) + ((cfg.kd.temperature_final,) if cfg.kd.temperature_final != -1 else ())
     mode = kd_modes.check(cfg.kd.mode, same_tokenizer=same_tokenizer, cache_has=cache_has,
                           teacher=reader.spec.teacher, cache_dir=cfg.cache.dir, temperatures=temperatures)
-    if mode.name == "union" and cfg.kd.union_student_k > reader.spec.vocab_size:
+    if mode.student_k and cfg.kd.union_student_k > reader.spec.vocab_size:
         raise ConfigError(f"kd.union_student_k={cfg.kd.union_student_k} exceeds the vocabulary "
                           f"({reader.spec.vocab_size}); lower it (8 is typical)")
     need_hidden = "hidden" in mode.needs or cfg.kd.feature_weight > 0

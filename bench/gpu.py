@@ -170,15 +170,6 @@ def stage2(cfg_args: list[str], mode: str, runs: Path, steps: int, device) -> di
             "eval": next((r for r in reversed(records) if r.get("split") == "eval"), None)}
 
 
-def as_overrides(cfg) -> list[str]:
-    import tomllib
-
-    from pipeline.config import to_toml
-    raw = tomllib.loads(to_toml(cfg))
-    return [f"{s}.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
-            for s, d in raw.items() for k, v in d.items()]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
@@ -187,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               "run it where `python -m pipeline doctor` shows a cuda device", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    from pipeline.config import load_config
+    from pipeline.config import config_overrides, load_config
     from pipeline.device import check_cuda_build, choose_precision, resolve_device
     from pipeline.doctor import plan_rows, report
     from pipeline.memplan import plan, teacher_dims
@@ -214,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch_size
         if device.type == "cuda":  # the planner's largest batch that fits this card, if below the ask
             batch = max(1, min(batch, plan_of(base)["stage2"]["largest_batch"] or 1))
-        cfg_args = [*as_overrides(base), f"train.batch_size={batch}"]
+        cfg_args = [*config_overrides(base), f"train.batch_size={batch}"]
         cfg = load_config(None, cfg_args)
         mplan = plan_of(cfg)
         results["plan"] = {"stage1_peak_mb": round(mplan["stage1"]["peak"] / 2**20, 1),

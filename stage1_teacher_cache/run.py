@@ -26,9 +26,9 @@ from pipeline.cache.codecs import hidden_codec
 from pipeline.cache.files import lock_path
 from pipeline.cache.store import open_storage
 from pipeline.config import Config, load_config
-from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
+from pipeline.device import set_up_device
 from pipeline.distributed import Dist, init_distributed
-from pipeline.errors import ConfigError, TeacherError
+from pipeline.errors import TeacherError
 from pipeline.locks import acquire_lock
 from pipeline.fingerprint import tokenizer_hash
 from pipeline.cache.tokenizer import store_tokenizer
@@ -60,13 +60,8 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
 
 def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextlib.ExitStack) -> dict:
     t0 = time.perf_counter()
-    torch.set_num_threads(cpu_threads(dist.local_world, cfg.teacher.num_threads))
-    device = resolve_device(cfg.teacher.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    precision = choose_precision(device, cfg.teacher.dtype)
-    if (problem := check_cuda_build(device)) is not None:
-        raise ConfigError(problem)
+    precision = set_up_device(cfg.teacher.device, cfg.teacher.dtype, dist, cfg.teacher.num_threads)
+    device = precision.device
     say = print if dist.is_main else (lambda *a, **k: None)
     progress = show_progress and dist.is_main
 

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.cache import CacheReader
 from pipeline.cache.summary import kd_floor_at
 from pipeline.config import Config
-from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
+from pipeline.device import set_up_device
 from pipeline.distributed import Dist
 from pipeline.errors import ConfigError
 
@@ -80,13 +80,8 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     """Everything checked before anything is written: device, cache, tokenizer, KD mode, data."""
     t = cfg.train
     kd_modes.get(cfg.kd.mode)  # a mistyped mode is named before any file is opened
-    torch.set_num_threads(cpu_threads(dist.local_world, t.num_threads))
-    device = resolve_device(t.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    precision = choose_precision(device, t.precision)
-    if (problem := check_cuda_build(device)) is not None:
-        raise ConfigError(problem)
+    precision = set_up_device(t.device, t.precision, dist, t.num_threads)
+    device = precision.device
     kind = parallel.choose(t.parallel, dist)
     reader = CacheReader(cfg.cache.dir, views_dir=cfg.cache.views_dir or None)
     reader.require_complete()

@@ -80,32 +80,11 @@ class CacheWriter:
         if store.is_file(""):
             raise CacheError(f"cache.dir {store} is a file, not a directory; choose another cache.dir")
         local = store.local_path() is not None  # a directory here: build beside it, swap in by rename
-        if create and local:
-            remove_leftovers(store.local_path())
-        if create and not local and not store.is_file(MANIFEST) and interrupted_creation(store):
-            store.remove_tree("")  # a skeleton whose manifest was never written
-        replace = False
-        if create and overwrite and store.list():
-            reason = not_a_cache_reason(store)
-            if reason is not None:
-                raise CacheError(f"{store} is not a cache of this tool ({reason}); cache.overwrite=true only "
-                                 "replaces caches: choose another cache.dir")
-            replace = True
+        if create:
+            _remove_interrupted_creation(store, local)
+        replace = create and overwrite and _may_replace(store)
         if not replace and (store.is_file(MANIFEST) or not create):
-            manifest = read_manifest(store)
-            diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
-            if diff:
-                raise FingerprintMismatch(
-                    f"cache {store} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
-                    "or rebuild with cache.overwrite=true")
-            old = spec_from_manifest(manifest, store)
-            # (Only the creating rank checks the layout: an extension keeps the cache's shard size
-            # whatever cache.shard_sequences says, and the other ranks reopen what rank 0 made.)
-            if create and (old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences):
-                raise FingerprintMismatch(
-                    f"cache {store} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
-                    f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
-                    "rebuild with cache.overwrite=true")
+            old, manifest = _matching_cache(store, spec, create)
             if create and local:
                 _remove_stale_temp_files(store.local_path())
             return cls(store, old, manifest)
@@ -117,22 +96,7 @@ class CacheWriter:
                 clear_for_replacement(store)
             manifest = _build_skeleton(store, spec, rank_table)
             return cls(store, spec, manifest)
-        # Locally: build the skeleton beside the target and rename it into place. A crash leaves
-        # either nothing or a whole skeleton, never a directory that is neither a cache nor empty.
-        root = store.local_path()
-        tmp = root.parent / f".{root.name}.creating"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / META).mkdir(parents=True)
-        (tmp / DONE).mkdir()
-        manifest = _build_skeleton(LocalStorage(tmp), spec, rank_table)
-        if root.exists() and not replace:
-            root.rmdir()  # empty, checked above
-        root.parent.mkdir(parents=True, exist_ok=True)
-        aside = move_aside(root) if replace else None
-        os.replace(tmp, root)
-        if aside is not None:
-            shutil.rmtree(aside)
-        return cls(store, spec, manifest)
+        return cls(store, spec, _create_locally(store.local_path(), spec, rank_table, replace))
 
     # -- extension: more train sequences appended to a complete cache
 
@@ -380,6 +344,66 @@ def _build_skeleton(store: Storage, spec: CacheSpec, rank_table: Callable[[], np
     manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
                 "files": records(store, vouched)}
     write_json(store, MANIFEST, manifest)
+    return manifest
+
+
+def _remove_interrupted_creation(store: Storage, local: bool) -> None:
+    """What a killed creation left: temporary trees beside a local cache, or an object-store
+    skeleton whose manifest was never written."""
+    if local:
+        remove_leftovers(store.local_path())
+    if not local and not store.is_file(MANIFEST) and interrupted_creation(store):
+        store.remove_tree("")  # a skeleton whose manifest was never written
+
+
+def _may_replace(store: Storage) -> bool:
+    """True if ``store`` holds something for an overwrite to replace; CacheError if that is not a
+    cache of this tool."""
+    if not store.list():
+        return False
+    reason = not_a_cache_reason(store)
+    if reason is not None:
+        raise CacheError(f"{store} is not a cache of this tool ({reason}); cache.overwrite=true only "
+                         "replaces caches: choose another cache.dir")
+    return True
+
+
+def _matching_cache(store: Storage, spec: CacheSpec, create: bool) -> tuple[CacheSpec, dict[str, Any]]:
+    """The existing cache's spec and manifest, if it was built from ``spec``'s fingerprint
+    (FingerprintMismatch naming the differing fields if not)."""
+    manifest = read_manifest(store)
+    diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
+    if diff:
+        raise FingerprintMismatch(
+            f"cache {store} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
+            "or rebuild with cache.overwrite=true")
+    old = spec_from_manifest(manifest, store)
+    # (Only the creating rank checks the layout: an extension keeps the cache's shard size
+    # whatever cache.shard_sequences says, and the other ranks reopen what rank 0 made.)
+    if create and (old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences):
+        raise FingerprintMismatch(
+            f"cache {store} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
+            f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
+            "rebuild with cache.overwrite=true")
+    return old, manifest
+
+
+def _create_locally(root: Path, spec: CacheSpec, rank_table: Callable[[], np.ndarray] | None,
+                    replace: bool) -> dict[str, Any]:
+    """Build the skeleton beside ``root`` and rename it into place. A crash leaves either nothing
+    or a whole skeleton, never a directory that is neither a cache nor empty."""
+    tmp = root.parent / f".{root.name}.creating"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / META).mkdir(parents=True)
+    (tmp / DONE).mkdir()
+    manifest = _build_skeleton(LocalStorage(tmp), spec, rank_table)
+    if root.exists() and not replace:
+        root.rmdir()  # empty, checked above
+    root.parent.mkdir(parents=True, exist_ok=True)
+    aside = move_aside(root) if replace else None
+    os.replace(tmp, root)
+    if aside is not None:
+        shutil.rmtree(aside)
     return manifest
 
 

@@ -37,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.tomlcompat import tomllib
 from bench import gpu_parts as parts
-from bench.gpu_parts import kv
+from pipeline.config import config_overrides, format_override as kv
+from pipeline.tomlcompat import tomllib
 
 GIB = 2**30
 P100_CAP = 16 * GIB
@@ -134,12 +134,6 @@ def seed_seq_len(path: Path) -> int | None:
         return None
 
 
-def as_overrides(cfg, sections: tuple[str, ...] | None = None) -> list[str]:
-    from pipeline.config import to_toml
-    raw = tomllib.loads(to_toml(cfg))
-    return [kv(f"{s}.{k}", v) for s, d in raw.items() if sections is None or s in sections for k, v in d.items()]
-
-
 def base_config(args, tmp: Path, teacher_dir: Path, seq_len: int, sequences: int):
     from pipeline.config import load_config
     texts = sorted((Path(args.bundle) / "text").glob("*.txt"))
@@ -199,7 +193,7 @@ def p100_run(ctx: dict, seed_path: Path) -> dict:
     if not seed_path.is_file():
         raise FileNotFoundError(f"no seed config at {seed_path}; pass --seed-config FILE")
     device, cuda = ctx["device"], ctx["device"].type == "cuda"
-    cfg = load_config(seed_path, [*as_overrides(ctx["base"], ("teacher", "data", "cache")), 'student.model=""',
+    cfg = load_config(seed_path, [*config_overrides(ctx["base"], ("teacher", "data", "cache")), 'student.model=""',
                                   *parts.student_args(ctx["shape"]), kv("student.tokenizer", str(ctx["smollm2"])),
                                   *(['train.precision="float16"'] if cuda else []), 'train.parallel="none"',
                                   *ctx["overrides"], *run_overrides("p100", ctx["runs"], ctx["p100_steps"])])
@@ -263,7 +257,7 @@ def prepare(args, tmp: Path, device, shape: str, seq_len: int, sequences: int, b
     from pipeline.memplan import plan, teacher_dims
     base = base_config(args, tmp, tmp / "teacher", seq_len, sequences)
     tdims, cuda = teacher_dims(base), device.type == "cuda"
-    same_args = [*as_overrides(base), *parts.student_args(shape)]
+    same_args = [*config_overrides(base), *parts.student_args(shape)]
     if cuda:  # the planner's largest batch for the larger (teacher-vocabulary) student, if below the ask
         batch = max(1, min(batch, plan(load_config(None, same_args), teacher=tdims)["stage2"]["largest_batch"] or 1))
     return {"base": base, "batch": batch, "base_args": [*same_args, kv("train.batch_size", batch)],

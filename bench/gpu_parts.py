@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.config import format_override as kv
+
 QWEN_VOCAB = 151936
 TEACHER = {"seed": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                         head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
@@ -28,10 +30,6 @@ TEACHER = {"seed": dict(hidden_size=1024, num_hidden_layers=28, num_attention_he
                         intermediate_size=128)}
 STUDENT = {"seed": dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536),
            "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)}
-
-
-def kv(key: str, value) -> str:
-    return f"{key}={json.dumps(value) if not isinstance(value, bool) else str(value).lower()}"
 
 
 def student_args(shape: str) -> list[str]:

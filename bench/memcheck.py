@@ -24,7 +24,7 @@ import tempfile
 import numpy as np
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import config_overrides, load_config
 from pipeline.memplan import plan, stage1_terms, teacher_dims
 
 
@@ -97,15 +97,6 @@ def stage2(cfg, cuda: bool) -> dict:
 ARGS: list[str] = []
 
 
-def as_overrides(cfg) -> list[str]:
-    from pipeline.tomlcompat import tomllib
-
-    from pipeline.config import to_toml
-    raw = tomllib.loads(to_toml(cfg))
-    return [f"{s}.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
-            for s, d in raw.items() for k, v in d.items()]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("stage", choices=("stage1", "stage2"))
@@ -113,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args(argv)
     cfg = load_config(a.config, a.overrides)
-    ARGS[:] = as_overrides(cfg)  # stage 2 rebuilds configs with a few keys changed
+    ARGS[:] = config_overrides(cfg)  # stage 2 rebuilds configs with a few keys changed
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
     out = stage1(cfg, cuda) if a.stage == "stage1" else stage2(cfg, cuda)
     out["ratio"] = out["estimate"] / max(1, out["measured"])

@@ -42,18 +42,9 @@ def small_tokenizer(words: list[str]):
 
 def tiny_teacher(out: Path) -> Path:
     """A randomly initialised 2-layer Llama (d=32) over ``small_tokenizer``'s vocabulary."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench.tiny import tiny_llama_teacher
 
-    tok = small_tokenizer(vocabulary())
-    torch.manual_seed(1234)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, tie_word_embeddings=True,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_llama_teacher(small_tokenizer(vocabulary()), out)
 
 
 def vocabulary() -> list[str]:

@@ -5,7 +5,7 @@
 For each low dtype, two heads over the same low-precision body: ``old`` = the head in the
 teacher's dtype, upcast after (what stage 1 did before ``Fp32Head``), ``new`` = ``Fp32Head``
 (hidden and head upcast before the matmul). Both are compared with the teacher in fp32 through
-``pipeline.audit.precision_stats`` (logZ abs diff, top-1 agreement, KL over top-64 + tail).
+``stage1_teacher_cache.audit.precision_stats`` (logZ abs diff, top-1 agreement, KL over top-64 + tail).
 What ``new`` still shows is the low-precision body's own error. Prints JSON.
 """
 
@@ -16,8 +16,8 @@ import json
 
 import torch
 
-from pipeline.audit import merge_precision_stats, precision_stats
 from pipeline.config import load_config
+from stage1_teacher_cache.audit import merge_precision_stats, precision_stats
 from stage1_teacher_cache.teacher import TeacherPass, load_model, load_tokenizer, resolve_teacher
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import logit_codec, logp_codec
+from pipeline.cache import logit_codec, logp_codec
 
 K, V_SYNTH = 64, 49152
 

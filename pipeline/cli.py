@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-config": ("pipeline.cli:cmd_show_config", "print the resolved config"),
 }
 
+# inspect's checks that rerun the teacher live with the stage that runs it: looked up like commands.
+AUDITS = {"audit": "stage1_teacher_cache.audit:audit",
+          "precision_check": "stage1_teacher_cache.audit:precision_check"}
+
 CONFIG_COMMANDS = ("cache-teacher", "train-student", "eval", "bench", "show-config", "quality")
 
 
@@ -157,13 +161,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     reader = CacheReader(args.cache, verify=not (args.audit or args.precision_check))
     info = reader.info()
     if args.audit:
-        from .audit import audit
         reader.require_complete()
-        info["audit"] = audit(reader, args.audit_sequences)
+        info["audit"] = resolve(AUDITS["audit"])(reader, args.audit_sequences)
     if args.precision_check:
-        from .audit import precision_check
         reader.require_complete()
-        info["precision_check"] = precision_check(reader, args.audit_sequences)
+        info["precision_check"] = resolve(AUDITS["precision_check"])(reader, args.audit_sequences)
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -329,6 +330,21 @@ def parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         value = text
     return key, value
+
+
+def format_override(key: str, value: Any) -> str:
+    """``("a.b", 1)`` -> ``a.b=1``: the inverse of ``parse_override`` (the value as JSON, which
+    TOML reads back; booleans as true/false)."""
+    return f"{key}={json.dumps(value) if not isinstance(value, bool) else str(value).lower()}"
+
+
+def config_overrides(cfg: Config, sections: tuple[str, ...] | None = None) -> list[str]:
+    """Every key of ``cfg`` (of ``sections`` only, when given) as an override:
+    ``load_config(None, config_overrides(cfg))`` rebuilds it, and a caller can append a few keys
+    to change."""
+    raw = tomllib.loads(to_toml(cfg))
+    return [format_override(f"{s}.{k}", v) for s, d in raw.items() if sections is None or s in sections
+            for k, v in d.items()]
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

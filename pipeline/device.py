@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .distributed import Dist
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
@@ -94,3 +98,18 @@ def cpu_threads(local_processes: int = 1, requested: int = 0) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(1, local_processes))
+
+
+def set_up_device(name: str, precision: str, dist: Dist, threads: int = 0) -> Precision:
+    """A stage's device, precision and CPU threads, checked before anything is written: ``name``
+    (auto, cpu, cuda[:N]; each rank of a torchrun job takes its local GPU), ``precision`` (auto or
+    one of ``PRECISIONS``, see ``choose_precision``), ``threads`` (0: the cores shared by the
+    local processes). ConfigError if this torch build has no kernels for the GPU."""
+    torch.set_num_threads(cpu_threads(dist.local_world, threads))
+    device = resolve_device(name)
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    chosen = choose_precision(device, precision)
+    if (problem := check_cuda_build(device)) is not None:
+        raise ConfigError(problem)
+    return chosen

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import time
 
@@ -26,9 +27,9 @@ from pipeline.cache.codecs import hidden_codec
 from pipeline.cache.files import lock_path
 from pipeline.cache.store import open_storage
 from pipeline.config import Config, load_config
-from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
+from pipeline.device import set_up_device
 from pipeline.distributed import Dist, init_distributed
-from pipeline.errors import ConfigError, TeacherError
+from pipeline.errors import TeacherError
 from pipeline.locks import acquire_lock
 from pipeline.fingerprint import tokenizer_hash
 from pipeline.cache.tokenizer import store_tokenizer
@@ -59,68 +60,104 @@ def cache_teacher(cfg: Config, show_progress: bool = True) -> dict:
 
 
 def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextlib.ExitStack) -> dict:
+    """The recipe on every rank: device, lock, plan, cache, this rank's shards, then rank 0 finishes."""
     t0 = time.perf_counter()
-    torch.set_num_threads(cpu_threads(dist.local_world, cfg.teacher.num_threads))
-    device = resolve_device(cfg.teacher.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    precision = choose_precision(device, cfg.teacher.dtype)
-    if (problem := check_cuda_build(device)) is not None:
-        raise ConfigError(problem)
+    precision = set_up_device(cfg.teacher.device, cfg.teacher.dtype, dist, cfg.teacher.num_threads)
     say = print if dist.is_main else (lambda *a, **k: None)
     progress = show_progress and dist.is_main
 
     source = resolve_teacher(cfg.teacher)
-    tokenizer = load_tokenizer(source)
-    if tokenizer.eos_token_id is None:
-        raise TeacherError(f"the tokenizer of {source.name!r} has no end-of-sequence token to join documents")
-    # One writer per cache directory: rank 0 holds the lock for the whole run (the other ranks of
-    # a torchrun job write their own shards under it), planning included. A refusal is raised on
-    # every rank.
-    store = open_storage(cfg.cache.dir)
-    dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(store), f"cache {store}")))
-    # The plan is streamed to disk by rank 0 (or reused from a previous run of the same inputs);
-    # every rank then reads only the rows of the shards it runs.
-    plan = dist.run_on_main(lambda: ensure_plan(cfg, tokenizer, show_progress=progress))
-    dist.barrier()
-    if plan is None:
-        plan = Plan(plan_folder(cfg))
-    say(f"plan {plan.folder}: {plan.num_sequences} sequences of {plan.seq_len} tokens "
-        f"({', '.join(f'{k} {b - a}' for k, (a, b) in plan.splits.items())}) from {plan.info['documents']} documents"
-        f"{' (reused)' if plan.reused else ''}")
+    tokenizer = _joining_tokenizer(source)
+    _lock_cache(cfg, dist, stack)
+    plan = _shared_plan(cfg, tokenizer, dist, progress)
+    say(_plan_line(plan))
     spec = make_spec(cfg, source, tokenizer, plan, precision.name)
-    teacher = LazyTeacher(cfg, source, spec, plan, device, precision.dtype)
-
-    def rank_table() -> np.ndarray:
-        teacher()  # load outside the pilot's timing
-        t_pilot = time.perf_counter()
-        table = pilot_rank_table(teacher, plan, cfg, spec.vocab_size)
-        teacher.facts["pilot_s"] = round(time.perf_counter() - t_pilot, 2)
-        return table
-
-    def create() -> CacheWriter:
-        writer = open_cache(cfg, spec, plan, rank_table, show_progress=progress)
-        store_tokenizer(writer, tokenizer)  # the cache carries the teacher's tokenizer (added to older caches)
-        if not writer.has_documents() or "extending" in writer.manifest:  # an extension's plan read more documents
-            writer.write_documents_file(plan.folder / "documents.arrow")
-        return writer
-
-    writer = dist.run_on_main(create)
-    dist.barrier()
-    if writer is None:
-        writer = CacheWriter.open(cfg.cache.dir, spec, create=False)
+    teacher = LazyTeacher(cfg, source, spec, plan, precision.device, precision.dtype)
+    writer = _shared_writer(cfg, spec, plan, teacher, tokenizer, dist, progress)
     spec = writer.spec  # an extended cache's layout (train in segments), not the plan's
     pending = writer.pending_shards()
     dist.barrier()  # every rank has read the same pending list before anyone commits
 
     if not pending and writer.manifest.get("complete"):
-        if cfg.cache.store_head and not writer.has_head():
-            dist.run_on_main(lambda: writer.write_head(teacher().head.weight.detach().float().cpu().numpy()))
-            say(f"cache {cfg.cache.dir}: teacher head added")
-        say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
-            f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
-        dist.run_on_main(lambda: remove_plan(plan.folder))
-        return CacheReader(cfg.cache.dir, verify=False).info()
+        return _already_complete(cfg, spec, writer, teacher, plan, dist, say)
+    _say_what_remains(cfg, spec, writer, pending, say)
+    stats = _run_my_shards(cfg, spec, teacher, plan, writer, pending, progress, dist)
+    wall = time.perf_counter() - t0
+    return dist.run_on_main(lambda: _finish(cfg, writer, plan, precision.name, stats, wall)) or {}
+
+
+def _joining_tokenizer(source: TeacherSource):
+    tokenizer = load_tokenizer(source)
+    if tokenizer.eos_token_id is None:
+        raise TeacherError(f"the tokenizer of {source.name!r} has no end-of-sequence token to join documents")
+    return tokenizer
+
+
+def _lock_cache(cfg: Config, dist: Dist, stack: contextlib.ExitStack) -> None:
+    """One writer per cache directory: rank 0 holds the lock for the whole run (the other ranks of
+    a torchrun job write their own shards under it), planning included. A refusal is raised on
+    every rank."""
+    store = open_storage(cfg.cache.dir)
+    dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(store), f"cache {store}")))
+
+
+def _shared_plan(cfg: Config, tokenizer, dist: Dist, progress: bool) -> Plan:
+    """The plan is streamed to disk by rank 0 (or reused from a previous run of the same inputs);
+    every rank then reads only the rows of the shards it runs."""
+    plan = dist.run_on_main(lambda: ensure_plan(cfg, tokenizer, show_progress=progress))
+    dist.barrier()
+    if plan is None:
+        plan = Plan(plan_folder(cfg))
+    return plan
+
+
+def _plan_line(plan: Plan) -> str:
+    return (f"plan {plan.folder}: {plan.num_sequences} sequences of {plan.seq_len} tokens "
+            f"({', '.join(f'{k} {b - a}' for k, (a, b) in plan.splits.items())}) from {plan.info['documents']} documents"
+            f"{' (reused)' if plan.reused else ''}")
+
+
+def _rank_table(teacher: LazyTeacher, plan: Plan, cfg: Config, vocab_size: int) -> np.ndarray:
+    teacher()  # load outside the pilot's timing
+    t_pilot = time.perf_counter()
+    table = pilot_rank_table(teacher, plan, cfg, vocab_size)
+    teacher.facts["pilot_s"] = round(time.perf_counter() - t_pilot, 2)
+    return table
+
+
+def _create_or_reopen(cfg: Config, spec: CacheSpec, plan: Plan, teacher: LazyTeacher, tokenizer,
+                      progress: bool) -> CacheWriter:
+    writer = open_cache(cfg, spec, plan, functools.partial(_rank_table, teacher, plan, cfg, spec.vocab_size),
+                        show_progress=progress)
+    store_tokenizer(writer, tokenizer)  # the cache carries the teacher's tokenizer (added to older caches)
+    if not writer.has_documents() or "extending" in writer.manifest:  # an extension's plan read more documents
+        writer.write_documents_file(plan.folder / "documents.arrow")
+    return writer
+
+
+def _shared_writer(cfg: Config, spec: CacheSpec, plan: Plan, teacher: LazyTeacher, tokenizer, dist: Dist,
+                   progress: bool) -> CacheWriter:
+    """Rank 0 creates (or reopens) the cache; the other ranks then reopen what it made."""
+    writer = dist.run_on_main(lambda: _create_or_reopen(cfg, spec, plan, teacher, tokenizer, progress))
+    dist.barrier()
+    if writer is None:
+        writer = CacheWriter.open(cfg.cache.dir, spec, create=False)
+    return writer
+
+
+def _already_complete(cfg: Config, spec: CacheSpec, writer: CacheWriter, teacher: LazyTeacher, plan: Plan,
+                      dist: Dist, say) -> dict:
+    """Nothing left to run: add the head if it is asked for, drop the plan, report the cache."""
+    if cfg.cache.store_head and not writer.has_head():
+        dist.run_on_main(lambda: writer.write_head(teacher().head.weight.detach().float().cpu().numpy()))
+        say(f"cache {cfg.cache.dir}: teacher head added")
+    say(f"cache {cfg.cache.dir} is complete and matches this config: stage 1 skipped "
+        f"({spec.num_sequences} sequences, {spec.num_sequences * spec.seq_len} tokens)")
+    dist.run_on_main(lambda: remove_plan(plan.folder))
+    return CacheReader(cfg.cache.dir, verify=False).info()
+
+
+def _say_what_remains(cfg: Config, spec: CacheSpec, writer: CacheWriter, pending: list[int], say) -> None:
     if "extending" in writer.manifest:
         first = writer.manifest["extending"]["from_sequences"]
         say(f"extending cache {cfg.cache.dir}: {spec.num_sequences - first} train sequences after its {first}; "
@@ -129,6 +166,10 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
         say(f"resuming cache {cfg.cache.dir}: {spec.num_shards - len(pending)} of {spec.num_shards} "
             "shards already committed")
 
+
+def _run_my_shards(cfg: Config, spec: CacheSpec, teacher: LazyTeacher, plan: Plan, writer: CacheWriter,
+                   pending: list[int], progress: bool, dist: Dist) -> dict:
+    """This rank's share of the pending shards; a failure on any rank fails them all."""
     mine = [s for s in pending if s % dist.world == dist.rank]
     ok, stats = False, {}
     try:
@@ -138,17 +179,17 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
         all_ok = dist.all_ok(ok)
     if not all_ok:
         raise TeacherError("another rank failed while caching; committed shards are kept, rerun to finish")
-    wall = time.perf_counter() - t0
+    return stats
 
-    def finish():
-        extra = {"stage1_wall_s": round(wall, 2), "precision": precision.name, **stats}
-        writer.finalize(extra)
-        remove_plan(plan.folder)  # everything it held is in the cache now (meta/, input_ids)
-        info = CacheReader(cfg.cache.dir, verify=False).info()
-        print_summary(info, wall)
-        return info
 
-    return dist.run_on_main(finish) or {}
+def _finish(cfg: Config, writer: CacheWriter, plan: Plan, precision: str, stats: dict, wall: float) -> dict:
+    """Rank 0, after every rank committed its shards: the manifest's summary, then the report."""
+    extra = {"stage1_wall_s": round(wall, 2), "precision": precision, **stats}
+    writer.finalize(extra)
+    remove_plan(plan.folder)  # everything it held is in the cache now (meta/, input_ids)
+    info = CacheReader(cfg.cache.dir, verify=False).info()
+    print_summary(info, wall)
+    return info
 
 
 def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, precision: str) -> CacheSpec:

@@ -17,7 +17,7 @@ probabilities: not on the batch size, the logits chunk, the rank or a crash and 
 Output per position (padded to a fixed width ``samples``): ``draw_ids`` the distinct drawn ids
 in ascending order, ``draw_counts`` (uint8) how often each was drawn; entries past the distinct
 ones have count 0 (padding, their id is meaningless). The cache stores the ids as gaps
-(``pipeline/logit_codec.py`` ``encode_samples``).
+(``pipeline/cache/logit_codec.py`` ``encode_samples``).
 """
 
 from __future__ import annotations

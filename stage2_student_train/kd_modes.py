@@ -78,6 +78,13 @@ class KDMode:
     """Extra check on the cache's teacher facts; returns a problem (one line) or None."""
     temperature_one: bool = False
     """The mode's estimator holds at kd.temperature = 1 only (a run at another one is refused)."""
+    student_k: bool = False
+    """The mode adds the student's own top-k ids to the teacher's (``kd.union_student_k`` of them)."""
+
+    @property
+    def distills(self) -> bool:
+        """False for the cross-entropy-only baseline: no KD term, and CE gets the whole weight."""
+        return self.loss is not None
 
 
 def _topk_tail(c: Chunk) -> KDTerm:
@@ -143,7 +150,7 @@ MODES: dict[str, KDMode] = {m.name: m for m in (
            summary="exact KL over the teacher's top-k + one tail bucket; needs no teacher weights"),
     KDMode("topk_renorm", "same", frozenset({"topk"}), _topk_renorm,
            summary="KL of the top-k renormalised at temperature tau, times tau^2"),
-    KDMode("union", "same", frozenset({"topk", "hidden", "head"}), _union, check=_plain_head,
+    KDMode("union", "same", frozenset({"topk", "hidden", "head"}), _union, check=_plain_head, student_k=True,
            summary="exact teacher logits on teacher top-k + student top-k ids, from hidden . head"),
     KDMode("sampled", "same", frozenset({"samples"}), _sampled, temperature_one=True,
            summary="unbiased: tokens sampled from the full teacher distribution + counts (RS-KD)"),

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.cache import CacheReader
 from pipeline.cache.summary import kd_floor_at
 from pipeline.config import Config
-from pipeline.device import check_cuda_build, choose_precision, cpu_threads, resolve_device
+from pipeline.device import set_up_device
 from pipeline.distributed import Dist
 from pipeline.errors import ConfigError
 
@@ -80,13 +80,8 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     """Everything checked before anything is written: device, cache, tokenizer, KD mode, data."""
     t = cfg.train
     kd_modes.get(cfg.kd.mode)  # a mistyped mode is named before any file is opened
-    torch.set_num_threads(cpu_threads(dist.local_world, t.num_threads))
-    device = resolve_device(t.device)
-    if device.type == "cuda" and dist.enabled:
-        device = torch.device("cuda", dist.local_rank)
-    precision = choose_precision(device, t.precision)
-    if (problem := check_cuda_build(device)) is not None:
-        raise ConfigError(problem)
+    precision = set_up_device(t.device, t.precision, dist, t.num_threads)
+    device = precision.device
     kind = parallel.choose(t.parallel, dist)
     reader = CacheReader(cfg.cache.dir, views_dir=cfg.cache.views_dir or None)
     reader.require_complete()
@@ -98,7 +93,7 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     temperatures = (cfg.kd.temperature,) + ((cfg.kd.temperature_final,) if cfg.kd.temperature_final != -1 else ())
     mode = kd_modes.check(cfg.kd.mode, same_tokenizer=same_tokenizer, cache_has=cache_has,
                           teacher=reader.spec.teacher, cache_dir=cfg.cache.dir, temperatures=temperatures)
-    if mode.name == "union" and cfg.kd.union_student_k > reader.spec.vocab_size:
+    if mode.student_k and cfg.kd.union_student_k > reader.spec.vocab_size:
         raise ConfigError(f"kd.union_student_k={cfg.kd.union_student_k} exceeds the vocabulary "
                           f"({reader.spec.vocab_size}); lower it (8 is typical)")
     need_hidden = "hidden" in mode.needs or cfg.kd.feature_weight > 0

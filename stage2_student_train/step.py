@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.distributed import Dist
 from pipeline.errors import PipelineError
 
-from . import parallel
+from . import kd_modes, parallel
 from .objective import GateStats, Weights, batch_objective, valid_targets
 from .optim import kd_schedule
 from .router import step_load_balance, topk_schedule
@@ -40,7 +40,7 @@ def step_weights(cfg: Config, step: int) -> Weights:
     their schedules)."""
     t = cfg.train
     kd_weight, temperature = kd_schedule(cfg.kd, step, t.steps)
-    return Weights(ce=cfg.kd.ce_weight if cfg.kd.mode != "none" else 1.0, kd=kd_weight, temperature=temperature,
+    return Weights(ce=cfg.kd.ce_weight if kd_modes.get(cfg.kd.mode).distills else 1.0, kd=kd_weight, temperature=temperature,
                    label_smoothing=t.label_smoothing, feature=cfg.kd.feature_weight,
                    router_k=topk_schedule(cfg.router.initial_top_k, cfg.router.final_top_k, step / max(1, t.steps - 1)),
                    projector=cfg.router.projector_weight, load_balance=cfg.router.load_balance_weight)
@@ -55,7 +55,7 @@ def train_step(state: TrainState, batches: list[dict], cfg: Config, w: Weights, 
     # Every term is averaged over the valid targets of the whole step, on all ranks.
     denominator = max(1, int(dist.all_sum([float(sum(valid_targets(b) for b in batches))])[0]))
     loss_scale = (state.scaler.get_scale() if state.scaler.is_enabled() else 1.0) * dist.world
-    router = state.parts.router if cfg.kd.mode == "projected" else None
+    router = state.parts.router if "router" in kd_modes.get(cfg.kd.mode).modules else None
     gate = GateStats() if router is not None else None
     sums = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
     utilisation = None

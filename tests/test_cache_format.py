@@ -271,7 +271,7 @@ COMPACT = {"sqrt8": ("topk_rank_gaps", "topk_sqrt_codes", "topk_tail_code"),
 @pytest.mark.parametrize("encoding", list(COMPACT))
 @pytest.mark.parametrize("vocab", [50_000, 150_000])
 def test_compact_encoding_round_trip_and_fidelity(tmp_path, vocab, encoding):
-    from pipeline.logit_codec import bucket_kl
+    from pipeline.cache.logit_codec import bucket_kl
 
     rng = np.random.default_rng(10)
     spec = make_spec(vocab, topk_encoding=encoding)
@@ -379,7 +379,7 @@ def test_each_shard_records_the_kd_floor_at_every_temperature(tmp_path, topk_enc
 def test_the_kd_floor_is_finite_for_an_empty_tail_and_averaged_over_measured_positions():
     """An empty exact tail (top-k = the vocabulary, or a sum that underflows) is floored as the
     loss floors a student's, not +inf; shards written before the floor existed do not dilute it."""
-    from pipeline import logit_codec
+    from pipeline.cache import logit_codec
     from pipeline.cache.codecs import FIDELITY_TEMPERATURES, fidelity_key, fidelity_sums
     from pipeline.cache.summary import summary_stats
 

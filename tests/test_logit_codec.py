@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import logit_codec as codec
+from pipeline.cache import logit_codec as codec
 from stage2_student_train import losses
 
 V, K, ROWS = 4096, 64, 96

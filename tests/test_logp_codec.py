@@ -1,4 +1,4 @@
-"""The logp16 codec (pipeline/logp_codec.py): its decoding rule, its error bounds against a float64
+"""The logp16 codec (pipeline/cache/logp_codec.py): its decoding rule, its error bounds against a float64
 reference on fresh random inputs, and the issue's target: a student equal to the exact teacher
 pays < 1e-4 at tau = 2 (and 4) through the real encode/decode, on the synthetic teachers of
 tests/test_logit_codec.py plus one whose tails reach 1e-25."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import logit_codec, logp_codec
+from pipeline.cache import logit_codec, logp_codec
 from pipeline.errors import CacheError, NonFiniteError
 from test_logit_codec import TEACHERS, V, perfect_student_loss, teacher
 

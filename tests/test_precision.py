@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import stage1_overrides
-from pipeline.audit import precision_check
 from pipeline.cache import CacheReader
 from pipeline.config import load_config
+from stage1_teacher_cache.audit import precision_check
 from stage1_teacher_cache.run import cache_teacher
 from stage1_teacher_cache.teacher import Fp32Head, TeacherPass
 

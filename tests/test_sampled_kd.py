@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import stage1_overrides, stage2_overrides
-from pipeline import logit_codec
+from pipeline.cache import logit_codec
 from pipeline.cache import CacheReader
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, FingerprintMismatch

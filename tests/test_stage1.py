@@ -11,11 +11,9 @@ import torch
 
 from conftest import REPO, assert_same_cache, stage1_overrides
 from pipeline.cache import CacheReader
-from pipeline.config import load_config
+from pipeline.config import config_overrides, load_config
 from pipeline.errors import FingerprintMismatch
 from stage1_teacher_cache.run import cache_teacher
-
-pytestmark = pytest.mark.slow  # starts processes or runs a stage end to end: `make test` only
 
 
 def run_cli(args, **kw):
@@ -113,20 +111,11 @@ def test_rerun_skips_and_a_foreign_config_is_refused(built, capsys):
     cache_teacher(cfg, show_progress=False)
     assert "stage 1 skipped" in capsys.readouterr().out
     assert not (cache.parent / f".{cache.name}.plan").exists()
-    other = load_config(None, [*_as_overrides(cfg), "cache.top_k=4"])
+    other = load_config(None, [*config_overrides(cfg), "cache.top_k=4"])
     with pytest.raises(FingerprintMismatch, match="top_k: cache has 8, now 4"):
         cache_teacher(other, show_progress=False)
     after = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
     assert before == after
-
-
-def _as_overrides(cfg):
-    from pipeline.config import to_toml
-    from pipeline.tomlcompat import tomllib
-    raw = tomllib.loads(to_toml(cfg))
-    import json
-    return [f"{s}.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
-            for s, d in raw.items() for k, v in d.items()]
 
 
 def test_cli_refusal_is_one_line_and_nonzero(built, tiny_teacher_dir, corpus_dir):

@@ -3,7 +3,9 @@
     spec.py       what a cache is (CacheSpec: shapes, encodings, shards, splits; names; manifest)
     store.py      where it lives: a local directory or an fsspec URL (s3://, gs://, hf://, memory://)
     files.py      its files: checksum records, commit markers, what may be replaced, the lock
-    codecs.py     logical <-> stored arrays: top-k (sqrt8, logp16, float16/32) and hidden (float16, int8)
+    codecs.py     logical <-> stored arrays: top-k (sqrt8, logp16, float16/32), hidden (float16, int8),
+                  sampled tokens; the one interface the writer and reader use
+    logit_codec.py, logp_codec.py   the sqrt8 and logp16 encodings themselves (and the samples' gaps)
     writer.py     CacheWriter: create or reopen, commit shard by shard
     reader.py     CacheReader: batched reads of any range, decoded and verified
     tokenizer.py  the teacher's tokenizer inside the cache (self-contained caches)

@@ -9,7 +9,11 @@ stored form:
   ``topk_ids`` by descending probability, ``topk_logprobs`` float32, and the derived
   ``topk_log_tail`` (log of the mass beyond the top-k);
 - hidden (``cache.hidden_dtype``): ``Float16Hidden`` or ``Int8Hidden`` (per-token absmax). Logical
-  form: ``hidden`` as float (float16 as stored, int8 dequantised to float32).
+  form: ``hidden`` as float (float16 as stored, int8 dequantised to float32);
+- sampled tokens (``cache.samples`` > 0, RS-KD): ``SamplesCodec`` (ascending rank gaps + counts,
+  ``logit_codec.encode_samples``). Logical form: ``draw_ids`` and ``draw_counts``.
+
+Each codec names its ``stored`` arrays; ``encode`` gives them, ``decode`` takes them back.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import logit_codec, logp_codec
+from . import logit_codec, logp_codec
 from .spec import CacheSpec, id_dtype
 
 
@@ -178,3 +182,20 @@ class Int8Hidden:
 
 def hidden_codec(spec: CacheSpec) -> Float16Hidden | Int8Hidden:
     return Int8Hidden() if spec.hidden_dtype == "int8" else Float16Hidden()
+
+
+class SamplesCodec:
+    """RS-KD draws: distinct ids + counts [..., S] <-> ascending rank gaps + counts (same order)."""
+    stored = ("draw_gaps", "draw_counts")
+
+    def __init__(self, spec: CacheSpec, rank_to_id: Callable[[], np.ndarray | None]):
+        self.vocab = spec.vocab_size
+        self._rank_to_id = rank_to_id  # None (float encodings): the ids themselves are the keys
+
+    def encode(self, ids: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+        gaps, counts = logit_codec.encode_samples(ids, counts, self._rank_to_id())
+        return {"draw_gaps": gaps, "draw_counts": counts}
+
+    def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = logit_codec.decode_samples(stored["draw_gaps"], self._rank_to_id())
+        return {"draw_ids": ids.astype(id_dtype(self.vocab)), "draw_counts": stored["draw_counts"]}

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..atomic import json_bytes
 from ..errors import NonFiniteError
-from .store import LocalStorage, Storage, user_cache_dir
+from .store import Storage, user_cache_dir
 
 MANIFEST = "manifest.json"
 ARRAYS = "arrays.zarr"
@@ -216,7 +216,7 @@ def remove_leftovers(root: Path) -> None:
 def lock_path(store: Storage) -> Path:
     """The lock of a cache: beside a local one (it must outlive a replacement of the directory);
     for an object store, a local file named by the URL (it keeps out writers on this machine only)."""
-    if isinstance(store, LocalStorage):
-        root = store.root.resolve()
+    if store.local_path() is not None:
+        root = store.local_path().resolve()
         return root.parent / f".{root.name}.lock"
     return user_cache_dir() / "locks" / f"{hashlib.sha256(store.url.encode()).hexdigest()[:16]}.lock"

@@ -17,13 +17,12 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from .. import logit_codec
 from ..errors import CacheError
 from . import summary as cache_summary
-from .codecs import hidden_codec, topk_codec
+from .codecs import SamplesCodec, hidden_codec, topk_codec
 from .files import ARRAYS, DONE, META, VIEWS, check_record, read_head_marker, read_shard_marker, shard_name
-from .spec import DERIVED, SCHEMA_VERSION, id_dtype, read_manifest, spec_from_manifest
-from .store import LocalStorage, Storage, open_storage, user_cache_dir
+from .spec import DERIVED, SCHEMA_VERSION, read_manifest, spec_from_manifest
+from .store import Storage, open_storage, user_cache_dir
 
 
 @dataclass
@@ -63,7 +62,7 @@ class CacheReader:
 
     def __init__(self, root: str | Path | Storage, *, verify: bool = True, views_dir: str | Path | None = None):
         self.store = open_storage(root)
-        self.root = self.store.root if isinstance(self.store, LocalStorage) else self.store.url
+        self.root = self.store.location
         if not self.store.exists():
             raise CacheError(f"cache {self.root} does not exist; build it with cache-teacher (cache.dir={self.root})")
         self.manifest = read_manifest(self.store)
@@ -88,6 +87,7 @@ class CacheReader:
         self._head_checked = False
         self._topk = topk_codec(self.spec, lambda: self._rank_to_id)
         self._hidden = hidden_codec(self.spec)
+        self._samples = SamplesCodec(self.spec, lambda: self._rank_to_id)
         self._load_markers()
 
     def _check_files(self, rels: list[str], what: str, remedy: str = "rebuild it with cache-teacher "
@@ -184,15 +184,14 @@ class CacheReader:
         topk = {"topk_ids", "topk_logprobs", "topk_log_tail"} & set(names)
         stored = [n for n in names if n not in topk and n not in ("hidden", "draw_ids")]
         stored += list(self._topk.stored if topk else ()) + list(self._hidden.stored if "hidden" in names else ())
-        stored += ["draw_gaps"] if "draw_ids" in names else []
+        stored += list(self._samples.stored) if "draw_ids" in names else []
         out = self._read_stored(start, stop, tuple(dict.fromkeys(stored)))
         if topk:
             out.update(self._topk.decode(out))
         if "hidden" in names:
             out["hidden"] = self._hidden.decode(out)
         if "draw_ids" in names:
-            out["draw_ids"] = logit_codec.decode_samples(out["draw_gaps"], self._rank_to_id).astype(
-                id_dtype(self.spec.vocab_size))
+            out.update(self._samples.decode(out))
         return {n: out[n] for n in names}
 
     def read_indices(self, indices, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -300,8 +299,8 @@ class CacheReader:
         """Where derived views (cross-tokenizer alignments) of this cache are stored: inside a
         local cache, or under ``views_dir`` in a folder named by the cache's identity. A remote
         cache without ``views_dir`` keeps them in this user's local cache folder."""
-        if self.views_dir is None and isinstance(self.store, LocalStorage):
-            return self.store.root / VIEWS
+        if self.views_dir is None and self.store.local_path() is not None:
+            return self.store.local_path(VIEWS)
         ident = json.dumps([self.spec.fingerprint, self.spec.num_sequences], sort_keys=True, default=str)
         base = self.views_dir if self.views_dir is not None else user_cache_dir() / VIEWS
         return base / hashlib.sha256(ident.encode()).hexdigest()[:16]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import logit_codec, logp_codec
+from . import logit_codec, logp_codec
 from ..errors import CacheError
 from .files import MANIFEST
 from .store import Storage

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -130,6 +133,30 @@ class Storage(ABC):
         """An Arrow IPC file, read whole (``OSError`` / ``pa.ArrowInvalid`` if unreadable)."""
         return ipc.open_file(pa.BufferReader(self.read_bytes(rel))).read_all()
 
+    # -- capabilities: what differs between a local disk and an object store, asked, not type-tested
+
+    @property
+    def location(self) -> str | Path:
+        """What messages call the cache: its local directory, or its URL."""
+        return self.url
+
+    def local_path(self, rel: str = "") -> Path | None:
+        """``rel`` as a path on this machine's file system, or None where the store has none (an
+        object store). A store with one keeps beside the cache what must live with it (its lock,
+        student views, the temporary tree of a replacement) and can swap folders in by rename."""
+        return None
+
+    @contextmanager
+    def local_dir(self, rel: str) -> Iterator[Path]:
+        """Folder ``rel`` as a local folder, for libraries that read only local paths: the folder
+        itself where ``local_path`` has one, else a temporary copy deleted on exit."""
+        local = Path(tempfile.mkdtemp(prefix="kd-store-"))
+        try:
+            self.get_dir(rel, local)
+            yield local
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
 
 class LocalStorage(Storage):
     remote = False
@@ -140,6 +167,17 @@ class LocalStorage(Storage):
 
     def path(self, rel: str = "") -> Path:
         return self.root / rel if rel else self.root
+
+    @property
+    def location(self) -> Path:
+        return self.root
+
+    def local_path(self, rel: str = "") -> Path:
+        return self.path(rel)
+
+    @contextmanager
+    def local_dir(self, rel: str) -> Iterator[Path]:
+        yield self.path(rel)
 
     def exists(self, rel: str = "") -> bool:
         return self.path(rel).exists()

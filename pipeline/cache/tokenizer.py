@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import CacheError, TeacherError
 from ..fingerprint import tokenizer_hash
 from .files import MANIFEST, check_record, records, write_json
-from .store import LocalStorage, Storage
+from .store import Storage
 
 TOKENIZER_DIR = "tokenizer"
 RERUN = "rerun cache-teacher with the same config to add it"
@@ -87,18 +87,12 @@ def load_cached_tokenizer(reader):
             if problem is not None:
                 raise CacheError(f"cache {root}: {rel} (the teacher tokenizer) is {problem}; rerun cache-teacher "
                                  "with the same config to rewrite it")
-    local = store.root / TOKENIZER_DIR if isinstance(store, LocalStorage) else Path(
-        tempfile.mkdtemp(prefix="kd-tokenizer-"))
     try:
-        if not isinstance(store, LocalStorage):
-            store.get_dir(TOKENIZER_DIR, local)
-        tok = _load(local)
+        with store.local_dir(TOKENIZER_DIR) as local:
+            tok = _load(local)
     except Exception as e:  # transformers raises many types for unreadable files
         raise CacheError(f"cache {root}: the teacher tokenizer in {TOKENIZER_DIR}/ is unreadable "
                          f"({e.__class__.__name__}); rerun cache-teacher with the same config to rewrite it") from None
-    finally:
-        if not isinstance(store, LocalStorage):
-            shutil.rmtree(local, ignore_errors=True)
     if tokenizer_hash(tok) != reader.fingerprint.get("tokenizer_hash"):
         raise CacheError(f"cache {root}: the tokenizer in {TOKENIZER_DIR}/ is not the one the cache was built with; "
                          "rebuild the cache with cache-teacher cache.overwrite=true")

@@ -22,10 +22,9 @@ import pyarrow.ipc as ipc
 import zarr
 from zarr.codecs import BloscCodec
 
-from .. import logit_codec
 from ..errors import CacheError, FingerprintMismatch, NonFiniteError
 from . import attrs
-from .codecs import hidden_codec, topk_codec
+from .codecs import SamplesCodec, hidden_codec, topk_codec
 from .files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite, check_record,
                     chunk_files, clear_for_replacement, file_record, interrupted_creation, move_aside,
                     not_a_cache_reason, read_head_marker, read_shard_marker, records, remove_leftovers, shard_name,
@@ -45,7 +44,7 @@ class CacheWriter:
 
     def __init__(self, store: Storage, spec: CacheSpec, manifest: dict[str, Any]):
         self.store, self.spec, self.manifest = store, spec, manifest
-        self.root = store.root if isinstance(store, LocalStorage) else store.url
+        self.root = store.location
         try:
             self._group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="r+")
         except Exception as e:  # zarr raises many types for missing/corrupt metadata
@@ -58,9 +57,9 @@ class CacheWriter:
         self._arrays = {name: self._group[name].with_config({"write_empty_chunks": True})
                         for name in spec.array_specs()}
         rank_to_id = self._group["rank_to_id"][:] if spec.uses_rank_table else None
-        self._rank_to_id = rank_to_id
         self._topk = topk_codec(spec, lambda: rank_to_id)
         self._hidden = hidden_codec(spec)
+        self._samples = SamplesCodec(spec, lambda: rank_to_id)
 
     @classmethod
     def open(cls, root: str | Path | Storage, spec: CacheSpec, *, overwrite: bool = False, create: bool = True,
@@ -80,35 +79,14 @@ class CacheWriter:
         store = open_storage(root)
         if store.is_file(""):
             raise CacheError(f"cache.dir {store} is a file, not a directory; choose another cache.dir")
-        local = isinstance(store, LocalStorage)
-        if create and local:
-            remove_leftovers(store.root)
-        if create and not local and not store.is_file(MANIFEST) and interrupted_creation(store):
-            store.remove_tree("")  # a skeleton whose manifest was never written
-        replace = False
-        if create and overwrite and store.list():
-            reason = not_a_cache_reason(store)
-            if reason is not None:
-                raise CacheError(f"{store} is not a cache of this tool ({reason}); cache.overwrite=true only "
-                                 "replaces caches: choose another cache.dir")
-            replace = True
+        local = store.local_path() is not None  # a directory here: build beside it, swap in by rename
+        if create:
+            _remove_interrupted_creation(store, local)
+        replace = create and overwrite and _may_replace(store)
         if not replace and (store.is_file(MANIFEST) or not create):
-            manifest = read_manifest(store)
-            diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
-            if diff:
-                raise FingerprintMismatch(
-                    f"cache {store} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
-                    "or rebuild with cache.overwrite=true")
-            old = spec_from_manifest(manifest, store)
-            # (Only the creating rank checks the layout: an extension keeps the cache's shard size
-            # whatever cache.shard_sequences says, and the other ranks reopen what rank 0 made.)
-            if create and (old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences):
-                raise FingerprintMismatch(
-                    f"cache {store} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
-                    f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
-                    "rebuild with cache.overwrite=true")
+            old, manifest = _matching_cache(store, spec, create)
             if create and local:
-                _remove_stale_temp_files(store.root)
+                _remove_stale_temp_files(store.local_path())
             return cls(store, old, manifest)
         if not replace and store.list():
             raise CacheError(f"{store} exists, is not empty and holds no cache manifest; "
@@ -118,22 +96,7 @@ class CacheWriter:
                 clear_for_replacement(store)
             manifest = _build_skeleton(store, spec, rank_table)
             return cls(store, spec, manifest)
-        # Locally: build the skeleton beside the target and rename it into place. A crash leaves
-        # either nothing or a whole skeleton, never a directory that is neither a cache nor empty.
-        root = store.root
-        tmp = root.parent / f".{root.name}.creating"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / META).mkdir(parents=True)
-        (tmp / DONE).mkdir()
-        manifest = _build_skeleton(LocalStorage(tmp), spec, rank_table)
-        if root.exists() and not replace:
-            root.rmdir()  # empty, checked above
-        root.parent.mkdir(parents=True, exist_ok=True)
-        aside = move_aside(root) if replace else None
-        os.replace(tmp, root)
-        if aside is not None:
-            shutil.rmtree(aside)
-        return cls(store, spec, manifest)
+        return cls(store, spec, _create_locally(store.local_path(), spec, rank_table, replace))
 
     # -- extension: more train sequences appended to a complete cache
 
@@ -280,8 +243,7 @@ class CacheWriter:
         if "hidden" in out and not coded:
             out.update(self._hidden.encode(out.pop("hidden")))
         if self.spec.samples:
-            out["draw_gaps"], out["draw_counts"] = logit_codec.encode_samples(out.pop("draw_ids"),
-                                                                              out["draw_counts"], self._rank_to_id)
+            out.update(self._samples.encode(out.pop("draw_ids"), out.pop("draw_counts")))
         return out, fidelity
 
     def write_shard(self, shard: int, arrays: dict[str, np.ndarray], meta: dict[str, list],
@@ -382,6 +344,66 @@ def _build_skeleton(store: Storage, spec: CacheSpec, rank_table: Callable[[], np
     manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
                 "files": records(store, vouched)}
     write_json(store, MANIFEST, manifest)
+    return manifest
+
+
+def _remove_interrupted_creation(store: Storage, local: bool) -> None:
+    """What a killed creation left: temporary trees beside a local cache, or an object-store
+    skeleton whose manifest was never written."""
+    if local:
+        remove_leftovers(store.local_path())
+    if not local and not store.is_file(MANIFEST) and interrupted_creation(store):
+        store.remove_tree("")  # a skeleton whose manifest was never written
+
+
+def _may_replace(store: Storage) -> bool:
+    """True if ``store`` holds something for an overwrite to replace; CacheError if that is not a
+    cache of this tool."""
+    if not store.list():
+        return False
+    reason = not_a_cache_reason(store)
+    if reason is not None:
+        raise CacheError(f"{store} is not a cache of this tool ({reason}); cache.overwrite=true only "
+                         "replaces caches: choose another cache.dir")
+    return True
+
+
+def _matching_cache(store: Storage, spec: CacheSpec, create: bool) -> tuple[CacheSpec, dict[str, Any]]:
+    """The existing cache's spec and manifest, if it was built from ``spec``'s fingerprint
+    (FingerprintMismatch naming the differing fields if not)."""
+    manifest = read_manifest(store)
+    diff = fingerprint_diff(manifest["spec"]["fingerprint"], spec.fingerprint)
+    if diff:
+        raise FingerprintMismatch(
+            f"cache {store} was built from other inputs ({'; '.join(diff)}); use another cache.dir "
+            "or rebuild with cache.overwrite=true")
+    old = spec_from_manifest(manifest, store)
+    # (Only the creating rank checks the layout: an extension keeps the cache's shard size
+    # whatever cache.shard_sequences says, and the other ranks reopen what rank 0 made.)
+    if create and (old.num_sequences != spec.num_sequences or old.shard_sequences != spec.shard_sequences):
+        raise FingerprintMismatch(
+            f"cache {store} has {old.num_sequences} sequences in shards of {old.shard_sequences}, "
+            f"the plan now has {spec.num_sequences} in shards of {spec.shard_sequences}; "
+            "rebuild with cache.overwrite=true")
+    return old, manifest
+
+
+def _create_locally(root: Path, spec: CacheSpec, rank_table: Callable[[], np.ndarray] | None,
+                    replace: bool) -> dict[str, Any]:
+    """Build the skeleton beside ``root`` and rename it into place. A crash leaves either nothing
+    or a whole skeleton, never a directory that is neither a cache nor empty."""
+    tmp = root.parent / f".{root.name}.creating"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / META).mkdir(parents=True)
+    (tmp / DONE).mkdir()
+    manifest = _build_skeleton(LocalStorage(tmp), spec, rank_table)
+    if root.exists() and not replace:
+        root.rmdir()  # empty, checked above
+    root.parent.mkdir(parents=True, exist_ok=True)
+    aside = move_aside(root) if replace else None
+    os.replace(tmp, root)
+    if aside is not None:
+        shutil.rmtree(aside)
     return manifest
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CacheError, NonFiniteError
+from ..errors import CacheError, NonFiniteError
 from .logit_codec import ids_from_rank_gaps, rank_gaps
 
 LOGP_STEP = 1.0 / 24.0

@@ -10,7 +10,8 @@ vocabulary. For each k in ``KS``:
 
 and for the cache's own k, ``kl_stored``: mean KL between the exact (K+1)-bucket distribution
 and the one the cache stores (its encoding's error, re-measured against a fresh teacher pass).
-An audit, not training: it loads the teacher.
+An audit, not training: it loads the teacher (stage 1's loader), which is why it lives here;
+``inspect`` reaches it by module path (``pipeline/cli.py``'s ``AUDITS``).
 
 ``precision_check`` (``inspect CACHE --precision-check``) measures a cache's low-precision error
 instead: a few cached sequences are recomputed by the teacher in fp32 on the CPU and compared
@@ -25,19 +26,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cache import CacheReader
-from .logit_codec import bucket_kl
+from pipeline.cache import CacheReader
+from pipeline.cache.logit_codec import bucket_kl
+
+from .teacher import TeacherSource, load_model
 
 KS = (8, 16, 32, 64, 128)
 
 
 def load_reference_teacher(reader: CacheReader):
     """The cache's teacher (from the cache's own record of it) in fp32, on the CPU."""
-    from transformers import AutoModelForCausalLM
-
     facts = reader.spec.teacher
-    kwargs = {"gguf_file": facts["gguf_file"]} if facts.get("gguf_file") else {}
-    return AutoModelForCausalLM.from_pretrained(facts["path"], dtype=torch.float32, **kwargs).eval()
+    source = TeacherSource(facts.get("name") or facts["path"], facts["path"], facts.get("gguf_file") or None)
+    return load_model(source, torch.float32, torch.device("cpu"))
 
 
 def sample_sequences(reader: CacheReader, sequences: int) -> np.ndarray:

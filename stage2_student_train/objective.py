@@ -50,7 +50,8 @@ class Trainable(nn.Module):
         self.student, self.feature_map, self.router = student, feature_map, router
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.student.model(input_ids=input_ids).last_hidden_state
+        # The model's own accessor (Llama/Qwen: .model, GPT-2: .transformer); no KV cache in training.
+        return self.student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def extras(self) -> dict[str, nn.Module | None]:
         return {"feature_map": self.feature_map, "router": self.router}

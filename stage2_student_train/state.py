@@ -170,6 +170,8 @@ def build_state(run: RunSetup, student: nn.Module | None = None) -> TrainState:
         # Same tokenizer: the cached ids range over the teacher's head, which may exceed len(tokenizer).
         vocab = max(len(run.tokenizer), reader.spec.vocab_size) if run.same_tokenizer else len(run.tokenizer)
         student = build_student(cfg, vocab, run.access.seq_len)
+    if cfg.train.gradient_checkpointing:  # non-reentrant: works with the chunked backward from h
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hidden = student.config.hidden_size
     feature_map = nn.Linear(hidden, reader.spec.hidden_dim, bias=False) if cfg.kd.feature_weight > 0 else None
     router = None

@@ -75,3 +75,25 @@ def test_a_fresh_student_is_exported_with_its_kv_cache_on(tmp_path):
     assert model.config.use_cache is False
     save_student(model, tok, tmp_path / "s")
     assert json.loads((tmp_path / "s" / "config.json").read_text())["use_cache"] is True
+
+
+def test_a_padded_teacher_head_gets_a_full_vocab_map(tmp_path, corpus_dir, smollm2_tokenizer_dir):
+    """Qwen's head has 151936 rows for 151851 tokens: the cross-tokenizer map must cover every
+    row (padding rows without twins), or top-k ids there crash the batch and the stored view is
+    rebuilt on every run."""
+    import numpy as np
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from conftest import stage1_overrides
+    from pipeline.cache import CacheReader
+    from stage1_teacher_cache.run import cache_teacher
+    from stage2_student_train.cross import _load_view, load_or_build_view, view_dir
+    tok = gpt2_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 47, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
+    cache_teacher(load_config(None, stage1_overrides(tmp_path / "t", corpus_dir, tmp_path / "cache")), show_progress=False)
+    reader, student_tok = CacheReader(tmp_path / "cache"), AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    view = load_or_build_view(reader, tok, student_tok, show_progress=False)
+    assert view.vmap.shape == (len(tok) + 47,) and np.all(view.vmap[len(tok):] == -1)
+    assert _load_view(view_dir(reader, student_tok), reader) is not None  # stored, and reused next time

@@ -51,8 +51,8 @@ input ``D`` and gate, up, act(gate) and their product ``4 I``, plus the residual
 ``a (8 D + 4 kvd + 4 I) + 4 (4 D)`` bytes per token per layer; the final norm, the head input and
 its gradient add ``(4 + a) D + 4 D`` per token. A MoE student's sparse layers keep, instead of
 ``4 I``, the router's ``E (a + 4)`` and per routed row ``a (2 D + 4 I_moe)`` (not measured yet).
-With ``train.gradient_checkpointing`` each layer keeps only its fp32 input ``4 D`` and one layer's
-activations are alive again during its recompute in backward.
+With ``train.gradient_checkpointing`` each layer keeps only its fp32 input ``4 D``; in backward one
+layer's activations are alive again with their gradients (twice one layer's bytes).
 
 What a KD mode adds (trained modules, the teacher's head on the device) comes from stage 2's
 mode registry through ``mode_memory`` (``doctor`` looks it up by module path), never from here.
@@ -239,11 +239,12 @@ def activation_bytes_per_token(d: ModelDims, a: int, sparse: bool = False) -> in
 
 def body_activation_bytes(d: ModelDims, a: int, checkpointing: bool = False) -> int:
     """Per token, what the decoder keeps for backward. With gradient checkpointing each layer
-    keeps only its fp32 input (``4 D``) and one layer's activations exist at a time, recomputed."""
+    keeps only its fp32 input (``4 D``); in backward one layer at a time is recomputed, and its
+    activations and their gradients (about as many bytes again) exist together."""
     dense = activation_bytes_per_token(d, a)
     sparse = activation_bytes_per_token(d, a, sparse=True) if d.moe_layers else 0
     if checkpointing:
-        return d.layers * 4 * d.hidden + max(dense if d.moe_layers < d.layers else 0, sparse)
+        return d.layers * 4 * d.hidden + 2 * max(dense if d.moe_layers < d.layers else 0, sparse)
     return (d.layers - d.moe_layers) * dense + d.moe_layers * sparse
 
 

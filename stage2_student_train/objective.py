@@ -26,6 +26,7 @@ from pipeline.config import KDConfig
 
 from . import kd_modes, losses
 from .router import step_load_balance
+from .student import decoder_of
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Trainable(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         # The model's own accessor (Llama/Qwen: .model, GPT-2: .transformer); no KV cache in training.
-        return self.student.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+        return decoder_of(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def extras(self) -> dict[str, nn.Module | None]:
         return {"feature_map": self.feature_map, "router": self.router}

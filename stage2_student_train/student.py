@@ -134,10 +134,17 @@ def max_position_embeddings(config) -> int | None:
     return None if value is None else int(value)
 
 
+def decoder_of(model) -> torch.nn.Module:
+    """The causal LM's decoder (Llama/Qwen: ``.model``, GPT-2: ``.transformer``) by the model's own
+    accessor; ``base_model`` where an older transformers has no generic ``get_decoder``."""
+    get = getattr(model, "get_decoder", None)
+    return get() if get is not None else model.base_model
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder's block list through the model's own accessor (Llama/Qwen: ``model.layers``,
-    GPT-2: ``transformer.h``): what FSDP shards one by one."""
-    decoder = model.get_decoder()
+    """The decoder's block list (Llama/Qwen: ``model.layers``, GPT-2: ``transformer.h``): what
+    FSDP shards one by one."""
+    decoder = decoder_of(model)
     for name in ("layers", "h", "blocks", "block"):
         if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
             return getattr(decoder, name)

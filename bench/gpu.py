@@ -170,13 +170,15 @@ def cross_mode(seed_path: Path) -> str:
 def stage2_run(ctx: dict, label: str, mode: str, cross: bool) -> dict:
     from pipeline.config import load_config
     from pipeline.memplan import plan
+    from stage2_student_train.kd_modes import planned_memory
     cfg = load_config(None, [*ctx["base_args"], kv("kd.mode", mode),
                              kv("student.tokenizer", str(ctx["smollm2"]) if cross else ""),
                              *run_overrides(label, ctx["runs"], ctx["steps"])])
     res = parts.stage2(cfg, ctx["device"])
     dims = parts.student_dims(res.pop("run_dir"))
     flops = parts.student_flops_per_token(dims, cfg.data.seq_len)
-    estimate = plan(cfg, cuda=ctx["device"].type == "cuda", teacher=ctx["tdims"], student=dims)["stage2"]["peak"]
+    estimate = plan(cfg, cuda=ctx["device"].type == "cuda", teacher=ctx["tdims"], student=dims,
+                    mode_memory=planned_memory)["stage2"]["peak"]
     res.update(student_params=dims.params, student_vocab=dims.vocab, flops_per_token=flops,
                mfu=round(flops * res["tokens_per_s"] / (rate * 1e12), 4) if (rate := ctx["matmul"]["tflops"]) else None,
                planner_peak_mb=round(estimate / 2**20, 1))
@@ -190,6 +192,7 @@ def p100_run(ctx: dict, seed_path: Path) -> dict:
 
     from pipeline.config import load_config
     from pipeline.memplan import plan
+    from stage2_student_train.kd_modes import planned_memory
     if not seed_path.is_file():
         raise FileNotFoundError(f"no seed config at {seed_path}; pass --seed-config FILE")
     device, cuda = ctx["device"], ctx["device"].type == "cuda"
@@ -214,7 +217,8 @@ def p100_run(ctx: dict, seed_path: Path) -> dict:
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
     dims = parts.student_dims(res.pop("run_dir"))
-    p = plan(cfg, budget=P100_CAP, cuda=cuda, capability=(6, 0) if cuda else None, teacher=ctx["tdims"], student=dims)
+    p = plan(cfg, budget=P100_CAP, cuda=cuda, capability=(6, 0) if cuda else None, teacher=ctx["tdims"], student=dims,
+             mode_memory=planned_memory)
     out.update({k: res[k] for k in ("tokens_per_s", "peak_mb", "peak_reserved_mb", "skipped_steps", "wall_s")},
                fits=True, planner_peak_mb=round(p["stage2"]["peak"] / 2**20, 1),
                planner_largest_batch=p["stage2"]["largest_batch"])

@@ -17,6 +17,7 @@ Runs in a fresh process and prints one JSON line ``{"measured": bytes, "estimate
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def stage1(cfg, cuda: bool) -> dict:
     est = stage1_terms(dims, batch=cfg.teacher.batch_size, seq_len=cfg.data.seq_len,
                        logits_chunk=cfg.teacher.logits_chunk, dtype_bytes=4 if precision.dtype == torch.float32 else 2,
                        top_k=cfg.cache.top_k)
-    return {"stage": 1, "measured": measured, "estimate": est["peak"], "terms": est}
+    return {"stage": 1, "measured": measured, "estimate": est["peak"], "terms": est, "teacher": dataclasses.asdict(dims)}
 
 
 def stage2(cfg, cuda: bool) -> dict:
@@ -89,9 +90,12 @@ def stage2(cfg, cuda: bool) -> dict:
             "train.eval_sequences=1")
         base = reset_peak(cuda)
         run("measured")
-    est = plan(cfg, cuda=cuda, budget=1 << 40)["stage2"]
+    from stage2_student_train.kd_modes import planned_memory
+
+    est = plan(cfg, cuda=cuda, budget=1 << 40, mode_memory=planned_memory)["stage2"]
     return {"stage": 2, "measured": peak(cuda) - base, "estimate": est["peak"],
-            "terms": {k: v for k, v in est.items() if k not in ("batch_size", "autocast_bytes", "fits", "largest_batch")}}
+            "terms": {k: v for k, v in est.items() if isinstance(v, int) and not isinstance(v, bool)
+                      and k != "batch_size" and "largest_batch" not in k}}
 
 
 ARGS: list[str] = []

@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device-memory", help="plan against this much GPU memory (e.g. 16GiB) "
                                                    "instead of the device this machine has")
             p.add_argument("--json", action="store_true", help="print one JSON object")
+            p.add_argument("--compute-capability", help="plan for a card of this compute capability "
+                                                        "(e.g. 6.0 for a P100): its precision policy")
+            p.add_argument("--card", help="plan for this card: p100, t4, v100, a10g, l4, a100, a100-80gb, h100 "
+                                          "(its capability and, unless --device-memory, its memory)")
+            p.add_argument("--teacher-config", help="plan from this local config.json (or folder) for the "
+                                                    "teacher instead of reading teacher.model (no hub needed)")
+            p.add_argument("--student-config", help="the same for the student (instead of student.model)")
         if name == "resume":
             p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
             p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")

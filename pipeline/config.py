@@ -26,6 +26,7 @@ class RunConfig:
     name: str = "default"
     """Run name; stage-2 runs go to ``runs_dir/name``."""
     runs_dir: str = "runs"
+    """Where runs go; a ``work:`` prefix follows the work-folder rule (``resolve_work_paths``)."""
     seed: int = 0
 
     def validate(self) -> None:
@@ -99,7 +100,8 @@ class DataConfig:
 class CacheConfig:
     dir: str = "caches/smollm2-shakespeare"
     """A local directory or an fsspec URL (``s3://bucket/path``, ``gs://``, ``hf://``, ``memory://``;
-    the backend package installed, credentials from its usual environment)."""
+    the backend package installed, credentials from its usual environment). ``work:caches/x``:
+    under the work folder when there is one (``resolve_work_paths``), else ``caches/x``."""
     top_k: int = 64
     hidden_dtype: Literal["float16", "int8"] = "float16"
     """int8 stores a per-token scale beside the codes (~2x smaller, bounded error)."""
@@ -210,6 +212,10 @@ class TrainConfig:
     stop_after: int = 0
     """Stop after this many steps in this invocation, with a checkpoint (0: run to the end). For
     time-boxed sessions: ``resume`` continues exactly where it stopped."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward (the HF student's
+    ``gradient_checkpointing_enable``): the same gradients, ~1/3 more compute, and only each
+    layer's input kept between forward and backward (``doctor --config`` counts it)."""
 
     def validate(self) -> None:
         _require(self.stop_after >= 0, "train.stop_after", "must be >= 0 (0 = no limit)")
@@ -315,8 +321,38 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
     cfg = _build(Config, raw, prefix="")
+    resolve_work_paths(cfg)
     cfg.validate()
     return cfg
+
+
+WORK_PREFIX = "work:"
+WORK_PATHS = (("run", "runs_dir"), ("cache", "dir"), ("cache", "views_dir"), ("cache", "plan_dir"))
+KAGGLE_WORKING = Path("/kaggle/working")
+
+
+def work_root() -> Path | None:
+    """The folder that ``work:`` paths live under: ``$KD_PIPELINE_WORK_DIR`` when set, else
+    ``/kaggle/working`` when it exists (Kaggle keeps only that folder between sessions), else
+    none (the path is used as written, relative to the current directory)."""
+    import os
+
+    if os.environ.get("KD_PIPELINE_WORK_DIR"):
+        return Path(os.environ["KD_PIPELINE_WORK_DIR"])
+    return KAGGLE_WORKING if KAGGLE_WORKING.is_dir() else None
+
+
+def resolve_work_paths(cfg: "Config") -> None:
+    """The one path rule: ``run.runs_dir``, ``cache.dir``, ``cache.views_dir`` and ``cache.plan_dir``
+    written as ``work:REST`` become ``<work_root()>/REST``, or ``REST`` where there is no work
+    folder. Resolved once, when the config is loaded: a run records the real path."""
+    root = work_root()
+    for section, key in WORK_PATHS:
+        part = getattr(cfg, section)
+        value = getattr(part, key)
+        if value.startswith(WORK_PREFIX):
+            rest = value[len(WORK_PREFIX):].lstrip("/")
+            setattr(part, key, str(root / rest) if root is not None else rest)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -50,8 +50,9 @@ def mib(n: int) -> str:
 
 def plan_rows(p: dict) -> list[tuple[str, str]]:
     """The memory plan as (key, value) rows; keys are stable (tests and users grep them)."""
-    rows = [("memory budget", f"{mib(p['budget_bytes'])} on {p['device']} ({mib(p['usable_bytes'])} usable after "
-                              "reserve and slack)")]
+    cap = f" (compute capability {p['capability']})" if p.get("capability") else ""
+    rows = [("memory budget", f"{mib(p['budget_bytes'])} on {p['device']}{cap} ({mib(p['usable_bytes'])} usable "
+                              "after reserve and slack)")]
     s1, s2 = p["stage1"], p["stage2"]
     rows += [
         ("stage1 peak", f"{mib(s1['peak'])} at teacher.batch_size={s1['batch_size']} "
@@ -59,38 +60,74 @@ def plan_rows(p: dict) -> list[tuple[str, str]]:
         ("stage1 terms", f"weights {mib(s1['weights'])}, fp32 head {mib(s1['fp32_head'])} ({s1['head_mode']}), "
                          f"activations {mib(s1['activations'])}, logits chunk {mib(s1['logits_chunk'])}"),
         ("stage1 largest batch", str(s1["largest_batch"])),
+        ("planned precision", f"teacher {s1['dtype_bytes']} B/element, student autocast {s2['autocast_bytes']} B/element"),
         ("stage2 peak", f"{mib(s2['peak'])} at train.batch_size={s2['batch_size']} "
                         f"({'fits' if s2['fits'] else 'DOES NOT FIT'})"),
         ("stage2 terms", f"weights+grads+adamw+ema {mib(s2['weights'] + s2['grads'] + s2['adamw'] + s2['ema'])}, "
                          f"activations {mib(s2['activations'])}, loss chunk {mib(s2['loss_chunk'])}, "
                          f"autocast copies {mib(s2['autocast_copies'])}, extras {mib(s2['extras'] + s2['union_head'])}"),
         ("stage2 largest batch", str(s2["largest_batch"])),
+        ("stage2 gradient checkpointing", f"{'on' if s2['gradient_checkpointing'] else 'off'}; without: peak "
+                                          f"{mib(s2['peak_no_checkpointing'])}, largest batch "
+                                          f"{s2['largest_batch_no_checkpointing']}; with: peak "
+                                          f"{mib(s2['peak_checkpointing'])}, largest batch "
+                                          f"{s2['largest_batch_checkpointing']}"),
     ]
     return rows
+
+
+MODE_MEMORY = "stage2_student_train.kd_modes:planned_memory"
+"""What a KD mode adds to stage 2's memory: looked up by module path, as the CLI does for
+commands (``pipeline`` imports no stage)."""
+
+
+def target(args: argparse.Namespace) -> tuple[int | None, bool | None, tuple[int, int] | None]:
+    """(budget, cuda, capability) to plan for from --device-memory, --card, --compute-capability."""
+    from .errors import ConfigError
+    from .memplan import CARDS, parse_bytes
+
+    budget, capability = None, None
+    if getattr(args, "card", None):
+        name = args.card.strip().lower()
+        if name not in CARDS:
+            raise ConfigError(f"unknown card {args.card!r}; choose from {', '.join(CARDS)} or give "
+                              "--device-memory and --compute-capability")
+        capability, budget = CARDS[name]
+    if getattr(args, "compute_capability", None):
+        try:
+            major, minor = (int(x) for x in args.compute_capability.strip().split("."))
+        except ValueError:
+            raise ConfigError(f"cannot read a compute capability from {args.compute_capability!r}; "
+                              "write e.g. 6.0 (P100) or 7.5 (T4)") from None
+        capability = (major, minor)
+    if getattr(args, "device_memory", None):
+        try:
+            budget = parse_bytes(args.device_memory)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    # A named budget or card is a GPU, whatever this machine has.
+    return budget, (True if budget is not None or capability is not None else None), capability
 
 
 def main(args: argparse.Namespace | None = None) -> int:
     rows = report()
     plan = None
     if args is not None and getattr(args, "config", None):
+        from .cli import resolve
         from .config import load_config
         from .errors import ConfigError
-        from .memplan import parse_bytes, plan as make_plan
+        from .memplan import plan as make_plan
 
         cfg = load_config(args.config, getattr(args, "overrides", []) or [])
-        budget = None
-        if getattr(args, "device_memory", None):
-            try:
-                budget = parse_bytes(args.device_memory)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-        # A named budget is for a GPU unless this machine has none and none was implied.
-        cuda = True if budget is not None else None
+        budget, cuda, capability = target(args)
         try:
-            plan = make_plan(cfg, budget=budget, cuda=cuda)
-        except OSError as e:
-            raise ConfigError(f"cannot read the model configs of {args.config} ({e}); "
-                              "check teacher.model / student.model") from None
+            plan = make_plan(cfg, budget=budget, cuda=cuda, capability=capability, mode_memory=resolve(MODE_MEMORY),
+                             teacher_config=getattr(args, "teacher_config", None),
+                             student_config=getattr(args, "student_config", None))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the model configs of {args.config} ({str(e)[:300]}); check "
+                              "teacher.model / student.model, or plan offline from a local config.json with "
+                              "--teacher-config / --student-config") from None
         rows += plan_rows(plan)
     if args is not None and getattr(args, "json", False):
         import json

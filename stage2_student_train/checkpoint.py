@@ -24,7 +24,7 @@ from pipeline.errors import ConfigError, PipelineError
 LATEST = "LATEST"
 RESUMABLE = ("train.steps", "train.stop_after", "train.eval_every", "train.save_every", "train.keep_checkpoints",
              "train.eval_sequences", "train.max_bad_steps", "train.device", "train.num_threads", "train.parallel",
-             "cache.dir", "cache.views_dir", "run.runs_dir")
+             "cache.dir", "cache.views_dir", "run.runs_dir", "train.gradient_checkpointing")
 """The keys a resume may change: how long, how often to eval/save, where it runs, where the cache
 lives (its fingerprint is still checked), where the runs are (the checkpoint must be in it).
 Everything else defines the run being continued."""

@@ -118,9 +118,8 @@ def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: boo
     for i, (r, a) in enumerate(zip(rows_ids, rows_aligned)):
         ids[i, :len(r)], aligned[i, :len(a)] = r, a
     vmap = align.vocab_map(teacher_tok, student_tok)
-    if len(vmap) < reader.spec.vocab_size:  # a model vocabulary padded past its tokenizer (Qwen: 151936 rows,
-        # 151851 tokens): the extra ids have no twin, and a teacher can still rank them in its top-k
-        vmap = np.concatenate([vmap, np.full(reader.spec.vocab_size - len(vmap), -1, np.int64)])
+    if len(vmap) < reader.spec.vocab_size:  # a padded head (Qwen: 151936 rows, 151851 tokens): no twins
+        vmap = np.concatenate([vmap, np.full(reader.spec.vocab_size - len(vmap), -1, vmap.dtype)])
     sample = reader.read_range(0, min(len(reader), 32), ("topk_ids", "topk_logprobs"))
     coverage = {
         "student_positions_aligned": align.alignment_coverage(rows_aligned),

@@ -196,3 +196,20 @@ def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict
     if mode.check is not None and (problem := mode.check(teacher)):
         raise ConfigError(problem)
     return mode
+
+
+def planned_memory(cfg, teacher, student) -> dict[str, int]:
+    """What the run's KD mode (and feature map) add to stage 2's memory, for the planner
+    (``pipeline.memplan.plan``, which names no mode; ``doctor`` looks this up by module path):
+    ``extra_params`` trained beside the student, counted by building the modules on the meta
+    device, and ``device_bytes`` held there (the teacher's fp32 head for modes that need it).
+    ``teacher``/``student``: dimensions with ``hidden`` and ``vocab``."""
+    mode = get(cfg.kd.mode)
+    modules = []
+    with torch.device("meta"):
+        if cfg.kd.feature_weight > 0:
+            modules.append(torch.nn.Linear(student.hidden, teacher.hidden, bias=False))
+        if "router" in mode.modules:
+            modules.append(routing.ProjectorRouter(teacher.hidden, student.hidden, cfg.router.num_experts))
+    extra = sum(p.numel() for m in modules for p in m.parameters())
+    return {"extra_params": extra, "device_bytes": teacher.vocab * teacher.hidden * 4 if "head" in mode.needs else 0}

@@ -26,6 +26,7 @@ from pipeline.config import KDConfig
 
 from . import kd_modes, losses
 from .router import step_load_balance
+from .student import decoder_of
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Trainable(nn.Module):
         self.student, self.feature_map, self.router = student, feature_map, router
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.student.model(input_ids=input_ids).last_hidden_state
+        # The model's own accessor (Llama/Qwen: .model, GPT-2: .transformer); no KV cache in training.
+        return decoder_of(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state
 
     def extras(self) -> dict[str, nn.Module | None]:
         return {"feature_map": self.feature_map, "router": self.router}

@@ -16,7 +16,12 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConf
     decay = [p for n, p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in params if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+    # CUDA: the fused kernel (one launch, no per-step temporaries beyond the moments); it needs
+    # plain CUDA tensors (FSDP's DTensors keep the per-tensor loop). CPU: the per-tensor loop.
+    plain = [p for n, p in params if p.requires_grad]
+    fused = bool(plain) and all(p.is_cuda and type(p.data) is torch.Tensor for p in plain)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                             **({"fused": True} if fused else {"foreach": False}))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

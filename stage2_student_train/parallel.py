@@ -53,7 +53,9 @@ def wrap(parts: Trainable, kind: str, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    for layer in parts.student.model.layers:
+    from .student import decoder_layers
+
+    for layer in decoder_layers(parts.student):
         fully_shard(layer, mesh=mesh)
     fully_shard(parts, mesh=mesh, reshard_after_forward=False)
     return parts

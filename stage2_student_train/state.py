@@ -165,6 +165,8 @@ def build_state(run: RunSetup, student: nn.Module | None = None) -> TrainState:
         # Same tokenizer: the cached ids range over the teacher's head, which may exceed len(tokenizer).
         vocab = max(len(run.tokenizer), reader.spec.vocab_size) if run.same_tokenizer else len(run.tokenizer)
         student = build_student(cfg, vocab, run.access.seq_len)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(student)
     hidden = student.config.hidden_size
     feature_map = nn.Linear(hidden, reader.spec.hidden_dim, bias=False) if cfg.kd.feature_weight > 0 else None
     router = None
@@ -183,6 +185,16 @@ def build_state(run: RunSetup, student: nn.Module | None = None) -> TrainState:
     return TrainState(parts, net, named, optimizer, build_scheduler(optimizer, cfg.train), scaler,
                       EMA(named, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None,
                       Prefetcher(stream, pin_memory=run.device.type == "cuda"))
+
+
+def enable_checkpointing(student: nn.Module) -> None:
+    """The HF student's own activation checkpointing (transformers 5 renamed it), non-reentrant:
+    it works with the objective's chunked backward from the last hidden state."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(student, "activation_checkpointing_enable"):
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def init_scaler(scaler: torch.amp.GradScaler, device: torch.device) -> None:

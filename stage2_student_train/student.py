@@ -109,6 +109,10 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=No
                                 f"{str(e)[:200]}); check student.model") from None
         if model.get_output_embeddings().weight.shape[0] < vocab_size:
             raise ConfigError(f"student {cfg.student.model!r} has a smaller vocabulary than its tokenizer")
+        positions = max_position_embeddings(model.config)
+        if positions is not None and positions < max_positions:
+            raise ConfigError(f"student {cfg.student.model!r} takes at most {positions} positions, the cache's "
+                              f"sequences {max_positions}; build a cache with a smaller data.seq_len")
         if tokenizer is not None:
             apply_special_tokens(model, tokenizer)
         return model
@@ -124,11 +128,41 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=No
     return model
 
 
+def max_position_embeddings(config) -> int | None:
+    """The longest input a config takes (GPT-2 calls it n_positions); None if it names none."""
+    value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return None if value is None else int(value)
+
+
+def decoder_of(model) -> torch.nn.Module:
+    """The causal LM's decoder (Llama/Qwen: ``.model``, GPT-2: ``.transformer``) by the model's own
+    accessor; ``base_model`` where an older transformers has no generic ``get_decoder``."""
+    get = getattr(model, "get_decoder", None)
+    return get() if get is not None else model.base_model
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder's block list (Llama/Qwen: ``model.layers``, GPT-2: ``transformer.h``): what
+    FSDP shards one by one."""
+    decoder = decoder_of(model)
+    for name in ("layers", "h", "blocks", "block"):
+        if isinstance(getattr(decoder, name, None), torch.nn.ModuleList):
+            return getattr(decoder, name)
+    lists = [m for m in decoder.children() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; use train.parallel=ddp")
+    return max(lists, key=len)
+
+
 def save_student(model, tokenizer, path: Path) -> None:
     """A Hugging Face model directory that ``AutoModelForCausalLM.from_pretrained`` loads as is,
     with the tokenizer's bos/eos(/pad) ids in config.json and bos/eos/pad in
-    generation_config.json (see `special_token_ids`)."""
+    generation_config.json (see `special_token_ids`), and ``use_cache`` on: training runs without
+    a KV cache, ``generate()`` after export should not."""
     apply_special_tokens(model, tokenizer)
+    model.config.use_cache = True
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.use_cache = True
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 

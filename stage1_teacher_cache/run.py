@@ -30,6 +30,7 @@ from pipeline.device import check_cuda_build, choose_precision, cpu_threads, res
 from pipeline.distributed import Dist, init_distributed
 from pipeline.errors import ConfigError, TeacherError
 from pipeline.locks import acquire_lock
+from pipeline.paths import require_directory_path
 from pipeline.fingerprint import tokenizer_hash
 from pipeline.cache.tokenizer import store_tokenizer
 
@@ -78,6 +79,8 @@ def _cache_teacher(cfg: Config, show_progress: bool, dist: Dist, stack: contextl
     # a torchrun job write their own shards under it), planning included. A refusal is raised on
     # every rank.
     store = open_storage(cfg.cache.dir)
+    if not store.remote:  # a parent that is a file: one line before the lock or plan are made
+        require_directory_path(store.root, "cache.dir")
     dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(store), f"cache {store}")))
     # The plan is streamed to disk by rank 0 (or reused from a previous run of the same inputs);
     # every rank then reads only the rows of the shards it runs.

@@ -102,8 +102,6 @@ def test_overwrite_refuses_a_cache_holding_hidden_user_files(capsys, cache_copy,
 
 def test_an_object_store_prefix_is_an_interrupted_creation_only_by_the_tools_marker(
         capsys, tiny_teacher_dir, corpus_dir, tmp_path, monkeypatch):
-    from pipeline.cache.files import CREATING, mark_creation
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     for i, folder in enumerate(("meta", "tokenizer", "arrays.zarr")):
         store = open_storage(f"memory://kd-r3/user-{i}")
@@ -112,6 +110,8 @@ def test_an_object_store_prefix_is_an_interrupted_creation_only_by_the_tools_mar
                        r"exists, is not empty and holds no cache manifest")
         assert store.read_bytes(f"{folder}/notes.txt") == b"years of work"
     # What this tool's interrupted creation leaves (its marker first, a partial skeleton) is started over.
+    from pipeline.cache.files import CREATING, mark_creation
+
     half = open_storage("memory://kd-r3/half")
     mark_creation(half)
     half.write_bytes("arrays.zarr/zarr.json", b"{}")

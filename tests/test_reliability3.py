@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -402,3 +403,61 @@ def test_an_interrupted_extension_is_to_be_finished_not_rebuilt(capsys, tiny_tea
     assert any(finish.replace("\\", "")[:20] in d for d in verify_cache(cache).damaged)
     assert run(capsys, *stage1(tiny_teacher_dir, corpus_dir, cache, **large))[0] == 0
     assert CacheReader(cache).complete and verify_cache(cache).ok
+
+
+# -- memory with one huge document --------------------------------------------------------------
+
+
+def long_text() -> str:
+    """Prose with lines, tabs, runs of spaces, CRLF, non-ASCII, and one unbroken run longer than a
+    window (no clean cut there: the rest is tokenized whole)."""
+    from conftest import CORPUS
+
+    prose = "".join(CORPUS[k] for k in sorted(CORPUS))
+    return prose * 4 + "Line one.\r\nLine two \u00e9t\u00e9.\r\n" * 40 + prose + "#" * 2500 + " tail words\n" + prose
+
+
+@pytest.mark.parametrize("which", ["gpt2", "smollm2"])
+def test_a_long_document_in_pieces_has_the_ids_of_the_whole(which, request):
+    from transformers import AutoTokenizer
+
+    from conftest import gpt2_tokenizer
+    from stage1_teacher_cache.pieces import tokenize_pieces
+    from stage1_teacher_cache.plan import tokenize_batch
+
+    tok = gpt2_tokenizer() if which == "gpt2" else AutoTokenizer.from_pretrained(
+        request.getfixturevalue("smollm2_tokenizer_dir"))
+    text = long_text()
+    whole_ids, whole_offsets = tokenize_batch(tok, [text])[0]
+    for piece_chars, margin in ((1500, 150), (4000, 400)):
+        parts = list(tokenize_pieces(tok, text, piece_chars, margin))
+        assert len(parts) >= len(text) // piece_chars // 2, len(parts)  # it really was cut, many times
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), whole_ids)
+        assert np.array_equal(np.concatenate([p[1] for p in parts]), whole_offsets)
+
+
+@pytest.mark.parametrize("max_train_tokens", [0, 40 * 32])
+def test_a_long_document_packs_as_when_tokenized_whole(tmp_path, monkeypatch, max_train_tokens):
+    from conftest import gpt2_tokenizer
+    from stage1_teacher_cache import pieces
+    from stage1_teacher_cache.documents import documents_of
+    from stage1_teacher_cache.plan import build_plan
+
+    tok = gpt2_tokenizer()
+    docs = [("short.txt", "A short one.\n", "train"), ("long.txt", long_text(), "train"),
+            ("after.txt", "And another document after it.\n" * 3, "train"), ("held.txt", long_text(), "eval")]
+
+    def plan(folder: str):
+        p = build_plan(documents_of(docs), tok, 32, tok.eos_token_id, "\n\n", {"train": max_train_tokens},
+                       tmp_path / folder, 8, show_progress=False)
+        return p.count, p.rows_of(0, p.num_sequences)
+
+    monkeypatch.setattr(pieces, "PIECE_CHARS", 1 << 30)  # every document whole: the reference
+    count, want = plan("whole")
+    monkeypatch.setattr(pieces, "PIECE_CHARS", 1500)
+    monkeypatch.setattr(pieces, "MARGIN", 150)
+    assert plan("pieces")[0] == count
+    got = plan("pieces2")[1]
+    assert np.array_equal(got.input_ids, want.input_ids)
+    assert got.text.to_pylist() == want.text.to_pylist() and got.char_end.to_pylist() == want.char_end.to_pylist()
+    assert got.doc_id.to_pylist() == want.doc_id.to_pylist()

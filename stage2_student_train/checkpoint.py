@@ -109,8 +109,8 @@ def verify_checksums(ckpt: Path) -> None:
             problem = "differs from what was saved (checksum mismatch)"
         else:
             continue
-        raise CheckpointError(f"checkpoint {ckpt}: {rel} {problem}; it is damaged, pick an older checkpoint "
-                              "under checkpoints/")
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({rel} {problem}); pick an older one under "
+                              "checkpoints/")
 
 
 def write_state(tmp: Path, state: dict[str, Any], config_toml: str) -> None:

@@ -208,7 +208,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_naming_the_file(capsys, two_s
     data[len(data) * 2 // 3] ^= 0x10  # in the tensor data: torch/safetensors still load it
     path.write_bytes(bytes(data))
     assert_refused(capsys, ["resume", ckpt, f"run.runs_dir={tmp_path / 'runs'}", "train.steps=3"],
-                   rf"checkpoint .*step-00000002: {victim} differs from what was saved.*pick an older", run_dir)
+                   rf"checkpoint .*step-00000002 is damaged \({victim} differs from what was saved.*pick an older", run_dir)
 
 
 def test_a_trainer_stops_when_its_cache_is_replaced(capsys, cache_copy, tmp_path, monkeypatch):

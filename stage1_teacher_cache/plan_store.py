@@ -38,6 +38,7 @@ import pyarrow.ipc as ipc
 
 from pipeline.atomic import atomic_write_json
 from pipeline.errors import ConfigError
+from pipeline.paths import require_directory_path
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -70,19 +71,10 @@ def remove_plan(folder: Path) -> None:
     folder.rmdir()
 
 
-def _check_parents(folder: Path) -> None:
-    """A path component that is a file is named in one line (not a FileExistsError traceback)."""
-    for parent in folder.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"the plan folder {folder} cannot be made: {parent} is a file; "
-                                  "set cache.plan_dir (or cache.dir) to a path under a directory")
-            return
-
-
 def _is_plan_file(name: str) -> bool:
     """A file this tool writes in a plan folder, or the temp file of one (``.plan.json.tmpPID``)."""
-    return name in PLAN_FILES or re.fullmatch(r"\.(.+)\.tmp\d+", name) is not None and name[1:].rsplit(".tmp", 1)[0] in PLAN_FILES
+    temp = re.fullmatch(r"\.(.+)\.tmp\d+", name)
+    return name in PLAN_FILES or (temp is not None and temp.group(1) in PLAN_FILES)
 
 
 @dataclass
@@ -103,7 +95,7 @@ class PlanWriter:
 
     def __init__(self, folder: Path, seq_len: int, rows: int):
         remove_plan(folder)
-        _check_parents(folder)
+        require_directory_path(folder, "cache.plan_dir")  # a parent that is a file: one line
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.seq_len, self.rows = folder, seq_len, rows
         self._files = {s: pa.OSFile(str(folder / f"{s}.arrow"), "wb") for s in SPLITS}

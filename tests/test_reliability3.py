@@ -99,8 +99,7 @@ def test_overwrite_refuses_a_cache_holding_hidden_user_files(capsys, cache_copy,
     (cache_copy / ".manifest.json.tmp4242").write_text("{")
     (cache_copy / "done" / ".shard-00001.json.tmp77").write_text("{")
     assert not_a_cache_reason(open_storage(cache_copy)) is None
-
-
+@pytest.mark.slow
 def test_an_object_store_prefix_is_an_interrupted_creation_only_by_the_tools_marker(
         capsys, tiny_teacher_dir, corpus_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -119,8 +118,7 @@ def test_an_object_store_prefix_is_an_interrupted_creation_only_by_the_tools_mar
     code, err = run(capsys, *stage1(tiny_teacher_dir, corpus_dir, half.url))
     assert code == 0, err
     assert CacheReader(half.url).complete and not half.exists(CREATING)
-
-
+@pytest.mark.slow
 def test_a_cache_dir_that_is_a_link_is_replaced_through_the_link(capsys, tiny_cache, tiny_teacher_dir,
                                                                  corpus_dir, tmp_path):
     real = tmp_path / "disk" / "cache"
@@ -197,6 +195,7 @@ def two_step_run(tiny_cache, tmp_path_factory) -> Path:
     return runs / "done"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["student/model.safetensors", "state.pt"])
 def test_a_flipped_byte_in_a_checkpoint_is_refused_naming_the_file(capsys, two_step_run, tmp_path, victim):
     run_dir = tmp_path / "runs" / "done"
@@ -209,8 +208,7 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused_naming_the_file(capsys, two_s
     path.write_bytes(bytes(data))
     assert_refused(capsys, ["resume", ckpt, f"run.runs_dir={tmp_path / 'runs'}", "train.steps=3"],
                    rf"checkpoint .*step-00000002 is damaged \({victim} differs from what was saved.*pick an older", run_dir)
-
-
+@pytest.mark.slow
 def test_a_trainer_stops_when_its_cache_is_replaced(capsys, cache_copy, tmp_path, monkeypatch):
     import stage2_student_train.train as train_module
 
@@ -273,8 +271,7 @@ def test_an_export_never_holds_non_finite_weights():
         model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(TrainingError, match=r"NaN/Inf \(1 tensors, first: model.layers.0.mlp.up_proj.weight\)"):
         require_finite(model)
-
-
+@pytest.mark.slow
 def test_a_damaged_documents_table_is_healed_by_the_advised_rerun(capsys, cache_copy, tiny_teacher_dir, corpus_dir):
     docs = cache_copy / "meta" / "documents.arrow"
     good = docs.read_bytes()
@@ -291,6 +288,7 @@ def test_a_damaged_documents_table_is_healed_by_the_advised_rerun(capsys, cache_
 # -- one-line errors, nothing left behind ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing", ["safetensors", "torch.save"])
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(capsys, tiny_cache, tmp_path, monkeypatch, failing):
     """The errors safetensors (Rust) and torch.save really raise on ENOSPC: not ``OSError``."""
@@ -340,8 +338,7 @@ def test_paths_whose_parent_is_a_file_are_one_line(capsys, tiny_cache, tiny_teac
     assert_refused(capsys, stage1(tiny_teacher_dir, corpus_dir, blocker / "cache"),
                    r"cache.dir .*blocker is a file", tmp_path)
     assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["blocker"]
-
-
+@pytest.mark.slow
 def test_eval_of_a_truncated_export_is_one_line(capsys, two_step_run, tiny_cache, tmp_path):
     run_dir = tmp_path / "runs" / "done"
     shutil.copytree(two_step_run, run_dir)
@@ -349,8 +346,7 @@ def test_eval_of_a_truncated_export_is_one_line(capsys, two_step_run, tiny_cache
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     argv = ["eval", *stage2_overrides(tiny_cache, tmp_path / "runs", "done")]
     assert_refused(capsys, argv, r"exported student in .*done/final/student is damaged or incomplete", run_dir)
-
-
+@pytest.mark.slow
 def test_a_run_interrupted_before_its_first_checkpoint_reruns_with_the_same_command(capsys, tiny_cache, tmp_path,
                                                                                      monkeypatch):
     """A second SIGINT acts at once (KeyboardInterrupt from the default handler): raised here at
@@ -373,8 +369,7 @@ def test_a_run_interrupted_before_its_first_checkpoint_reruns_with_the_same_comm
     code, err = run(capsys, *argv)
     assert code == 0, err
     assert (tmp_path / "runs" / "r" / "final" / "student" / "model.safetensors").is_file()
-
-
+@pytest.mark.slow
 def test_an_interrupted_extension_is_to_be_finished_not_rebuilt(capsys, tiny_teacher_dir, corpus_dir, tmp_path,
                                                                  monkeypatch):
     from pipeline.cache import CacheWriter

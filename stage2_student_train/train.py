@@ -225,8 +225,9 @@ def write_failure(failure: BaseException | None) -> str:
     text = str(failure)
     if getattr(failure, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
         return "the disk is full"
-    return f"{getattr(failure, 'strerror', None) or failure.__class__.__name__}: {text.splitlines()[0][:120]}" \
-        if text else failure.__class__.__name__
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror
+    return f"{failure.__class__.__name__}: {text.splitlines()[0][:120]}" if text else failure.__class__.__name__
 
 
 def require_finite(model: torch.nn.Module) -> None:

@@ -27,10 +27,10 @@ from .. import logit_codec
 from ..errors import CacheError, FingerprintMismatch, NonFiniteError
 from . import attrs
 from .codecs import hidden_codec, topk_codec
-from .files import (ARRAYS, CREATING, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite, check_record,
-                    chunk_files, clear_for_replacement, file_record, interrupted_creation, mark_creation, move_aside,
-                    not_a_cache_reason, read_head_marker, read_shard_marker, records, remove_leftovers, shard_name,
-                    write_json)
+from .files import (ARRAYS, CREATING, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite,
+                    check_record, chunk_files, clear_for_replacement, file_record, interrupted_creation,
+                    mark_creation, move_aside, not_a_cache_reason, read_head_marker, read_shard_marker, records,
+                    remove_leftovers, shard_name, write_json)
 from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, LOGP16_ARRAYS, META_SCHEMA, SCHEMA_VERSION,
                    SQRT8_ARRAYS, CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
 from .store import LocalStorage, Storage, open_storage

@@ -8,7 +8,7 @@ pseudo-words: a small head keeps 10N fast). Each process reports its peak reside
 The ratio peak(10N) / peak(N) is the target (<= 1.15); ``mb_per_million_tokens`` is the slope
 (the planner that held the whole plan in memory cost ~77 MB per million tokens).
 
-    python -m bench.p7 [--tokens 200000]          # standalone: prints the curve as JSON
+    python -m bench.p7 [--tokens 200000] [--one-document]   # standalone: prints the curve as JSON
 """
 
 from __future__ import annotations
@@ -53,12 +53,21 @@ def vocabulary() -> list[str]:
     return ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
 
 
-def synthetic_corpus(folder: Path, tokens: int, doc_tokens: int = 300, files: int = 4) -> Path:
+def synthetic_corpus(folder: Path, tokens: int, doc_tokens: int = 300, files: int = 4,
+                     one_document: bool = False) -> Path:
     """~``tokens`` tokens of pseudo-words in documents of ~``doc_tokens`` tokens, spread
-    over ``files`` JSON-lines files (deterministic)."""
+    over ``files`` JSON-lines files (deterministic); ``one_document``: all of it as one .txt
+    document (a line per ~``doc_tokens`` tokens), plus a small second one for eval."""
     words = vocabulary()
     rng = random.Random(WORDS_SEED + tokens)
     folder.mkdir(parents=True, exist_ok=True)
+    if one_document:
+        lines = max(1, round(tokens / doc_tokens))
+        with open(folder / "a-huge.txt", "w") as f:
+            for _ in range(lines):
+                f.write(" ".join(rng.choice(words) for _ in range(int(doc_tokens / 1.1))) + ".\n")
+        (folder / "b-eval.txt").write_text(" ".join(rng.choice(words) for _ in range(2000)) + ".\n")
+        return folder
     per_doc_words = int(doc_tokens / 1.1)  # ~1.1 tokens per pseudo-word (measured)
     docs = max(files, round(tokens / doc_tokens))
     handles = [open(folder / f"part-{i:03d}.jsonl", "w") for i in range(files)]
@@ -97,14 +106,15 @@ def probe(teacher: Path, corpus: Path, cache: Path) -> dict:
             "stage1_wall_s": info.get("stage1_wall_s")}
 
 
-def run(tokens: int = 200_000, sizes: tuple[int, ...] = SIZES) -> dict:
-    """The P7 row: peak RSS per corpus size and the ratio of the largest to the smallest."""
+def run(tokens: int = 200_000, sizes: tuple[int, ...] = SIZES, one_document: bool = False) -> dict:
+    """The P7 row: peak RSS per corpus size and the ratio of the largest to the smallest
+    (``one_document``: each corpus is one huge document, see ``synthetic_corpus``)."""
     with tempfile.TemporaryDirectory(prefix="kd-p7-") as tmp:
         tmp = Path(tmp)
         teacher = tiny_teacher(tmp / "teacher")
         curve = []
         for mult in sizes:
-            corpus = synthetic_corpus(tmp / f"corpus-{mult}", tokens * mult)
+            corpus = synthetic_corpus(tmp / f"corpus-{mult}", tokens * mult, one_document=one_document)
             cmd = [sys.executable, "-m", "bench.p7", "--probe", str(teacher), str(corpus), str(tmp / f"cache-{mult}")]
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
             if res.returncode != 0:
@@ -121,11 +131,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--probe", nargs=3, metavar=("TEACHER", "CORPUS", "CACHE"))
     p.add_argument("--tokens", type=int, default=200_000, help="N: tokens of the smallest corpus")
+    p.add_argument("--one-document", action="store_true", help="each corpus is one huge document")
     a = p.parse_args()
     if a.probe:
         print(json.dumps(probe(*(Path(x) for x in a.probe))))
     else:
-        print(json.dumps(run(a.tokens), indent=1))
+        print(json.dumps(run(a.tokens, one_document=a.one_document), indent=1))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno == errno.ENOSPC:
             return fail(f"disk full while writing {e.filename or ''}; free space and rerun (committed work is kept)")
+        if e.errno == errno.ENOTDIR:
+            return fail(f"{e.filename or 'a path'}: a part of this path is a file, not a directory; "
+                        "choose a path under a directory")
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return fail(f"cannot write {e.filename or ''}: {e.strerror}; choose a writable directory")
         raise

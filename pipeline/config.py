@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class RunConfig:
         _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]*", self.name) is not None and ".." not in self.name,
                  "run.name", f"must be a plain name (letters, digits, _ . - + =; no path), got {self.name!r}: "
                  "runs go to run.runs_dir/run.name")
+        _require(0 <= self.seed < 2**32, "run.seed", f"must be in 0..{2**32 - 1} (numpy's seed range), got {self.seed}")
 
 
 @dataclass
@@ -483,6 +485,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # inf/nan would train to NaN weights, or loop forever
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.cache import CacheReader, CacheSpec, CacheWriter
 from pipeline.cache.files import MANIFEST
 from pipeline.cache.spec import EXTENT_KEYS, fingerprint_diff, identity_diff, read_manifest, spec_from_manifest
+from pipeline.cache.reader import FINISH_EXTENSION
 from pipeline.cache.store import open_storage
 from pipeline.config import Config
 from pipeline.errors import CacheError, DataError, FingerprintMismatch
@@ -40,6 +41,9 @@ def open_cache(cfg: Config, spec: CacheSpec, plan: Plan, rank_table, show_progre
         manifest = read_manifest(store)
         cached = spec_from_manifest(manifest, store)
         if cached.fingerprint != spec.fingerprint and not identity_diff(cached.fingerprint, spec.fingerprint):
+            if "extending" in manifest:  # not "rebuild": the interrupted extension only needs finishing
+                raise CacheError(f"cache {store} is in the middle of an extension that was interrupted (it holds "
+                                 f"other data than this config's); {FINISH_EXTENSION}")
             if not cfg.cache.extend:
                 diff = fingerprint_diff(cached.fingerprint, spec.fingerprint, list(EXTENT_KEYS))
                 raise FingerprintMismatch(

@@ -30,6 +30,7 @@ from pipeline.errors import DataError
 from pipeline.fingerprint import tokenizer_hash
 
 from .documents import Document, EvalChooser, iter_documents
+from . import pieces
 from .plan_store import PLAN_VERSION, Plan, PlanWriter, read_plan_info
 from .sources import Source
 
@@ -67,23 +68,30 @@ class Packer:
     def full(self) -> bool:
         return self.max_seqs is not None and self.done >= self.max_seqs
 
-    def add(self, doc_id: int, text: str, ids: np.ndarray, offsets: np.ndarray) -> None:
-        """Append a document and its end-of-document token; emit every sequence it completes."""
+    def add(self, doc_id: int, text: str, ids: np.ndarray, offsets: np.ndarray, start: int | None = None,
+            last: bool = True) -> int:
+        """Append a document and its end-of-document token; emit every sequence it completes.
+        A long document comes in consecutive pieces (``tokenize_pieces``): ``start`` is where the
+        piece begins in ``text`` (what the previous call returned), ``last`` whether the document
+        ends with it. Returns where the next piece begins (the end of this one's last token)."""
         n = len(ids)
-        start = int(offsets[0, 0]) if n else 0
+        if start is None:
+            start = int(offsets[0, 0]) if n else 0
         # Where each token's characters end. A token starts where the previous one ended (two
         # byte-level tokens can share a character), so consecutive pieces tile the text.
         ends = np.maximum.accumulate(np.maximum(offsets[:, 1], start)) if n else np.zeros(0, np.int64)
-        all_ids = np.append(ids, self.eos_id)
+        all_ids = np.append(ids, self.eos_id) if last else ids
         lengths = np.diff(ends, prepend=start)
-        lengths = np.append(lengths, len(self.separator))
+        if last:
+            lengths = np.append(lengths, len(self.separator))
+        total = len(all_ids)
         t = 0
-        while t <= n and not self.full:
-            k = min(self.seq_len - self._fill, n + 1 - t)
+        while t < total and not self.full:
+            k = min(self.seq_len - self._fill, total - t)
             real_end = min(t + k, n)
             begin = int(ends[t - 1]) if t > 0 else start
             piece = text[begin:int(ends[real_end - 1])] if real_end > t else ""
-            if t + k == n + 1:
+            if last and t + k == total:
                 piece += self.separator
             self._ids.append(all_ids[t:t + k])
             self._text.append(piece)
@@ -97,6 +105,23 @@ class Packer:
                           np.concatenate(self._docs))
                 self.done += 1
                 self._reset()
+        return int(ends[-1]) if n else start
+
+
+def add_long_document(packer: Packer, tokenizer, doc: Document, bar) -> None:
+    """Pack a document longer than ``PIECE_CHARS`` piece by piece (``pieces.tokenize_pieces``):
+    memory stays flat in the document's size, and tokenizing stops once the split is full."""
+    stream = pieces.tokenize_pieces(tokenizer, doc.text, pieces.PIECE_CHARS, pieces.MARGIN)
+    piece = next(stream)
+    start = None
+    for following in stream:
+        start = packer.add(doc.doc_id, doc.text, *piece, start=start, last=False)
+        bar.update(len(piece[0]))
+        if packer.full:
+            return
+        piece = following
+    packer.add(doc.doc_id, doc.text, *piece, start=start, last=True)
+    bar.update(len(piece[0]) + 1)
 
 
 class DatasetHash:
@@ -155,17 +180,19 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
     bar = tqdm(desc="plan", unit="tok", unit_scale=True, disable=not show_progress, leave=False, mininterval=1.0)
     try:
         for batch in _batches(documents):
-            todo = [d for d in batch if not packers[d.split].full]
+            todo = [d for d in batch if not packers[d.split].full and len(d.text) <= pieces.PIECE_CHARS]
             encoded = dict(zip((d.doc_id for d in todo), tokenize_batch(tokenizer, [d.text for d in todo])))
             for doc in batch:
                 digest.update(doc)
                 writer.add_document(doc.doc_id, doc.name, doc.split, len(doc.text))
                 train_docs += doc.split == "train"
                 packer = packers[doc.split]
-                if not packer.full:
+                if not packer.full and doc.doc_id in encoded:
                     ids, offsets = encoded[doc.doc_id]
                     packer.add(doc.doc_id, doc.text, ids, offsets)
                     bar.update(len(ids) + 1)
+                elif not packer.full:  # a long document: in bounded pieces, only as far as the split needs
+                    add_long_document(packer, tokenizer, doc, bar)
                 if packers["train"].full and (packers["eval"].full or limits["eval"] is None and eval_done()
                                                and not named_eval):
                     early = True

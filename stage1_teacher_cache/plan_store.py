@@ -26,6 +26,7 @@ file reads (no memory map), so resident memory does not grow with the plan's siz
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import pyarrow.ipc as ipc
 
 from pipeline.atomic import atomic_write_json
 from pipeline.errors import ConfigError
+from pipeline.paths import require_directory_path
 
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -50,15 +52,29 @@ PLAN_FILES = {PLAN_FILE, "train.arrow", "eval.arrow", "documents.arrow", "text_c
 
 
 def remove_plan(folder: Path) -> None:
-    """Delete a plan folder, but only one that holds nothing but plan files (``cache.plan_dir``
-    may name any folder: a folder of other files is an error, never deleted)."""
-    if not folder.exists():
+    """Delete a plan folder's plan files, then the folder if nothing else is left in it.
+    ``cache.plan_dir`` may name any folder: one holding other files (hidden ones too: a ``.git``,
+    a ``.env``) is an error and nothing in it is deleted; a path that is a file is an error."""
+    if not folder.exists() and not folder.is_symlink():
         return
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in PLAN_FILES and not p.name.startswith("."))
-    if not folder.is_dir() or foreign:
-        what = f"holds {foreign[0]!r}, which no plan holds" if foreign else "is not a directory"
-        raise ConfigError(f"the plan folder {folder} {what}; set cache.plan_dir to a new or empty folder")
-    shutil.rmtree(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"the plan folder {folder} is a file, not a directory; set cache.plan_dir to a new "
+                          "or empty folder")
+    foreign = sorted(p.name for p in folder.iterdir() if not _is_plan_file(p.name))
+    if foreign:
+        raise ConfigError(f"the plan folder {folder} holds {foreign[0]!r}, which no plan holds; "
+                          "set cache.plan_dir to a new or empty folder")
+    for p in folder.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if folder.is_symlink():
+        return  # the folder a link names is emptied, the link itself kept
+    folder.rmdir()
+
+
+def _is_plan_file(name: str) -> bool:
+    """A file this tool writes in a plan folder, or the temp file of one (``.plan.json.tmpPID``)."""
+    temp = re.fullmatch(r"\.(.+)\.tmp\d+", name)
+    return name in PLAN_FILES or (temp is not None and temp.group(1) in PLAN_FILES)
 
 
 @dataclass
@@ -79,7 +95,8 @@ class PlanWriter:
 
     def __init__(self, folder: Path, seq_len: int, rows: int):
         remove_plan(folder)
-        folder.mkdir(parents=True)
+        require_directory_path(folder, "cache.plan_dir")  # a parent that is a file: one line
+        folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.seq_len, self.rows = folder, seq_len, rows
         self._files = {s: pa.OSFile(str(folder / f"{s}.arrow"), "wb") for s in SPLITS}
         self._writers = {s: ipc.new_file(self._files[s], SEQ_SCHEMA) for s in SPLITS}
@@ -152,7 +169,10 @@ class PlanWriter:
                 closable.close()
             except Exception:
                 pass
-        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            remove_plan(self.folder)
+        except (ConfigError, OSError):
+            pass  # never delete what this tool did not write
 
 
 def read_plan_info(folder: Path) -> dict[str, Any] | None:

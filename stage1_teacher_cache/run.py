@@ -30,8 +30,9 @@ from pipeline.config import Config, load_config
 from pipeline.device import set_up_device
 from pipeline.distributed import Dist, init_distributed
 from pipeline.errors import TeacherError
-from pipeline.locks import acquire_lock
 from pipeline.fingerprint import tokenizer_hash
+from pipeline.locks import acquire_lock
+from pipeline.paths import require_directory_path
 from pipeline.cache.tokenizer import store_tokenizer
 
 from .background import BackgroundWriter
@@ -98,6 +99,8 @@ def _lock_cache(cfg: Config, dist: Dist, stack: contextlib.ExitStack) -> None:
     a torchrun job write their own shards under it), planning included. A refusal is raised on
     every rank."""
     store = open_storage(cfg.cache.dir)
+    if not store.remote:  # a parent that is a file: one line before the lock or plan are made
+        require_directory_path(store.root, "cache.dir")
     dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(store), f"cache {store}")))
 
 

@@ -120,6 +120,16 @@ def _as_text(value) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _row_text(record: dict, field: str, where: str) -> str:
+    """The text of a JSON row; a row whose field is missing, null, a number or a list is an error
+    naming the line (never dropped silently: the cache would hold fewer documents than the file)."""
+    value = record.get(field)
+    if isinstance(value, str):
+        return value
+    what = f"has no {field!r}" if field not in record else f"has {field!r} = {json.dumps(value)[:40]}, not a string"
+    raise DataError(f"{where} {what}; fix or remove that row (or set data.text_field)")
+
+
 def _missing_column(what, field: str, columns) -> DataError:
     return DataError(f"{what} has no column {field!r} (columns: {list(columns)}); set data.text_field")
 
@@ -139,7 +149,7 @@ def _file_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
             rows = [r for r in rows if isinstance(r, dict)]
             if rows and field not in rows[0]:
                 raise _missing_column(path, field, rows[0])
-            yield from ((i, _as_text(r.get(field))) for i, r in enumerate(rows))
+            yield from ((i, _row_text(r, field, f"{path} row {i}")) for i, r in enumerate(rows))
             return
         row = 0
         for number, line in enumerate(f, 1):
@@ -154,7 +164,7 @@ def _file_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
                 raise DataError(f"{path} line {number} is not a JSON object; one object per line is expected")
             if row == 0 and field not in record:
                 raise _missing_column(path, field, record)
-            yield row, _as_text(record.get(field))
+            yield row, _row_text(record, field, f"{path} line {number}")
             row += 1
 
 

@@ -5,10 +5,12 @@ last N kept. A checkpoint holds everything an exact resume needs::
     step-XXXXXXXX/state.pt   optimizer, scheduler, scaler, EMA, extra modules, every RNG state,
                              the data cursor, the step, counters, the resolved config and the
                              cache fingerprint
+    step-XXXXXXXX/checksums.json   size and CRC32 of every other file, checked on resume
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -17,11 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.atomic import file_crc32, file_record, json_bytes
 from pipeline.cache import atomic_write_bytes
 from pipeline.config import Config, load_config, parse_override
 from pipeline.errors import ConfigError, PipelineError
 
 LATEST = "LATEST"
+CHECKSUMS = "checksums.json"
+"""Every other file of a checkpoint with its size and CRC32, written when it is committed."""
 RESUMABLE = ("train.steps", "train.stop_after", "train.eval_every", "train.save_every", "train.keep_checkpoints",
              "train.eval_sequences", "train.max_bad_steps", "train.device", "train.num_threads", "train.parallel",
              "cache.dir", "cache.views_dir", "run.runs_dir", "train.gradient_checkpointing")
@@ -61,6 +66,7 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
 
 def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int) -> Path:
     """Rename the finished temp directory into place, point ``LATEST`` at it, keep the last N."""
+    write_checksums(tmp)
     ckpt_root = run_dir / "checkpoints"
     final = ckpt_root / f"step-{step:08d}"
     old = ckpt_root / f".step-{step:08d}.old"
@@ -73,6 +79,38 @@ def commit_checkpoint(run_dir: Path, step: int, tmp: Path, keep: int) -> Path:
     for stale in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def write_checksums(ckpt: Path) -> None:
+    """Record every file of the checkpoint (size and CRC32), written last: a resume verifies them."""
+    files = {p.relative_to(ckpt).as_posix(): file_record(p) for p in sorted(ckpt.rglob("*"))
+             if p.is_file() and p.name != CHECKSUMS}
+    atomic_write_bytes(ckpt / CHECKSUMS, json_bytes({"files": files}))
+
+
+def verify_checksums(ckpt: Path) -> None:
+    """Refuse a checkpoint whose files differ from what was saved, naming the first such file
+    (a checkpoint written by an older version records no checksums: nothing to check)."""
+    path = ckpt / CHECKSUMS
+    if not path.exists():
+        return
+    try:
+        files = json.loads(path.read_text())["files"]
+        assert isinstance(files, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise CheckpointError(f"checkpoint {ckpt}: {CHECKSUMS} is unreadable; pick an older checkpoint") from None
+    for rel, record in files.items():
+        p = ckpt / rel
+        if not p.is_file():
+            problem = "is missing"
+        elif p.stat().st_size != record.get("bytes"):
+            problem = f"has {p.stat().st_size} bytes, {record.get('bytes')} were saved"
+        elif file_crc32(p) != record.get("crc32"):
+            problem = "differs from what was saved (checksum mismatch)"
+        else:
+            continue
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({rel} {problem}); pick an older one under "
+                              "checkpoints/")
 
 
 def write_state(tmp: Path, state: dict[str, Any], config_toml: str) -> None:
@@ -117,6 +155,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         if not (ckpt / need).exists():
             raise CheckpointError(f"{ckpt} is not a complete checkpoint ({need} is missing); "
                                   "pick another one under checkpoints/")
+    verify_checksums(ckpt)
     try:
         return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:

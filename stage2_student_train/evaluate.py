@@ -70,7 +70,12 @@ def main(args) -> int:
     reader.require_complete()
     tokenizer, same = exported_tokenizer(student_dir, reader)
     access = data_access(reader, tokenizer, same, need_hidden=False)
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    except Exception as e:  # transformers/safetensors raise many types for a truncated or damaged file
+        raise PipelineError(f"the exported student in {student_dir} is damaged or incomplete ({e.__class__.__name__}: "
+                            f"{str(e).splitlines()[0][:100] if str(e) else ''}); export it again: resume the run "
+                            "from its last checkpoint, or retrain") from None
     ids = list(reader.split_indices("eval"))[: cfg.train.eval_sequences or None]
     result = evaluate(model, access.load, access.target_bytes, ids, cfg.train.batch_size, cfg.train.loss_chunk_size,
                       torch.autocast("cpu", enabled=False))

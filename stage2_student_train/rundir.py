@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.cache.store import open_storage
 from pipeline.config import Config, to_toml
 from pipeline.errors import CacheError, ConfigError
+from pipeline.paths import require_directory_path
 
 RUN_MARKER = ".kd-pipeline-run"
 """JSON ``{"tool": "kd-pipeline", "kind": "student-run", "name": ..., "created": ...}``."""
@@ -32,10 +33,13 @@ def is_run_dir(path: Path) -> bool:
     return isinstance(marker, dict) and marker.get("tool") == "kd-pipeline" and marker.get("kind") == "student-run"
 
 
-def check_location(run_dir: Path, cache_dir: str) -> None:
+def check_location(run_dir: Path, cache_dir: str, views_dir: str = "") -> None:
     """A run directory that is a file, or that is (inside) the cache, is refused."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file; choose another run.name or run.runs_dir")
+    require_directory_path(run_dir, "run.runs_dir")
+    if views_dir:
+        require_directory_path(views_dir, "cache.views_dir")
     store = open_storage(cache_dir)
     if store.remote:
         return  # a remote cache cannot overlap a local run directory
@@ -49,22 +53,38 @@ def prepare_run_dir(run_dir: Path, cfg: Config) -> None:
     replaced only with ``train.overwrite=true`` and only if this tool made it: it is first
     renamed aside, then deleted, so a kill in between leaves either the old run whole or none
     (leftovers are removed by the next run)."""
+    if run_dir.is_symlink():  # a link to the run directory: create or replace what it names
+        run_dir = run_dir.resolve()
     remove_leftovers(run_dir.parent)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.train.overwrite:
+        if is_run_dir(run_dir) and not has_checkpoint(run_dir):
+            pass  # a run of this tool stopped before its first checkpoint: nothing to resume, start over
+        elif not cfg.train.overwrite:
             raise ConfigError(f"run directory {run_dir} already exists; resume it with "
                               f"`make resume CKPT={run_dir}/checkpoints/...`, pick another run.name, "
                               "or set train.overwrite=true")
-        if not is_run_dir(run_dir):
+        elif not is_run_dir(run_dir):
             raise ConfigError(f"{run_dir} is not a run directory of this tool (no {RUN_MARKER}); "
                               "train.overwrite=true only replaces runs it made: pick another run.name")
-        aside = run_dir.parent / f".{run_dir.name}{DELETING}{os.getpid()}"
-        run_dir.rename(aside)
-        shutil.rmtree(aside)
+        _delete_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = {"tool": "kd-pipeline", "kind": "student-run", "name": run_dir.name, "created": time.time()}
     (run_dir / RUN_MARKER).write_text(json.dumps(marker) + "\n")
     (run_dir / "config.toml").write_text(to_toml(cfg))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds something to resume or keep (``LATEST``, a committed step,
+    a final export or summary)."""
+    return any((run_dir / name).exists() for name in ("LATEST", "final", "summary.json")) or any(
+        (run_dir / "checkpoints").glob("step-*"))
+
+
+def _delete_run_dir(run_dir: Path) -> None:
+    """Renamed aside first (atomic), then deleted: a kill in between leaves the old run whole or none."""
+    aside = run_dir.parent / f".{run_dir.name}{DELETING}{os.getpid()}"
+    run_dir.rename(aside)
+    shutil.rmtree(aside)
 
 
 EVAL_DOCUMENTS_LISTED = 100
@@ -104,4 +124,4 @@ def remove_leftovers(runs_dir: Path) -> None:
     """Directories renamed aside by an overwrite that a kill interrupted."""
     if runs_dir.is_dir():
         for p in runs_dir.glob(f".*{DELETING}*"):
-            shutil.rmtree(p, ignore_errors=True)
+            p.unlink() if p.is_symlink() else shutil.rmtree(p, ignore_errors=True)

@@ -20,6 +20,7 @@ from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from pipeline.config import Config, load_config, to_toml
@@ -28,6 +29,7 @@ from pipeline.locks import acquire_lock
 
 from .checkpoint import (CheckpointError, begin_checkpoint, commit_checkpoint, load_sharded, load_state,
                          resume_config, save_sharded, write_state)
+from .cache_watch import check_cache_unchanged
 from .evaluate import evaluate
 from .parallel import after_eval
 from .rundir import check_location, lock_path, prepare_run_dir, with_cache_facts
@@ -60,7 +62,7 @@ def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = Tr
     try:
         with ExitStack() as stack:  # one trainer per run: rank 0 holds the lock (refused on every rank)
             run_dir = Path(cfg.run.runs_dir) / cfg.run.name
-            check_location(run_dir, cfg.cache.dir)
+            check_location(run_dir, cfg.cache.dir, cfg.cache.views_dir)
             dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(run_dir), f"run {run_dir}")))
             return run(cfg, resume_from, show_progress, dist)
     finally:
@@ -130,6 +132,7 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
                    student_parameters=sum(p.numel() for p in state.parts.student.parameters()),
                    cross_tokenizer=setup.access.coverage)
     final = setup.run_dir / "final" / "student"
+    check_cache_unchanged(setup)  # the model card must name the cache the student was trained on
     export(setup, state, final)
     if setup.dist.is_main:
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -162,6 +165,7 @@ def maybe_eval(setup: RunSetup, state: TrainState, log: MetricsLog, show_progres
     t = setup.cfg.train
     if state.step % t.eval_every and state.step != t.steps:
         return None
+    check_cache_unchanged(setup)  # never eval (or go on) on data that replaced the run's cache
     ids = list(setup.reader.split_indices("eval"))[: t.eval_sequences or None]
     net = state.net if setup.parallel == "fsdp" else state.parts  # DDP needs no wrapper without backward
     with state.ema.applied(state.named) if state.ema is not None else nullcontext():
@@ -203,16 +207,35 @@ def maybe_save(setup: RunSetup, state: TrainState, stop_at: int) -> Path | None:
                               "cache_train_sequences": setup.train_sequences,
                               "student_config": state.parts.student.config.to_dict()}, to_toml(setup.cfg))
             final = commit_checkpoint(setup.run_dir, state.step, tmp, t.keep_checkpoints)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save / safetensors wrap a failed write
         failure = e
     if not dist.all_ok(failure is None):  # every rank learns of a failure on any rank: no hang
         shutil.rmtree(tmp, ignore_errors=True)
-        what = "the disk is full" if getattr(failure, "errno", None) == errno.ENOSPC else (
-            f"{failure.strerror or failure}" if failure else "another rank failed")
+        what = write_failure(failure)
         latest = f"; the last good one is {setup.run_dir / 'LATEST'}" if (setup.run_dir / "LATEST").exists() else ""
         raise CheckpointError(f"could not write the checkpoint of step {state.step} ({what}); its temp directory "
                               f"is removed{latest}: free space and resume")
     return final
+
+
+def write_failure(failure: BaseException | None) -> str:
+    """What stopped a checkpoint write, in words (a full disk is named as such whatever wraps it)."""
+    if failure is None:
+        return "another rank failed"
+    text = str(failure)
+    if getattr(failure, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return "the disk is full"
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror
+    return f"{failure.__class__.__name__}: {text.splitlines()[0][:120]}" if text else failure.__class__.__name__
+
+
+def require_finite(model: torch.nn.Module) -> None:
+    """An export never holds NaN/Inf weights (a diverged run is an error, not a model)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"the student's weights hold NaN/Inf ({len(bad)} tensors, first: {bad[0]}); nothing "
+                            "is exported. Lower train.lr or kd.temperature and resume from an earlier checkpoint")
 
 
 def export(setup: RunSetup, state: TrainState, path: Path, ema: bool = True) -> None:
@@ -227,9 +250,13 @@ def export(setup: RunSetup, state: TrainState, path: Path, ema: bool = True) -> 
                 student = type(state.parts.student)(state.parts.student.config)
                 student.load_state_dict({k.removeprefix("student."): v for k, v in full.items()
                                          if k.startswith("student.")})
+                if ema:
+                    require_finite(student)
                 shutil.rmtree(path, ignore_errors=True)
                 save_student(student, setup.tokenizer, path)
         elif setup.dist.is_main:
+            if ema:  # the final export (checkpoints keep what a resume needs)
+                require_finite(state.parts.student)
             shutil.rmtree(path, ignore_errors=True)
             save_student(state.parts.student, setup.tokenizer, path)
 

@@ -157,6 +157,7 @@ def test_a_shard_counts_once_its_marker_object_exists(s3, tiny_teacher_dir, corp
 
 def test_overwrite_and_refusals_on_a_bucket(s3, tiny_teacher_dir, corpus, capsys):
     from pipeline.cache import CacheReader, open_storage
+    from pipeline.cache.files import mark_creation
     from pipeline.cli import main as cli_main
 
     env, fs = s3
@@ -181,6 +182,7 @@ def test_overwrite_and_refusals_on_a_bucket(s3, tiny_teacher_dir, corpus, capsys
     # A replacement killed after it deleted the markers and the manifest leaves cache folders
     # only: the next run, overwrite or not, starts over instead of refusing a "foreign" prefix.
     store = open_storage(url)
+    mark_creation(store)  # a replacement writes this tool's creation marker before deleting anything
     store.remove_tree("done")
     store.remove("manifest.json")
     assert store.list() and not store.is_file("manifest.json")
@@ -188,6 +190,7 @@ def test_overwrite_and_refusals_on_a_bucket(s3, tiny_teacher_dir, corpus, capsys
     assert CacheReader(url).complete
     # A skeleton whose manifest was never written (a kill during creation) is started over.
     half = open_storage(f"s3://{BUCKET}/caches/half")
+    mark_creation(half)
     half.write_bytes("arrays.zarr/zarr.json", b"{}")
     assert cli_main(["cache-teacher", *stage1(tiny_teacher_dir, corpus, half.url)]) == 0
     assert CacheReader(half.url).complete

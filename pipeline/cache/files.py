@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,18 @@ DONE = "done"
 VIEWS = "student-views"
 HEAD_MARKER = "head.json"
 TOKENIZER = "tokenizer"
-TOP_LEVEL = {MANIFEST, ARRAYS, META, DONE, VIEWS, TOKENIZER}
-"""Everything a cache directory may hold at its top level (besides hidden temp files)."""
+CREATING = "creating.json"
+"""Object stores: written first when a cache is created or replaced in place, deleted once its
+manifest is written. A prefix without a manifest is an interrupted creation exactly when this
+tool's marker says so (never because of what its folders are called)."""
+TOP_LEVEL = {MANIFEST, ARRAYS, META, DONE, VIEWS, TOKENIZER, CREATING}
+"""Everything a cache directory may hold at its top level (besides this tool's hidden temp files)."""
+
+
+def is_temp_name(name: str) -> bool:
+    """A temp file of this tool's all-or-nothing writes (``.NAME.tmpPID``, ``.NAME.creating``):
+    any other hidden entry (``.git``, ``.notes``) is the user's and makes a folder not a cache."""
+    return re.fullmatch(r"\..+\.(tmp\d+|creating)", name) is not None
 
 
 def shard_name(shard: int) -> str:
@@ -47,8 +58,32 @@ def shard_name(shard: int) -> str:
 
 
 def write_json(store: Storage, rel: str, obj: Any) -> None:
-    """All or nothing (``Storage.write_bytes``): a marker or manifest is whole or absent."""
+    """All or nothing (``Storage.write_bytes``): a marker or manifest is whole or absent. The
+    manifest carries the digest of its own content (``manifest_digest``)."""
+    if rel == MANIFEST:
+        obj = {**obj, DIGEST: manifest_digest(obj)}
     store.write_bytes(rel, json_bytes(obj))
+
+
+DIGEST = "digest"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 over the manifest's content (every key but the digest, in canonical JSON): an edit
+    of any value, e.g. one digit of a split boundary, no longer matches."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def manifest_digest_problem(manifest: dict[str, Any]) -> str | None:
+    """None when the manifest's recorded digest matches its content (or it records none: written
+    by an older version), else what is wrong."""
+    if DIGEST not in manifest:
+        return None
+    if manifest[DIGEST] != manifest_digest(manifest):
+        return (f"{MANIFEST} was changed after this tool wrote it (its content no longer matches its digest); "
+                "restore it, or rebuild with cache-teacher cache.overwrite=true")
+    return None
 
 
 def file_record(store: Storage, rel: str) -> dict[str, int]:
@@ -149,7 +184,7 @@ def not_a_cache_reason(store: Storage) -> str | None:
     in meta/ or done/ but the files this tool writes there."""
     if not store.is_dir():
         return "it is not a directory"
-    entries = {n for n in store.list() if not n.startswith(".")}
+    entries = {n for n in store.list() if not is_temp_name(n)}
     foreign = sorted(entries - TOP_LEVEL)
     if foreign:
         return f"it holds {foreign[0]!r}, which no cache holds"
@@ -167,26 +202,39 @@ def not_a_cache_reason(store: Storage) -> str | None:
         if folder in entries and not store.is_dir(folder):
             return f"its {folder} is not a directory"
         for name in store.list(folder):
-            if not name.startswith(".") and not (store.is_file(f"{folder}/{name}") and ok(name)):
+            if not is_temp_name(name) and not (store.is_file(f"{folder}/{name}") and ok(name)):
                 return f"it holds {folder}/{name}, which no cache holds"
     return None
 
 
 def interrupted_creation(store: Storage) -> bool:
-    """True when an object-store prefix holds what a cut-short creation or replacement leaves
-    (the skeleton is written in place there, the manifest last; a replacement deletes the
-    markers, then the manifest, then the rest): cache folders only, no manifest, no marker."""
-    entries = {n for n in store.list() if not n.startswith(".")}
-    return bool(entries) and entries <= {ARRAYS, META, TOKENIZER} and not store.list(DONE)
+    """True when an object-store prefix holds what a cut-short creation or replacement leaves:
+    no manifest, and this tool's creation marker (``CREATING``), written before anything else and
+    deleted only once the manifest is written. Folder names prove nothing: a prefix holding a
+    user's ``meta/`` or ``tokenizer/`` is never taken for a cache."""
+    return not store.is_file(MANIFEST) and _is_creation_marker(read_json(store, CREATING))
+
+
+def _is_creation_marker(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("tool") == "kd-pipeline" and obj.get("kind") == "cache-creation"
+
+
+def mark_creation(store: Storage) -> None:
+    """Object stores: this tool's marker, written before anything of a new cache (``CREATING``)."""
+    write_json(store, CREATING, {"tool": "kd-pipeline", "kind": "cache-creation", "pid": os.getpid()})
 
 
 def clear_for_replacement(store: Storage) -> None:
     """Object stores (no rename): delete a cache so that a kill at any point leaves something the
-    next run recognises: the commit markers first (no shard counts any more), then the manifest
-    (what is left is an ``interrupted_creation``, started over by any run), then the rest."""
+    next run recognises: this tool's creation marker first (what is left is then an
+    ``interrupted_creation``, started over by any run), then the commit markers (no shard counts
+    any more), then the manifest, then the rest (but the marker)."""
+    mark_creation(store)
     store.remove_tree(DONE)
     store.remove(MANIFEST)
-    store.remove_tree("")
+    for rel in store.files_under(""):
+        if rel != CREATING:
+            store.remove(rel)
 
 
 def aside_prefix(root: Path) -> str:

@@ -25,6 +25,10 @@ from .spec import DERIVED, SCHEMA_VERSION, read_manifest, spec_from_manifest
 from .store import Storage, open_storage, user_cache_dir
 
 
+FINISH_EXTENSION = ("finish it: rerun cache-teacher with the config of the extension (cache.extend=true, the "
+                    "larger data); committed shards are kept")
+
+
 @dataclass
 class Sequence:
     """One cached sequence: the arrays of ``CacheSpec.array_specs`` for one row, plus its text."""
@@ -75,8 +79,9 @@ class CacheReader:
         self._verified: set[int] = set()
         self._meta: dict[int, pa.Table] = {}
         self._rank_to_id_cache: np.ndarray | None = None
-        if verify:
-            self._check_files([rel for rel in self._files if rel.endswith("zarr.json")], "array metadata")
+        if verify:  # an interrupted extension may have grown the arrays before vouching for them
+            self._check_files([rel for rel in self._files if rel.endswith("zarr.json")], "array metadata",
+                              *([FINISH_EXTENSION] if "extending" in self.manifest else []))
         try:
             self._group = zarr.open_group(self.store.zarr_store(ARRAYS, read_only=True), mode="r")
             self._arrays = {name: self._group[name] for name in self.spec.array_specs()}
@@ -114,6 +119,9 @@ class CacheReader:
 
     def require_complete(self) -> None:
         missing = self.missing_shards()
+        if missing and "extending" in self.manifest:
+            raise CacheError(f"cache {self.root} is incomplete: an extension of it was interrupted "
+                             f"({len(missing)} shards to write); {FINISH_EXTENSION}")
         if missing:
             raise CacheError(f"cache {self.root} is incomplete: {len(missing)} of {self.spec.num_shards} shards "
                              f"not committed (first: {missing[0]}); rerun cache-teacher with the same config to finish it")

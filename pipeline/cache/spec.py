@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from . import logit_codec, logp_codec
 from ..errors import CacheError
-from .files import MANIFEST
+from .files import MANIFEST, manifest_digest_problem
 from .store import Storage
 
 SCHEMA_VERSION = 3  # 2: topk_encoding (sqrt8) replaced topk_dtype; 3: splits as segment lists, extensions
@@ -199,6 +199,8 @@ def read_manifest(store: Storage) -> dict[str, Any]:
                          f"versions {', '.join(map(str, READABLE_VERSIONS))}; rebuild it with cache-teacher cache.overwrite=true")
     if not isinstance(manifest.get("files", {}), dict):
         raise CacheError(f"{path} is malformed (files); rebuild with cache-teacher cache.overwrite=true")
+    if (problem := manifest_digest_problem(manifest)) is not None:
+        raise CacheError(f"cache {root}: {problem}")
     return manifest
 
 

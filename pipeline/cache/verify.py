@@ -19,7 +19,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import ARRAYS, DONE, HEAD_MARKER, MANIFEST, check_record, read_head_marker, read_shard_marker, shard_name
+from .files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, check_record, manifest_digest_problem, read_head_marker,
+                    read_shard_marker, shard_name)
+from .reader import FINISH_EXTENSION
 from .spec import READABLE_VERSIONS, SCHEMA_VERSION, CacheSpec
 from .store import Storage, open_storage
 from .tokenizer import RERUN, TOKENIZER_DIR, tokenizer_records
@@ -56,6 +58,10 @@ def verify_cache(root: str | Path | Storage) -> VerifyReport:
                               f"({e.__class__.__name__}); {rebuild}")
         return report
 
+    if (problem := manifest_digest_problem(manifest)) is not None:
+        report.damaged.append(problem)
+    report.checked_files += 1
+
     def check(rel: str, record, remedy: str) -> None:
         problem = check_record(store, rel, record)
         report.checked_files += 1
@@ -69,9 +75,11 @@ def verify_cache(root: str | Path | Storage) -> VerifyReport:
         report.damaged.append(f"{MANIFEST}: records no checksums for the array metadata, rank table and documents "
                               f"(written by an older version); {rebuild}")
         files = {}
+    extending = "extending" in manifest  # an interrupted extension: its rerun rewrites metadata and records
     for rel, record in sorted(files.items()):
         rerun = rel.endswith("documents.arrow") or rel.startswith(f"{TOKENIZER_DIR}/")
-        check(rel, record, "rerun cache-teacher with the same config to rewrite it" if rerun else rebuild)
+        check(rel, record, "rerun cache-teacher with the same config to rewrite it" if rerun
+              else FINISH_EXTENSION if extending and rel.endswith("zarr.json") else rebuild)
     if files and not tokenizer_records(manifest):
         report.damaged.append(f"{TOKENIZER_DIR}/: the cache carries no copy of the teacher tokenizer (built by an "
                               f"older version); {RERUN}")

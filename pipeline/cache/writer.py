@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -25,10 +26,10 @@ from zarr.codecs import BloscCodec
 from ..errors import CacheError, FingerprintMismatch, NonFiniteError
 from . import attrs
 from .codecs import SamplesCodec, hidden_codec, topk_codec
-from .files import (ARRAYS, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite, check_record,
-                    chunk_files, clear_for_replacement, file_record, interrupted_creation, move_aside,
-                    not_a_cache_reason, read_head_marker, read_shard_marker, records, remove_leftovers, shard_name,
-                    write_json)
+from .files import (ARRAYS, CREATING, DONE, HEAD_MARKER, MANIFEST, META, array_metadata_files, check_finite,
+                    check_record, chunk_files, clear_for_replacement, file_record, interrupted_creation,
+                    mark_creation, move_aside, not_a_cache_reason, read_head_marker, read_shard_marker, records,
+                    remove_leftovers, shard_name, write_json)
 from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, LOGP16_ARRAYS, META_SCHEMA, SCHEMA_VERSION,
                    SQRT8_ARRAYS, CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
 from .store import LocalStorage, Storage, open_storage
@@ -80,6 +81,8 @@ class CacheWriter:
         if store.is_file(""):
             raise CacheError(f"cache.dir {store} is a file, not a directory; choose another cache.dir")
         local = store.local_path() is not None  # a directory here: build beside it, swap in by rename
+        if local and store.local_path().is_symlink():  # a link to the cache: create or replace what it names
+            store = LocalStorage(store.local_path().resolve())
         if create:
             _remove_interrupted_creation(store, local)
         replace = create and overwrite and _may_replace(store)
@@ -93,8 +96,11 @@ class CacheWriter:
                              "choose another cache.dir or remove it")
         if not local:
             if replace:
-                clear_for_replacement(store)
+                clear_for_replacement(store)  # writes this tool's creation marker first
+            else:
+                mark_creation(store)
             manifest = _build_skeleton(store, spec, rank_table)
+            store.remove(CREATING)
             return cls(store, spec, manifest)
         return cls(store, spec, _create_locally(store.local_path(), spec, rank_table, replace))
 
@@ -170,7 +176,11 @@ class CacheWriter:
     # -- documents and head are written once, by rank 0, before any shard
 
     def has_documents(self) -> bool:
-        return f"{META}/documents.arrow" in self.manifest.get("files", {})
+        """The documents table exists exactly when the manifest vouches for it and it matches its
+        record (a damaged one is written again by a rerun, as ``inspect --verify`` advises)."""
+        rel = f"{META}/documents.arrow"
+        record = self.manifest.get("files", {}).get(rel)
+        return record is not None and check_record(self.store, rel, record) is None
 
     def write_documents(self, doc_ids: list[int], names: list[str], splits: list[str], chars: list[int]) -> None:
         """Write the documents table, then vouch for it in the manifest."""
@@ -342,7 +352,7 @@ def _build_skeleton(store: Storage, spec: CacheSpec, rank_table: Callable[[], np
         arr[:] = table
         vouched += [f"{ARRAYS}/rank_to_id/zarr.json", *chunk_files(arr, f"{ARRAYS}/rank_to_id")]
     manifest = {"schema_version": SCHEMA_VERSION, "spec": asdict(spec), "complete": False, "summary": {},
-                "files": records(store, vouched)}
+                "files": records(store, vouched), "cache_id": uuid.uuid4().hex}  # this build, kept by extensions
     write_json(store, MANIFEST, manifest)
     return manifest
 

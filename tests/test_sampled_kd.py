@@ -41,6 +41,26 @@ def test_sampler_frequencies_match_the_teacher_distribution():
     assert ((counts > 0).sum(-1) <= 8).all()
 
 
+def test_a_probability_zero_id_is_never_drawn_even_at_the_edges_of_u():
+    """The largest uniform below 1 scales to exactly the CDF's total in fp32 (the old sampler then
+    clamped the draw to id V-1, probability 0 here); u = 0 and a zero-probability first id, and a
+    zero-probability id between two others, are the other flat steps of the CDF."""
+    neg = float("-inf")
+    logits = torch.tensor([[neg, 0.3, neg, -1.2, 0.7, neg, neg]] * 4, dtype=torch.float32)
+    u_top = 1.0 - 2.0 ** -53  # the largest float64 below 1
+    cdf = torch.cumsum(torch.softmax(logits[0], -1), -1)
+    assert (torch.tensor(u_top, dtype=F64) * cdf[-1].double()).float() == cdf[-1]  # the edge is real
+    u = torch.tensor([[u_top], [0.0], [float(cdf[1]) / float(cdf[-1])], [0.5]], dtype=F64)
+    ids = sampling.draw(logits, torch.logsumexp(logits, -1), u)[:, 0]
+    p = torch.softmax(logits[0], -1)
+    assert (p[ids] > 0).all(), ids
+    assert ids.tolist()[:2] == [4, 1]  # the top edge is the last id with mass; u = 0 the first
+    many = torch.rand(20000, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    many[:, 0] = u_top
+    drawn = sampling.draw(logits[:1].expand(20000, -1).contiguous(), torch.logsumexp(logits[:1], -1).expand(20000), many)
+    assert (p[drawn] > 0).all()
+
+
 def test_unique_counts_packs_distinct_ids_ascending_with_zero_padding():
     ids, counts = sampling.unique_counts(torch.tensor([[5, 2, 5, 9, 2, 5], [1, 1, 1, 1, 1, 1]]))
     assert ids.tolist() == [[2, 5, 9, 0, 0, 0], [1, 0, 0, 0, 0, 0]]

@@ -144,6 +144,13 @@ def _sampled(c: Chunk) -> KDTerm:
     return KDTerm(losses.kd_sampled(c.at_samples, c.rows["draw_counts"], c.temperature))
 
 
+def _topk_sampled(c: Chunk) -> KDTerm:
+    ids = c.rows["topk_ids"]
+    return KDTerm(losses.kd_topk_sampled(c.at_ids, c.rows["topk_logprobs"], ids, c.at_samples, c.rows["draw_ids"],
+                                         c.rows["draw_counts"], teacher_log_tail=c.rows.get("topk_log_tail"),
+                                         student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids)))
+
+
 def _plain_head(teacher: dict) -> str | None:
     if teacher.get("final_logit_softcapping"):
         return ("kd.mode=union computes teacher logits as hidden . head, which a soft-capped teacher "
@@ -163,6 +170,9 @@ MODES: dict[str, KDMode] = {m.name: m for m in (
            why_forward_only="its target is a sample of the teacher, whose counts make only forward KL's gradient "
            "(linear in p) unbiased; reverse KL and JSD need the teacher's probability at ids it never drew",
            summary="unbiased: tokens sampled from the full teacher distribution + counts (RS-KD)"),
+    KDMode("topk_sampled", "same", frozenset({"topk", "samples"}), _topk_sampled, temperature_one=True,
+           why_forward_only="its tail is a sample of the teacher (see sampled)",
+           summary="exact top-k + the tail's mass spread over the sampled ids beyond the top-k (unbiased)"),
     KDMode("mapped", "cross", frozenset({"topk"}), _mapped, divergences=BUCKET_DIVERGENCES,
            summary="another tokenizer: teacher top-k through the byte-identical vocab map, + tail"),
     KDMode("projected", "cross", frozenset({"topk", "hidden"}), _projected, modules=("router",),

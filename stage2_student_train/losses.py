@@ -294,3 +294,41 @@ def kd_sampled(student_logp_at_samples: Tensor, counts: Tensor, temperature: flo
     log_w = torch.where(keep, w, torch.ones_like(w)).log()
     lp = student_logp_at_samples.to(F64).masked_fill(~keep, 0.0)
     return (w * (log_w - lp)).sum(-1).to(student_logp_at_samples.dtype)
+
+
+def kd_topk_sampled(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, topk_ids: Tensor,
+                    student_logp_at_samples: Tensor, draw_ids: Tensor, counts: Tensor,
+                    teacher_log_tail: Tensor | None = None, student_log_tail: Tensor | None = None) -> Tensor:
+    """Top-k exact + the tail from samples: ``sum_i p_i log(p_i / s_i) + sum_j w_j log(w_j / s_j)``.
+
+    The K cached ids keep their exact teacher values ``p_i``. The tail mass ``T`` (``teacher_log_tail``
+    [N], else ``1 - sum p_i`` in float64) is spread over the sampled ids OUTSIDE the top-k in
+    proportion to their counts: ``w_j = T c_j / C_out`` (``C_out`` = the draws that fell outside).
+    Given ``C_out > 0`` the draws outside the top-k are distributed as ``p_v / T``, so
+    ``E[w_v] = p_v`` for every tail id and the gradient w.r.t. the student's logits,
+    ``s_v - p_v`` on the top-k and ``s_v - w_v`` beyond, has the expectation ``s - p`` of full
+    ``KL(p || s)``, where `kd_topk_tail` gives every tail id ``s_v (1 - T / S_tail)``. A position
+    whose draws all fell in the top-k (likely only when T is small) keeps the one tail bucket,
+    ``T log(T / S_tail)`` (``student_log_tail`` [N], else ``1 - sum s_i`` in float64).
+
+    Shapes: ``student_logp_at_ids`` / ``teacher_logprobs`` / ``topk_ids`` [N, K];
+    ``student_logp_at_samples`` / ``draw_ids`` / ``counts`` [N, S] (count 0 = padding). Temperature
+    1 only (the draws are from p), like `kd_sampled`.
+    """
+    lp_t = teacher_logprobs.to(F64)
+    t_tail = log_tail(lp_t) if teacher_log_tail is None else teacher_log_tail.to(F64)
+    head = (lp_t.exp() * (lp_t - student_logp_at_ids.to(F64))).sum(-1)
+    c = counts.to(F64) * ~(draw_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+    c_out = c.sum(-1, keepdim=True)
+    w = t_tail.exp().unsqueeze(-1) * c / c_out.clamp(min=1.0)
+    keep = w > 0
+    log_w = torch.where(keep, w, torch.ones_like(w)).log()
+    lp = student_logp_at_samples.to(F64).masked_fill(~keep, 0.0)
+    sampled_tail = (w * (log_w - lp)).sum(-1)
+    s_tail = log_tail(student_logp_at_ids) if student_log_tail is None else student_log_tail.to(F64)
+    has_tail = t_tail > float("-inf")
+    safe_t = torch.where(has_tail, t_tail, torch.zeros_like(t_tail))
+    safe_s = torch.where(s_tail > float("-inf"), s_tail, torch.full_like(s_tail, math.log(TAIL_FLOOR)))
+    bucket = torch.where(has_tail, safe_t.exp() * (safe_t - safe_s), torch.zeros_like(safe_t))
+    tail = torch.where(c_out.squeeze(-1) > 0, sampled_tail, bucket)
+    return (head + tail).to(student_logp_at_ids.dtype)

@@ -311,7 +311,9 @@ def merge(args, out: Path) -> int:
             step_s.setdefault(v, []).extend(xs)
         times.update({f"part{n}_{k}": t for k, t in p["times"].items()})
         fidelity = fidelity or p["gradient_fidelity"]
-        eq = eq or p["equal_wall"]
+        if p["equal_wall"]:  # each part measured its own step-time ratio: keep every part's steps
+            eq = eq or {**p["equal_wall"], "steps_by_seed": {}}
+            eq["steps_by_seed"].update({str(sd): p["equal_wall"]["steps"] for sd in p["seeds"]})
     seeds = sorted({s for runs in per_seed.values() for s in runs})
     commands = [c for p in parts for c in p["commands"]] + [this_command()]
     write(out, results_dict(parts[0]["setting"], seeds, per_seed, step_s, fidelity, times, parts[0]["facts"], eq,
@@ -379,5 +381,5 @@ def results_dict(setting: str, seeds: list[int], per_seed: dict, step_s: dict, f
         "tail_bucket_example": grad_fidelity.worked_example(), "facts": facts, "times": times,
         "sizes": {**{k: v for k, v in facts.items() if not k.endswith("per_token") and k != "bytes_per_token_read"},
                   "eval_positions": next(iter(per_seed["none"].values()))["positions"],
-                  "torch_threads": torch.get_num_threads(), "stage1_s": times.get("stage1_s")},
+                  "torch_threads": torch.get_num_threads(), "stage1_s": times.get("stage1_s", times.get("part0_stage1_s"))},
     }

@@ -52,8 +52,9 @@ def markdown(results: dict) -> str:
                   f"Calibration: variants with mean ECE above CE's: {', '.join(t['ece_worse_than_ce']) or 'none'}.", ""]
     if results.get("equal_wall"):
         e = results["equal_wall"]
-        lines += [f"Equal wall-clock: `{e['variant']}` for {e['steps']} steps (online step / its step = "
-                  f"{e['factor']:.2f}, measured) is row `equal_wall_{e['variant']}`; stage 1 "
+        steps = e.get("steps_by_seed") or e["steps"]
+        lines += [f"Equal wall-clock: `{e['variant']}` for {steps} steps (online step / its step, measured in "
+                  f"each run; first {e['factor']:.2f}) is row `equal_wall_{e['variant']}`; stage 1 "
                   f"({sizes['stage1_s']} s here) is paid once for every student of the cache.", ""]
     lines += ["Differences, paired by seed (two-sided paired t-test at 5% on log ppl / ECE; "
               "`bench/quality_stats.py`):", ""]

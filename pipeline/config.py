@@ -110,7 +110,8 @@ class CacheConfig:
     samples: int = 0
     """Random-sampling KD: tokens drawn per position from the teacher's full distribution (with
     replacement, seeded by run.seed and the sequence), stored as distinct ids + counts for
-    kd.mode=sampled and topk_sampled (0: off; 48 draws give ~22 distinct tokens and ~34 B/token on the embedded teacher)."""
+    kd.mode=sampled and topk_sampled (0: off; 48 draws give ~22 distinct tokens and ~34 B/token on
+    the embedded teacher)."""
     pilot_sequences: int = 8
     """sqrt8, logp16: sequences the teacher runs first to rank tokens by how often they are in top-k lists."""
     shard_sequences: int = 32

@@ -165,7 +165,8 @@ MODES: dict[str, KDMode] = {m.name: m for m in (
     KDMode("topk_renorm", "same", frozenset({"topk"}), _topk_renorm, divergences=BUCKET_DIVERGENCES,
            summary="KL of the top-k renormalised at temperature tau, times tau^2"),
     KDMode("union", "same", frozenset({"topk", "hidden", "head"}), _union, check=_plain_head,
-           divergences=BUCKET_DIVERGENCES, summary="exact teacher logits on teacher top-k + student top-k ids, from hidden . head"),
+           divergences=BUCKET_DIVERGENCES,
+           summary="exact teacher logits on teacher top-k + student top-k ids, from hidden . head"),
     KDMode("sampled", "same", frozenset({"samples"}), _sampled, temperature_one=True,
            why_forward_only="its target is a sample of the teacher, whose counts make only forward KL's gradient "
            "(linear in p) unbiased; reverse KL and JSD need the teacher's probability at ids it never drew",

@@ -1,30 +1,36 @@
-"""``make quality`` (= ``python -m pipeline quality``): what the cache costs in quality.
+"""``make quality`` (= ``python -m pipeline quality``): what the cache costs in quality, with error bars.
 
 One command, on CPU, with the embedded teacher: build ONE cache holding the top-k (sqrt8, k=64),
-the teacher head (for ``union``) and sampled tokens (RS-KD, ``cache.samples``), then train the same
-student, on the same data order, for the same steps, with:
+the teacher head and hidden states (for ``union``) and sampled tokens (``cache.samples``), then,
+for each of several seeds (``--seeds``; a seed sets the student's initialisation and the data
+order, the cache is shared), train the same student for the same steps with every variant:
 
-- ``none`` (cross-entropy only), ``topk_tail``, ``topk_renorm``, ``union``, ``sampled``: stage 2's own
-  recipe (``train``) from the cache;
-- ``online``: the reference the cache replaces: the teacher loaded IN the loop, exact
-  full-vocabulary ``KL(p || s)`` + CE per step (a small trainer here, built from the recipe's own
-  state: student, optimizer, schedule, EMA, data order; the teacher never enters stage 2).
+- offline, stage 2's own recipe (``train``) from the cache: ``none`` (cross-entropy only),
+  ``topk_tail``, ``topk_renorm``, ``union``, ``sampled``, ``topk_sampled``, ``union`` with
+  ``kd.divergence`` = reverse_kl / jsd, and ``topk_tail`` with a temperature schedule (2 -> 1);
+- ``online``: the reference the cache replaces: the teacher IN the loop, exact full-vocabulary
+  ``KL(p || s)`` + CE per step (a small trainer here built from the recipe's own state; the
+  teacher never enters stage 2);
+- then the best offline variant again with as many steps as fit in the online run's wall-clock
+  (``equal_wall``: its steps x online step time / its step time, both measured above).
 
-Then every student (EMA weights) is evaluated on the held-out sequences against the teacher's
-exact full-vocabulary distribution: perplexity, bits/byte, expected calibration error (ECE of the
-top-1 probability vs correctness, 15 equal-width bins), top-1 agreement with the teacher, KL(p || s)
-over the full vocabulary; plus the cache bytes/token each mode reads and its step time relative
-to CE. Writes ``quality/results.json``, ``quality/results.md`` and ``quality/curves.png``.
+Every student (EMA weights) is evaluated on the held-out sequences against the teacher's exact
+full-vocabulary distribution: perplexity, bits/byte, ECE (top-1 probability vs correctness, 15
+bins), top-1 agreement, KL(p || s). Per variant: mean and spread over the seeds and, paired by
+seed, which differences exceed the seed noise (``bench/quality_stats.py``). Gradient fidelity
+(``bench/grad_fidelity.py``, first seed): each offline mode's logit gradient vs the exact one at
+the student's init, after CE training, and at the trained students. Writes
+``quality/results.json``, ``quality/results.md`` and ``quality/curves.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +40,7 @@ import torch
 from pipeline.cache import CacheReader
 from pipeline.config import Config, load_config
 from pipeline.distributed import Dist
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from stage1_teacher_cache.run import cache_teacher
 from stage1_teacher_cache.teacher import load_model, resolve_teacher
 from stage2_student_train.data import target_bytes
@@ -42,47 +48,64 @@ from stage2_student_train.state import build_state, setup_run
 from stage2_student_train.step import step_weights
 from stage2_student_train.train import train
 
+from . import grad_fidelity, quality_report, quality_stats
+from .grad_fidelity import teacher_logp
+
 OUT = Path(__file__).resolve().parents[1] / "quality"
-OFFLINE = ("none", "topk_tail", "topk_renorm", "union", "sampled")
+VARIANTS: dict[str, list[str]] = {  # name -> overrides on top of the setting
+    "none": ["kd.mode=none"], "topk_tail": ["kd.mode=topk_tail"], "topk_renorm": ["kd.mode=topk_renorm"],
+    "union": ["kd.mode=union"], "sampled": ["kd.mode=sampled"], "topk_sampled": ["kd.mode=topk_sampled"],
+    "union_reverse_kl": ["kd.mode=union", "kd.divergence=reverse_kl"],
+    "union_jsd": ["kd.mode=union", "kd.divergence=jsd"],
+    "topk_tail_tau2to1": ["kd.mode=topk_tail", "kd.temperature=2.0", "kd.temperature_final=1.0"],
+}
 READS = {  # what each mode's loss reads from the cache, by stored array prefix
     "none": ("input_ids",), "topk_tail": ("input_ids", "topk_"), "topk_renorm": ("input_ids", "topk_"),
-    "union": ("input_ids", "topk_", "logz", "hidden"), "sampled": ("input_ids", "draw_"), "online": (),
+    "union": ("input_ids", "topk_", "logz", "hidden"), "sampled": ("input_ids", "draw_"),
+    "topk_sampled": ("input_ids", "topk_", "draw_"), "online": (),
 }
 ECE_BINS = 15
 
+COMMON = ["cache.top_k=64", "cache.topk_encoding=sqrt8", "cache.store_head=true", "cache.samples=48",
+          "cache.store_hidden=true", "data.seq_len=256", "train.overwrite=true", "run.runs_dir=runs/quality",
+          "kd.temperature=1.0"]
+SETTINGS = {
+    # One seed of every variant in ~15 min on 2 idle cores: a smaller student than the demo's,
+    # trained for more steps, so that differences of a few percent are larger than the seed noise.
+    "default": ["cache.dir=caches/quality", "data.max_train_tokens=40960", "data.max_eval_tokens=4096",
+                "student.hidden_size=128", "student.num_layers=2", "student.num_heads=4", "student.num_kv_heads=2",
+                "student.intermediate_size=384", "train.steps=150", "train.batch_size=4"],
+    # Minutes per seed, for development: little data, a tiny student, few steps; numbers mean little.
+    "dev": ["cache.dir=caches/quality-dev", "data.max_train_tokens=8192", "data.max_eval_tokens=2048",
+            "student.hidden_size=64", "student.num_layers=1", "student.num_heads=2", "student.num_kv_heads=1",
+            "student.intermediate_size=128", "train.steps=20", "train.batch_size=2"],
+}
+"""The sizes of a run (``--setting``); any key can be overridden (key=value after them)."""
 
-SIZES = ["cache.dir=\"caches/quality\"", "cache.top_k=64", "cache.topk_encoding=\"sqrt8\"", "cache.store_head=true",
-         "cache.samples=48", "cache.store_hidden=true", "data.max_train_tokens=24576", "data.max_eval_tokens=4096",
-         "data.seq_len=256", "train.steps=100", "train.batch_size=4", "train.eval_every=100",
-         "train.save_every=100", "train.overwrite=true", "run.runs_dir=\"runs/quality\"", "kd.temperature=1.0"]
-"""The sizes of a run (~25 min on 2 free CPU cores); any of them can be overridden (key=value)."""
+
+def config_for(args: argparse.Namespace, extra: tuple[str, ...] = (), steps: int | None = None) -> Config:
+    """The setting + ``extra`` (a variant's KD keys, its seed and name) + the user's overrides;
+    evaluation and the one checkpoint at the last step, warm-up a tenth of the steps."""
+    base = [*COMMON, *SETTINGS[args.setting], *extra, *args.overrides]
+    if steps is None:
+        steps = load_config(args.config, [*base[:-len(args.overrides) or None], "train.warmup_steps=0",
+                                          *args.overrides]).train.steps
+    return load_config(args.config, [*base, f"train.steps={steps}", f"train.eval_every={steps}",
+                                     f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}"])
 
 
-def quality_config(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, [*SIZES, "train.warmup_steps=0", *args.overrides])
-    steps = cfg.train.steps
-    return load_config(args.config, [*SIZES, f"train.eval_every={steps}", f"train.save_every={steps}",
-                                     f"train.warmup_steps={max(1, steps // 10)}", *args.overrides])
-
-
-def with_mode(cfg: Config, mode: str) -> Config:
-    return dataclasses.replace(cfg, kd=dataclasses.replace(cfg.kd, mode=mode),
-                               run=dataclasses.replace(cfg.run, name=f"quality-{mode}"))
+def variant_config(args, name: str, seed: int, steps: int | None = None) -> Config:
+    return config_for(args, (*VARIANTS.get(name, ["kd.mode=none"]), f"run.seed={seed}",
+                             f"run.name=quality-{name}-s{seed}"), steps)
 
 
 # ---------------------------------------------------------------- online full-vocabulary KD
 
 
-def teacher_logp(teacher, ids: torch.Tensor) -> torch.Tensor:
-    """The teacher's exact full-vocabulary log-probs [B, L-1, V] for the next-token positions."""
-    with torch.inference_mode():
-        return torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-
-
 def train_online(cfg: Config, teacher) -> tuple[torch.nn.Module, list[dict]]:
     """The recipe's student, optimizer, LR schedule, EMA and data order (``build_state``), trained
     with CE + exact ``KL(p || s)`` over the full vocabulary, the teacher run inside every step."""
-    run = setup_run(with_mode(cfg, "none"), Dist(), show_progress=False)
+    run = setup_run(cfg, Dist(), show_progress=False)  # cfg: kd.mode=none, the variant's seed
     state = build_state(run)
     head = state.parts.student.get_output_embeddings()
     records = []
@@ -158,7 +181,9 @@ def evaluate_full(students: dict[str, torch.nn.Module], teacher, reader: CacheRe
     return out
 
 
-# ---------------------------------------------------------------- report
+
+
+# ---------------------------------------------------------------- one seed
 
 
 def bytes_read(reader: CacheReader) -> dict[str, float]:
@@ -178,95 +203,183 @@ def train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "split" not in r]
 
 
-def write_report(results: dict, curves: dict[str, list[dict]]) -> str:
-    rows = results["modes"]
-    ce_ece = rows["none"]["ece"]
-    lines = ["| mode | held-out ppl | bits/byte | ECE | top-1 agree | KL to teacher (full) | cache B/token read "
-             "| step time / CE |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        step = "-" if r.get("step_vs_ce") is None else f"{r['step_vs_ce']:.2f}"
-        bpt = "-" if r.get("bytes_per_token") is None else f"{r['bytes_per_token']:.1f}"
-        lines.append(f"| {name} | {r['ppl']:.2f} | {r['bpb']:.3f} | {r['ece']:.4f} | {r['top1_agree']:.3f} "
-                     f"| {r['kl_full']:.3f} | {bpt} | {step} |")
-    t = results["targets"]
-    lines += ["", f"Q1: best offline mode `{t['best_offline']}` ppl / online ppl = {t['q1_ratio']:.4f} "
-              f"(target <= 1.02: {'pass' if t['q1_ratio'] <= 1.02 else 'MISS'}).",
-              f"Calibration: KD modes with ECE above CE's ({ce_ece:.4f}): "
-              f"{', '.join(t['ece_worse_than_ce']) or 'none'}.",
-              f"Sizes: {json.dumps(results['sizes'])}"]
-    md = "\n".join(lines) + "\n"
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+def train_offline(cfg: Config) -> tuple[torch.nn.Module, list[dict]]:
+    from transformers import AutoModelForCausalLM
 
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name, recs in curves.items():
-            ax.plot([r["step"] for r in recs], [r["ce"] for r in recs], label=name, lw=1)
-        ax.set(xlabel="step", ylabel="train CE (nats)", title="make quality: same student, data and steps")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(OUT / "curves.png", dpi=90)
-        plt.close(fig)
-    except ImportError:
-        pass
-    return md
+    run_dir = Path(train(cfg, show_progress=False)["run_dir"])
+    student = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "student", dtype=torch.float32).eval()
+    return student, train_records(run_dir)
+
+
+def initial_student(cfg: Config) -> torch.nn.Module:
+    """The recipe's student at initialisation for ``cfg.run.seed`` (what every variant starts from)."""
+    state = build_state(setup_run(cfg, Dist(), show_progress=False))
+    state.data.close()
+    return copy.deepcopy(state.parts.student).eval()
+
+
+def run_seed(args, seed: int, variants: list[str], teacher, step_s: dict) -> tuple[dict, dict, dict]:
+    """Every variant for one seed: (students, train curves, wall seconds), step times into ``step_s``."""
+    students, curves, times = {}, {}, {}
+    for name in variants:
+        t0 = time.perf_counter()
+        cfg = variant_config(args, name, seed)
+        if name == "online":
+            students[name], curves[name] = train_online(cfg, teacher)
+        else:
+            students[name], curves[name] = train_offline(cfg)
+        tokens = cfg.train.batch_size * (cfg.data.seq_len - 1)
+        step_s.setdefault(name, []).append(step_seconds(curves[name], tokens))
+        times[name] = round(time.perf_counter() - t0, 1)
+        print(f"quality: seed {seed} {name} trained ({times[name]} s)", flush=True)
+    return students, curves, times
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def main(args: argparse.Namespace) -> int:
+    out = Path(getattr(args, "out", None) or OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(args, "merge", None):
+        return merge(args, out)
     t_start = time.perf_counter()
-    OUT.mkdir(exist_ok=True)
-    cfg = quality_config(args)
+    args.setting = getattr(args, "setting", None) or "default"
+    seeds = [int(s) for s in parse_list(getattr(args, "seeds", None) or "0,1,2")]
+    variants = parse_list(getattr(args, "variants", None) or ",".join([*VARIANTS, "online"]))
+    if unknown := [v for v in variants if v not in VARIANTS and v != "online"]:
+        raise ConfigError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join([*VARIANTS, 'online'])})")
+    if "none" not in variants or "online" not in variants:
+        raise ConfigError("--variants must include none and online (every comparison is against them)")
+    cfg = config_for(args)
     if not Path(cfg.data.source).exists():
         raise PipelineError(f"data.source {cfg.data.source} does not exist; run `make setup` or pass data.source=DIR")
-    torch.manual_seed(cfg.run.seed)
     info = cache_teacher(cfg, show_progress=True)
     times = {"stage1_s": round(time.perf_counter() - t_start, 1)}
-    curves, step_s, students = {}, {}, {}
-    tokens = cfg.train.batch_size * (cfg.data.seq_len - 1)
-    for mode in OFFLINE:
-        t0 = time.perf_counter()
-        summary = train(with_mode(cfg, mode), show_progress=True)
-        run_dir = Path(summary["run_dir"])
-        curves[mode] = train_records(run_dir)
-        step_s[mode] = step_seconds(curves[mode], tokens)
-        from transformers import AutoModelForCausalLM
-        students[mode] = AutoModelForCausalLM.from_pretrained(run_dir / "final" / "student", dtype=torch.float32).eval()
-        times[f"{mode}_s"] = round(time.perf_counter() - t0, 1)
-        print(f"quality: {mode} trained ({times[f'{mode}_s']} s)", flush=True)
-    torch.set_num_threads(torch.get_num_threads())
-    t0 = time.perf_counter()
     teacher = load_model(resolve_teacher(cfg.teacher), torch.float32, torch.device("cpu"))
-    students["online"], curves["online"] = train_online(cfg, teacher)
-    step_s["online"] = step_seconds(curves["online"], tokens)
-    times["online_s"] = round(time.perf_counter() - t0, 1)
-    print(f"quality: online trained ({times['online_s']} s)", flush=True)
     reader = CacheReader(cfg.cache.dir)
-    t0 = time.perf_counter()
-    evals = evaluate_full(students, teacher, reader, cfg.train.batch_size)
-    times["eval_s"] = round(time.perf_counter() - t0, 1)
-    reads = bytes_read(reader)
-    modes = {}
-    for name in [*OFFLINE, "online", "teacher"]:
-        modes[name] = {**evals[name], "bytes_per_token": reads.get(name),
-                       "step_vs_ce": step_s[name] / step_s["none"] if name in step_s else None,
-                       "step_s": step_s.get(name)}
-    offline_kd = [m for m in OFFLINE if m != "none"]
-    best = min(offline_kd, key=lambda m: modes[m]["ppl"])
-    results = {
-        "modes": modes,
-        "targets": {"best_offline": best, "q1_ratio": modes[best]["ppl"] / modes["online"]["ppl"],
-                    "ece_worse_than_ce": [m for m in [*offline_kd, "online"] if modes[m]["ece"] > modes["none"]["ece"]]},
-        "sizes": {"train_tokens": info["splits"].get("train", 0) * cfg.data.seq_len, "eval_positions": evals["positions"],
-                  "steps": cfg.train.steps, "batch": f"{cfg.train.batch_size}x{cfg.data.seq_len}",
-                  "student": f"d={cfg.student.hidden_size} x {cfg.student.num_layers} layers", "top_k": cfg.cache.top_k,
-                  "samples": cfg.cache.samples, "samples_unique_mean": info.get("samples_unique_mean"),
-                  "torch_threads": torch.get_num_threads(), "wall_s": round(time.perf_counter() - t_start, 1),
-                  **times},
-        "cache_arrays_bytes_per_token": reader.array_bytes_per_token(),
-    }
-    (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    md = write_report(results, curves)
-    (OUT / "results.md").write_text(md)
-    print(md)
+    facts = cache_facts(cfg, info, reader)
+    per_seed, step_s, curves, fidelity = {v: {} for v in variants}, {}, {}, {}
+    for seed in seeds:
+        students, seed_curves, seed_times = run_seed(args, seed, variants, teacher, step_s)
+        times.update({f"s{seed}_{k}_s": v for k, v in seed_times.items()})
+        t0 = time.perf_counter()
+        evals = evaluate_full(students, teacher, reader, cfg.train.batch_size)
+        times[f"s{seed}_eval_s"] = round(time.perf_counter() - t0, 1)
+        for v in [*variants, "teacher"]:
+            per_seed.setdefault(v, {})[seed] = {**evals[v], "positions": evals["positions"]}
+        if seed == seeds[0]:
+            curves = seed_curves
+            if not getattr(args, "no_fidelity", False):
+                t0 = time.perf_counter()
+                fidelity = fidelity_report(args, seed, students, teacher, reader)
+                times["fidelity_s"] = round(time.perf_counter() - t0, 1)
+        write(out, results_dict(args.setting, seeds, per_seed, step_s, fidelity, times, facts, None))
+    eq = equal_wall(args, seeds, variants, per_seed, step_s, teacher, reader, times, cfg)
+    results = results_dict(args.setting, seeds, per_seed, step_s, fidelity, times, facts, eq)
+    write(out, results)
+    quality_report.plot(curves, out / "curves.png")
+    print((out / "results.md").read_text())
     return 0
+
+
+def this_command() -> str:
+    return "python -m pipeline " + " ".join(sys.argv[1:])
+
+
+def write(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(quality_report.markdown(results))
+
+
+def merge(args, out: Path) -> int:
+    """``--merge DIR,DIR,...``: one report from runs of the same setting that each ran other seeds
+    (e.g. one process per seed): per-seed results and step times pooled, gradient fidelity and
+    the equal wall-clock runs kept from whichever part has them."""
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in parse_list(args.merge)]
+    if len({p["setting"] for p in parts}) != 1 or len({json.dumps(p["facts"]) for p in parts}) != 1:
+        raise ConfigError("--merge: the parts ran different settings or caches; merge only runs of one setting")
+    per_seed, step_s, times, fidelity, eq = {}, {}, {}, {}, None
+    for n, p in enumerate(parts):
+        for v, runs in p["per_seed"].items():
+            per_seed.setdefault(v, {}).update({int(s): r for s, r in runs.items()})
+        for v, xs in p["step_s"].items():
+            step_s.setdefault(v, []).extend(xs)
+        times.update({f"part{n}_{k}": t for k, t in p["times"].items()})
+        fidelity = fidelity or p["gradient_fidelity"]
+        if p["equal_wall"]:  # each part measured its own step-time ratio: keep every part's steps
+            eq = eq or {**p["equal_wall"], "steps_by_seed": {}}
+            eq["steps_by_seed"].update({str(sd): p["equal_wall"]["steps"] for sd in p["seeds"]})
+    seeds = sorted({s for runs in per_seed.values() for s in runs})
+    commands = [c for p in parts for c in p["commands"]] + [this_command()]
+    write(out, results_dict(parts[0]["setting"], seeds, per_seed, step_s, fidelity, times, parts[0]["facts"], eq,
+                            commands))
+    print((out / "results.md").read_text())
+    return 0
+
+
+def equal_wall(args, seeds, variants, per_seed, step_s, teacher, reader, times, cfg) -> dict | None:
+    """The best offline variant (mean ppl over the seeds) trained for the wall-clock of the online
+    run: steps x (online step time / its step time), medians over the seeds."""
+    offline = [v for v in variants if v not in ("none", "online")]
+    if getattr(args, "no_equal_wall", False) or not offline:
+        return None
+    best = getattr(args, "equal_wall_variant", None) or min(
+        offline, key=lambda v: statistics.fmean(r["ppl"] for r in per_seed[v].values()))
+    factor = statistics.median(step_s["online"]) / statistics.median(step_s[best])
+    steps = max(1, round(cfg.train.steps * factor))
+    name = f"equal_wall_{best}"
+    per_seed[name] = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        student, _ = train_offline(variant_config(args, best, seed, steps))
+        evals = evaluate_full({name: student}, teacher, reader, cfg.train.batch_size)
+        per_seed[name][seed] = {**evals[name], "positions": evals["positions"]}
+        times[f"s{seed}_{name}_s"] = round(time.perf_counter() - t0, 1)
+        print(f"quality: seed {seed} {name} ({steps} steps) trained ({times[f's{seed}_{name}_s']} s)", flush=True)
+    return {"variant": best, "steps": steps, "factor": factor}
+
+
+def fidelity_report(args, seed: int, students: dict, teacher, reader: CacheReader) -> dict:
+    """Gradient fidelity at the student's init, after CE training, and at each trained student."""
+    at = {"init": initial_student(variant_config(args, "none", seed)), "after_ce": students["none"],
+          **{f"trained_{v}": m for v, m in students.items() if v != "none"}}
+    return grad_fidelity.measure(at, teacher, reader, sequences=getattr(args, "fidelity_sequences", 4))
+
+
+def cache_facts(cfg: Config, info: dict, reader: CacheReader) -> dict:
+    return {"train_tokens": info["splits"].get("train", 0) * cfg.data.seq_len, "steps": cfg.train.steps,
+            "batch": f"{cfg.train.batch_size}x{cfg.data.seq_len}", "top_k": cfg.cache.top_k,
+            "student": f"d={cfg.student.hidden_size} x {cfg.student.num_layers} layers", "samples": cfg.cache.samples,
+            "samples_unique_mean": info.get("samples_unique_mean"), "bytes_per_token_read": bytes_read(reader),
+            "cache_arrays_bytes_per_token": reader.array_bytes_per_token()}
+
+
+def results_dict(setting: str, seeds: list[int], per_seed: dict, step_s: dict, fidelity: dict, times: dict,
+                 facts: dict, eq: dict | None, commands: list[str] | None = None) -> dict:
+    summary = quality_stats.summarise(per_seed)
+    ce_ece = summary["none"]["ece"]["mean"]
+    offline = [v for v in summary if v not in ("none", "online", "teacher")]
+    best = min((v for v in offline if not v.startswith("equal_wall")), key=lambda v: summary[v]["ppl"]["mean"],
+               default=None)
+    steps = {v: statistics.median(x) for v, x in step_s.items()}
+    return {
+        "setting": setting, "seeds": seeds, "commands": commands or [this_command()],
+        "per_seed": per_seed, "summary": summary,
+        "comparisons": quality_stats.comparisons(per_seed), "equal_wall": eq,
+        "targets": None if best is None or "online" not in summary else {
+            "best_offline": best, "q1_ratio_of_means": summary[best]["ppl"]["mean"] / summary["online"]["ppl"]["mean"],
+            "q1_paired": quality_stats.paired(per_seed, best, "online", "ppl"),
+            "ece_worse_than_ce": [v for v in [*offline, "online"] if summary[v]["ece"]["mean"] > ce_ece]},
+        "step_s": step_s, "step_s_median": steps,
+        "step_vs_ce": {v: x / steps["none"] for v, x in steps.items()} if "none" in steps else {},
+        "bytes_per_token_read": facts["bytes_per_token_read"], "gradient_fidelity": fidelity,
+        "tail_bucket_example": grad_fidelity.worked_example(), "facts": facts, "times": times,
+        "sizes": {**{k: v for k, v in facts.items() if not k.endswith("per_token") and k != "bytes_per_token_read"},
+                  "eval_positions": next(iter(per_seed["none"].values()))["positions"],
+                  "torch_threads": torch.get_num_threads(), "stage1_s": times.get("stage1_s", times.get("part0_stage1_s"))},
+    }

@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--sequences", type=int, default=16, help="sequences of 256 tokens to cache")
             p.add_argument("--batch-size", type=int, default=8, help="student micro-batch")
             p.add_argument("--repeats", type=int, default=5, help="timings per measurement")
+        if name == "quality":
+            p.add_argument("--setting", choices=("default", "dev"), default="default",
+                           help="sizes: default (~15 min per seed on 2 cores) or dev (minutes)")
+            p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (student init + data order)")
+            p.add_argument("--variants", help="comma-separated subset of the variants (must include none, online)")
+            p.add_argument("--fidelity-sequences", type=int, default=4, help="held-out sequences for gradient fidelity")
+            p.add_argument("--no-fidelity", action="store_true", help="skip the gradient-fidelity sub-report")
+            p.add_argument("--no-equal-wall", action="store_true", help="skip the equal wall-clock runs")
+            p.add_argument("--equal-wall-variant", help="the variant of the equal wall-clock runs (default: the best "
+                                                        "offline one by mean ppl over the seeds run)")
+            p.add_argument("--out", help="directory for results.{json,md} and curves.png (default: quality/)")
+            p.add_argument("--merge", help="comma-separated result directories of one setting (other seeds each): "
+                                           "write their pooled report to --out, training nothing")
         if name == "inspect":
             p.add_argument("cache", help="cache directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")

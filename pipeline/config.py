@@ -115,7 +115,8 @@ class CacheConfig:
     samples: int = 0
     """Random-sampling KD: tokens drawn per position from the teacher's full distribution (with
     replacement, seeded by run.seed and the sequence), stored as distinct ids + counts for
-    kd.mode=sampled (0: off; 48 draws give ~22 distinct tokens and ~34 B/token on the embedded teacher)."""
+    kd.mode=sampled and topk_sampled (0: off; 48 draws give ~22 distinct tokens and ~34 B/token on
+    the embedded teacher)."""
     pilot_sequences: int = 8
     """sqrt8, logp16: sequences the teacher runs first to rank tokens by how often they are in top-k lists."""
     shard_sequences: int = 32
@@ -237,7 +238,7 @@ class TrainConfig:
 class KDConfig:
     mode: str = "topk_tail"
     """The KD term, one of stage 2's registry of modes (checked before a run writes anything):
-    none (cross-entropy only), topk_tail, topk_renorm, union, sampled (same tokenizer); mapped, projected
+    none (cross-entropy only), topk_tail, topk_renorm, union, sampled, topk_sampled (same tokenizer); mapped, projected
     (another tokenizer). See the README's table of KD modes."""
     weight: float = 1.0
     weight_final: float = -1.0
@@ -248,6 +249,14 @@ class KDConfig:
     """Temperature at the end of training, linear from ``temperature`` (-1: constant)."""
     union_student_k: int = 8
     """union mode: the student's own top ids added to the teacher's top-k."""
+    divergence: str = "forward_kl"
+    """Between the teacher's and the student's distributions: forward_kl (KL(teacher || student)),
+    reverse_kl (KL(student || teacher)), jsd (generalised JSD with kd.jsd_beta, as in TRL's GKD).
+    reverse_kl / jsd need an explicit teacher distribution over the student's buckets: modes
+    topk_tail, topk_renorm, union, mapped (the KD-mode registry refuses sampled and projected)."""
+    jsd_beta: float = 0.5
+    """kd.divergence=jsd: the mixture weight beta of the teacher, 0 < beta < 1
+    (m = beta teacher + (1 - beta) student; 0.5 is the symmetric JSD)."""
     feature_weight: float = 0.0
     """Weight of the MSE between the student's last hidden state, mapped by a learned linear layer,
     and the cached teacher hidden state (0: off)."""
@@ -261,6 +270,9 @@ class KDConfig:
         _require(self.weight_final == -1 or self.weight_final >= 0, "kd.weight_final", "must be >= 0 (or -1)")
         _require(self.feature_weight >= 0, "kd.feature_weight", "must be >= 0")
         _positive(self, "kd", "union_student_k")
+        _require(self.divergence in ("forward_kl", "reverse_kl", "jsd"), "kd.divergence",
+                 f"is {self.divergence!r}; choose forward_kl, reverse_kl or jsd")
+        _require(0.0 < self.jsd_beta < 1.0, "kd.jsd_beta", "must be in (0, 1) (0.5: symmetric JSD)")
 
 
 @dataclass

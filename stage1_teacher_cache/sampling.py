@@ -50,12 +50,17 @@ def uniforms(seed: int, seq_indices, length: int, samples: int) -> torch.Tensor:
 def draw(logits: torch.Tensor, logz: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Token ids [n, S] drawn from ``softmax(logits)`` [n, V] by inverse CDF of the uniforms ``u`` [n, S].
 
-    The CDF is accumulated in fp32 and the uniforms scaled by its last value, so rounding in the
-    sum cannot push a draw past the vocabulary; a token of probability 0 is never drawn."""
+    The CDF is accumulated in fp32 and the uniforms scaled by its last value ``C``; the scaled
+    target is then capped at the largest fp32 value below ``C`` (a ``u`` within ~1e-8 of 1 rounds
+    ``u * C`` up to ``C`` itself in fp32, which ``searchsorted`` places past the vocabulary). So
+    every target ``t`` satisfies ``0 <= t < C``, and ``searchsorted(right=True)`` returns the first
+    id whose CDF exceeds ``t``: an id where the CDF rises, i.e. of positive probability. A token of
+    probability 0 (a flat step of the CDF, at either end or inside) is never drawn."""
     cdf = torch.cumsum(torch.exp(logits - logz[:, None]), dim=-1)  # [n, V] fp32
-    target = (u.to(cdf.device, torch.float64) * cdf[:, -1:].double()).to(cdf.dtype)
-    ids = torch.searchsorted(cdf, target, right=True)
-    return ids.clamp_(max=logits.shape[-1] - 1)
+    last = cdf[:, -1:]
+    target = (u.to(cdf.device, torch.float64) * last.double()).to(cdf.dtype)
+    target = torch.minimum(target, torch.nextafter(last, torch.zeros_like(last)))  # never C itself
+    return torch.searchsorted(cdf, target, right=True)
 
 
 def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,8 @@ class Chunk:
     lm_head: torch.nn.Module | None = None  # the student's output head (projected reads it detached)
     student_hidden: Tensor | None = None  # [n, Ds] the student's hidden state (the router's gate reads it detached)
     router_k: int = 1
+    divergence: str = "forward_kl"   # kd.divergence (divergences.NAMES)
+    jsd_beta: float = 0.5
 
     @property
     def at_ids(self) -> Tensor:
@@ -80,6 +82,10 @@ class KDMode:
     """The mode's estimator holds at kd.temperature = 1 only (a run at another one is refused)."""
     student_k: bool = False
     """The mode adds the student's own top-k ids to the teacher's (``kd.union_student_k`` of them)."""
+    divergences: frozenset[str] = frozenset({"forward_kl"})
+    """The kd.divergence values its target supports exactly (others refused at config check)."""
+    why_forward_only: str = ""
+    """Why a forward-KL-only mode cannot take the others (said in the refusal)."""
 
     @property
     def distills(self) -> bool:
@@ -87,28 +93,36 @@ class KDMode:
         return self.loss is not None
 
 
+BUCKET_DIVERGENCES = frozenset({"forward_kl", "reverse_kl", "jsd"})
+"""Modes whose target is an explicit teacher distribution over the same buckets as the student's
+take every divergence: it is computed exactly between the two bucket distributions."""
+
+
 def _topk_tail(c: Chunk) -> KDTerm:
     ids = c.rows["topk_ids"]
     return KDTerm(losses.kd_topk_tail(c.at_ids, c.rows["topk_logprobs"], c.temperature,
                                       teacher_log_tail=c.rows.get("topk_log_tail"),
-                                      student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids)))
+                                      student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids),
+                                      divergence=c.divergence, jsd_beta=c.jsd_beta))
 
 
 def _topk_renorm(c: Chunk) -> KDTerm:
-    return KDTerm(losses.kd_topk_renorm(c.at_ids, c.rows["topk_logprobs"], c.temperature))
+    return KDTerm(losses.kd_topk_renorm(c.at_ids, c.rows["topk_logprobs"], c.temperature,
+                                        divergence=c.divergence, jsd_beta=c.jsd_beta))
 
 
 def _union(c: Chunk) -> KDTerm:
     return KDTerm(losses.kd_union(c.logp, c.rows["hidden"], c.head, c.rows["logz"], c.rows["topk_ids"],
                                   c.union_student_k, c.temperature, teacher_log_tail=c.rows.get("topk_log_tail"),
-                                  exact_student_tail=True))
+                                  exact_student_tail=True, divergence=c.divergence, jsd_beta=c.jsd_beta))
 
 
 def _mapped(c: Chunk) -> KDTerm:
     ids, mask = c.rows["topk_ids"], c.rows["topk_mask"]
     return KDTerm(losses.kd_mapped(c.at_ids, c.rows["topk_logprobs"], mask, c.temperature,
                                    teacher_log_tail=c.rows.get("topk_log_tail"),
-                                   student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids, mask)))
+                                   student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids, mask),
+                                   divergence=c.divergence, jsd_beta=c.jsd_beta))
 
 
 def _projected(c: Chunk) -> KDTerm:
@@ -137,6 +151,13 @@ def _sampled(c: Chunk) -> KDTerm:
     return KDTerm(losses.kd_sampled(c.at_samples, c.rows["draw_counts"], c.temperature))
 
 
+def _topk_sampled(c: Chunk) -> KDTerm:
+    ids = c.rows["topk_ids"]
+    return KDTerm(losses.kd_topk_sampled(c.at_ids, c.rows["topk_logprobs"], ids, c.at_samples, c.rows["draw_ids"],
+                                         c.rows["draw_counts"], teacher_log_tail=c.rows.get("topk_log_tail"),
+                                         student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids)))
+
+
 def _plain_head(teacher: dict) -> str | None:
     if teacher.get("final_logit_softcapping"):
         return ("kd.mode=union computes teacher logits as hidden . head, which a soft-capped teacher "
@@ -146,17 +167,24 @@ def _plain_head(teacher: dict) -> str | None:
 
 MODES: dict[str, KDMode] = {m.name: m for m in (
     KDMode("none", "any", summary="cross-entropy only (the baseline)"),
-    KDMode("topk_tail", "same", frozenset({"topk"}), _topk_tail,
+    KDMode("topk_tail", "same", frozenset({"topk"}), _topk_tail, divergences=BUCKET_DIVERGENCES,
            summary="exact KL over the teacher's top-k + one tail bucket; needs no teacher weights"),
-    KDMode("topk_renorm", "same", frozenset({"topk"}), _topk_renorm,
+    KDMode("topk_renorm", "same", frozenset({"topk"}), _topk_renorm, divergences=BUCKET_DIVERGENCES,
            summary="KL of the top-k renormalised at temperature tau, times tau^2"),
     KDMode("union", "same", frozenset({"topk", "hidden", "head"}), _union, check=_plain_head, student_k=True,
+           divergences=BUCKET_DIVERGENCES,
            summary="exact teacher logits on teacher top-k + student top-k ids, from hidden . head"),
     KDMode("sampled", "same", frozenset({"samples"}), _sampled, temperature_one=True,
+           why_forward_only="its target is a sample of the teacher, whose counts make only forward KL's gradient "
+           "(linear in p) unbiased; reverse KL and JSD need the teacher's probability at ids it never drew",
            summary="unbiased: tokens sampled from the full teacher distribution + counts (RS-KD)"),
-    KDMode("mapped", "cross", frozenset({"topk"}), _mapped,
+    KDMode("topk_sampled", "same", frozenset({"topk", "samples"}), _topk_sampled, temperature_one=True,
+           why_forward_only="its tail is a sample of the teacher (see sampled)",
+           summary="exact top-k + the tail's mass spread over the sampled ids beyond the top-k (unbiased)"),
+    KDMode("mapped", "cross", frozenset({"topk"}), _mapped, divergences=BUCKET_DIVERGENCES,
            summary="another tokenizer: teacher top-k through the byte-identical vocab map, + tail"),
     KDMode("projected", "cross", frozenset({"topk", "hidden"}), _projected, modules=("router",),
+           why_forward_only="its target is the projector's own reading, fitted by forward KL in the same step",
            summary="another tokenizer: a projector/router's reading of the teacher hidden state"),
 )}
 
@@ -170,7 +198,7 @@ def get(name: str) -> KDMode:
 
 
 def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict, cache_dir: str,
-          temperatures: tuple[float, ...] = (1.0,)) -> KDMode:
+          temperatures: tuple[float, ...] = (1.0,), divergence: str = "forward_kl") -> KDMode:
     """The mode ``name``, after checking it fits this student and this cache (ConfigError if not)."""
     mode = get(name)
     if mode.tokenizer == "same" and not same_tokenizer:
@@ -193,6 +221,10 @@ def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict
     if mode.temperature_one and any(t != 1.0 for t in temperatures):
         raise ConfigError(f"kd.mode={name} is unbiased only at temperature 1 (the cache samples the teacher at 1); "
                           "set kd.temperature=1 (and kd.temperature_final=-1), or use kd.mode=topk_tail")
+    if mode.loss is not None and divergence not in mode.divergences:
+        takes = ", ".join(m.name for m in MODES.values() if divergence in m.divergences)
+        raise ConfigError(f"kd.divergence={divergence} does not fit kd.mode={name}: {mode.why_forward_only}; "
+                          f"use kd.divergence=forward_kl, or one of {takes}")
     if mode.check is not None and (problem := mode.check(teacher)):
         raise ConfigError(problem)
     return mode

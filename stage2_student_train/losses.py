@@ -40,6 +40,8 @@ import math
 import torch
 from torch import Tensor
 
+from .divergences import divergence as bucket_divergence
+
 TAIL_FLOOR = 1e-12
 """The tempered value an EMPTY student tail bucket takes (see the module docstring)."""
 EXACT_TAIL_BELOW = {torch.float32: 1e-3, torch.float64: 1e-6}
@@ -140,23 +142,17 @@ def _floor_tail(log_buckets: Tensor, tau: float) -> Tensor:
     return torch.cat([log_buckets[:, :-1], torch.where(tail > float("-inf"), tail, floor)], dim=-1)
 
 
-def _kl(log_q: Tensor, log_s: Tensor, mask: Tensor | None = None) -> Tensor:
-    """``sum_b q_b (log q_b - log s_b)`` over the buckets where q > 0 (and ``mask``): empty or
-    masked buckets add 0, and no NaN reaches the gradient."""
-    keep = log_q > float("-inf")
-    if mask is not None:
-        keep = keep & mask
-    log_q, log_s = log_q.masked_fill(~keep, 0.0), log_s.masked_fill(~keep, 0.0)
-    return (log_q.exp() * keep * (log_q - log_s)).sum(-1)
-
-
 def _tail_kd(student_logp_at_ids: Tensor, teacher_log_buckets: Tensor, temperature: float,
-             mask: Tensor | None, student_tail: Tensor | None) -> Tensor:
+             mask: Tensor | None, student_tail: Tensor | None, divergence: str = "forward_kl",
+             jsd_beta: float = 0.5) -> Tensor:
     bmask = _bucket_mask(mask)
+    if divergence == "reverse_kl":  # the student's floored mass in an EMPTY teacher tail would cost +inf
+        teacher_log_buckets = _floor_tail(teacher_log_buckets, temperature)
     log_t = temper(teacher_log_buckets, temperature, bmask)
     log_s = temper(_floor_tail(fold_with_tail(student_logp_at_ids, mask, student_tail), temperature),
                    temperature, bmask)
-    return (temperature ** 2 * _kl(log_t, log_s, bmask)).to(student_logp_at_ids.dtype)
+    div = bucket_divergence(log_t, log_s, divergence, jsd_beta, bmask)
+    return (temperature ** 2 * div).to(student_logp_at_ids.dtype)
 
 
 def cross_entropy(logp_target: Tensor, label_smoothing: float = 0.0, logp_mean: Tensor | None = None) -> Tensor:
@@ -172,8 +168,10 @@ def cross_entropy(logp_target: Tensor, label_smoothing: float = 0.0, logp_mean: 
 
 
 def kd_topk_tail(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0,
-                 teacher_log_tail: Tensor | None = None, student_log_tail: Tensor | None = None) -> Tensor:
-    """Top-k + tail KD: ``tau^2 * KL(q_tau || s_tau)`` over K+1 buckets.
+                 teacher_log_tail: Tensor | None = None, student_log_tail: Tensor | None = None,
+                 divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+    """Top-k + tail KD: ``tau^2 * KL(q_tau || s_tau)`` over K+1 buckets (or ``tau^2 * D(q_tau, s_tau)``
+    for another ``divergence``, `divergences.divergence`).
 
     Teacher buckets ``p_i = exp(teacher_logprobs_i)`` and tail ``T = sum_{v not in top-k} p_v``
     (``teacher_log_tail`` [N] = log T if known, else ``log(1 - sum_i p_i)`` in float64); student
@@ -183,12 +181,13 @@ def kd_topk_tail(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperat
     ``softmax(log b / tau)``; the student's tail floored after tempering. Ids distinct in a row.
     """
     log_t = fold_with_tail(teacher_logprobs, None, teacher_log_tail)
-    return _tail_kd(student_logp_at_ids, log_t, temperature, None, student_log_tail)
+    return _tail_kd(student_logp_at_ids, log_t, temperature, None, student_log_tail, divergence, jsd_beta)
 
 
 def kd_mapped(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, mask: Tensor,
               temperature: float = 1.0, teacher_log_tail: Tensor | None = None,
-              student_log_tail: Tensor | None = None) -> Tensor:
+              student_log_tail: Tensor | None = None, divergence: str = "forward_kl",
+              jsd_beta: float = 0.5) -> Tensor:
     """Cross-tokenizer top-k + tail KD: ``tau^2 * KL(q_tau || s_tau)`` over the mapped buckets + tail.
 
     The teacher's top-k ids are sent through the vocab map (same byte string) to student ids;
@@ -206,12 +205,13 @@ def kd_mapped(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, mask: Tenso
         unmapped = torch.logsumexp(_masked(teacher_logprobs.to(F64), ~mask), dim=-1)
         t_tail = torch.logaddexp(teacher_log_tail.to(F64), unmapped)
     log_t = fold_with_tail(teacher_logprobs, mask, t_tail)
-    return _tail_kd(student_logp_at_ids, log_t, temperature, mask, student_log_tail)
+    return _tail_kd(student_logp_at_ids, log_t, temperature, mask, student_log_tail, divergence, jsd_beta)
 
 
 def kd_topk_renorm(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0,
-                   mask: Tensor | None = None) -> Tensor:
-    """Renormalised top-k KD: ``tau^2 * KL(q || s)`` over the K cached ids (no tail).
+                   mask: Tensor | None = None, divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+    """Renormalised top-k KD: ``tau^2 * KL(q || s)`` over the K cached ids (no tail), or
+    ``tau^2 * D(q, s)`` for another ``divergence``.
 
     ``q = softmax(teacher_logprobs / tau)``, ``log s = log_softmax(logp[ids] / tau)`` with
     ``student_logp_at_ids`` = ``logp.gather(-1, teacher_ids)`` (= the student's logits at the
@@ -220,14 +220,18 @@ def kd_topk_renorm(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, temper
     """
     log_t = _masked(teacher_logprobs.to(F64) / temperature, mask)
     log_s = _masked(student_logp_at_ids.to(F64) / temperature, mask)
-    kl = _kl(torch.log_softmax(log_t, dim=-1), torch.log_softmax(log_s, dim=-1), mask)
-    return (temperature ** 2 * kl).to(student_logp_at_ids.dtype)
+    div = bucket_divergence(torch.log_softmax(log_t, dim=-1), torch.log_softmax(log_s, dim=-1), divergence,
+                            jsd_beta, mask)
+    return (temperature ** 2 * div).to(student_logp_at_ids.dtype)
 
 
 def kd_union(logp: Tensor, teacher_hidden: Tensor, head: Tensor, teacher_logz: Tensor,
              teacher_ids: Tensor, student_k: int, temperature: float = 1.0,
-             teacher_log_tail: Tensor | None = None, exact_student_tail: bool = False) -> Tensor:
-    """Union KD: ``tau^2 * KL(q_tau || s_tau)`` over the union of teacher top-K and student top-k ids + tail.
+             teacher_log_tail: Tensor | None = None, exact_student_tail: bool = False,
+             divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+    """Union KD: ``tau^2 * KL(q_tau || s_tau)`` over the union of teacher top-K and student top-k ids + tail
+    (``tau^2 * D(q_tau, s_tau)`` for another ``divergence``: the student's own top ids are buckets
+    with exact teacher values, which reverse KL and JSD weight by the student's mass).
 
     ids = [teacher_ids | student top-`student_k` of logp (detached)], a fixed [N, K+k] layout whose
     mask drops student ids already among the teacher's. Exact teacher log-probs
@@ -260,7 +264,7 @@ def kd_union(logp: Tensor, teacher_hidden: Tensor, head: Tensor, teacher_logz: T
     at_ids = logp.gather(-1, ids)
     s_tail = student_log_tail(logp, ids, at_ids, mask) if exact_student_tail else None
     log_t = fold_with_tail(t_logp, mask, t_tail)
-    return _tail_kd(at_ids, log_t, temperature, mask, s_tail)
+    return _tail_kd(at_ids, log_t, temperature, mask, s_tail, divergence, jsd_beta)
 
 
 def kd_sampled(student_logp_at_samples: Tensor, counts: Tensor, temperature: float = 1.0) -> Tensor:
@@ -290,3 +294,41 @@ def kd_sampled(student_logp_at_samples: Tensor, counts: Tensor, temperature: flo
     log_w = torch.where(keep, w, torch.ones_like(w)).log()
     lp = student_logp_at_samples.to(F64).masked_fill(~keep, 0.0)
     return (w * (log_w - lp)).sum(-1).to(student_logp_at_samples.dtype)
+
+
+def kd_topk_sampled(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, topk_ids: Tensor,
+                    student_logp_at_samples: Tensor, draw_ids: Tensor, counts: Tensor,
+                    teacher_log_tail: Tensor | None = None, student_log_tail: Tensor | None = None) -> Tensor:
+    """Top-k exact + the tail from samples: ``sum_i p_i log(p_i / s_i) + sum_j w_j log(w_j / s_j)``.
+
+    The K cached ids keep their exact teacher values ``p_i``. The tail mass ``T`` (``teacher_log_tail``
+    [N], else ``1 - sum p_i`` in float64) is spread over the sampled ids OUTSIDE the top-k in
+    proportion to their counts: ``w_j = T c_j / C_out`` (``C_out`` = the draws that fell outside).
+    Given ``C_out > 0`` the draws outside the top-k are distributed as ``p_v / T``, so
+    ``E[w_v] = p_v`` for every tail id and the gradient w.r.t. the student's logits,
+    ``s_v - p_v`` on the top-k and ``s_v - w_v`` beyond, has the expectation ``s - p`` of full
+    ``KL(p || s)``, where `kd_topk_tail` gives every tail id ``s_v (1 - T / S_tail)``. A position
+    whose draws all fell in the top-k (likely only when T is small) keeps the one tail bucket,
+    ``T log(T / S_tail)`` (``student_log_tail`` [N], else ``1 - sum s_i`` in float64).
+
+    Shapes: ``student_logp_at_ids`` / ``teacher_logprobs`` / ``topk_ids`` [N, K];
+    ``student_logp_at_samples`` / ``draw_ids`` / ``counts`` [N, S] (count 0 = padding). Temperature
+    1 only (the draws are from p), like `kd_sampled`.
+    """
+    lp_t = teacher_logprobs.to(F64)
+    t_tail = log_tail(lp_t) if teacher_log_tail is None else teacher_log_tail.to(F64)
+    head = (lp_t.exp() * (lp_t - student_logp_at_ids.to(F64))).sum(-1)
+    c = counts.to(F64) * ~(draw_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+    c_out = c.sum(-1, keepdim=True)
+    w = t_tail.exp().unsqueeze(-1) * c / c_out.clamp(min=1.0)
+    keep = w > 0
+    log_w = torch.where(keep, w, torch.ones_like(w)).log()
+    lp = student_logp_at_samples.to(F64).masked_fill(~keep, 0.0)
+    sampled_tail = (w * (log_w - lp)).sum(-1)
+    s_tail = log_tail(student_logp_at_ids) if student_log_tail is None else student_log_tail.to(F64)
+    has_tail = t_tail > float("-inf")
+    safe_t = torch.where(has_tail, t_tail, torch.zeros_like(t_tail))
+    safe_s = torch.where(s_tail > float("-inf"), s_tail, torch.full_like(s_tail, math.log(TAIL_FLOOR)))
+    bucket = torch.where(has_tail, safe_t.exp() * (safe_t - safe_s), torch.zeros_like(safe_t))
+    tail = torch.where(c_out.squeeze(-1) > 0, sampled_tail, bucket)
+    return (head + tail).to(student_logp_at_ids.dtype)

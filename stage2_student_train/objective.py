@@ -163,7 +163,8 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
         if use_kd:
             view = {k: v[rows] for k, v in flat.items() if k in PER_POSITION}
             term = mode.loss(kd_modes.Chunk(logp, picked, {**view, "needed": needed}, w.temperature,
-                                            kd.union_student_k, head, router, lm_head, h_rows, w.router_k))
+                                            kd.union_student_k, head, router, lm_head, h_rows, w.router_k,
+                                            kd.divergence, kd.jsd_beta))
             kd_sum = term.per_position.sum()
             loss = loss + w.kd * kd_sum
             if term.aux_sum is not None:

@@ -92,7 +92,8 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
         {"head"} if reader.has_head else set()) | ({"samples"} if reader.spec.samples else set())
     temperatures = (cfg.kd.temperature,) + ((cfg.kd.temperature_final,) if cfg.kd.temperature_final != -1 else ())
     mode = kd_modes.check(cfg.kd.mode, same_tokenizer=same_tokenizer, cache_has=cache_has,
-                          teacher=reader.spec.teacher, cache_dir=cfg.cache.dir, temperatures=temperatures)
+                          teacher=reader.spec.teacher, cache_dir=cfg.cache.dir, temperatures=temperatures,
+                          divergence=cfg.kd.divergence)
     if mode.student_k and cfg.kd.union_student_k > reader.spec.vocab_size:
         raise ConfigError(f"kd.union_student_k={cfg.kd.union_student_k} exceeds the vocabulary "
                           f"({reader.spec.vocab_size}); lower it (8 is typical)")

@@ -18,4 +18,38 @@ def test_quality_is_a_command_and_every_mode_says_what_it_reads():
     assert COMMANDS["quality"][0] == "bench.quality:main"
     args = build_parser().parse_args(["quality", "train.steps=5"])
     assert args.overrides == ["train.steps=5"]
-    assert set(READS) == {"none", "topk_tail", "topk_renorm", "union", "sampled", "online"}
+    assert set(READS) == {"none", "topk_tail", "topk_renorm", "union", "sampled", "topk_sampled", "online"}
+    args = build_parser().parse_args(["quality", "--setting", "dev", "--seeds", "0,1,2"])
+    assert (args.setting, args.seeds) == ("dev", "0,1,2")
+
+
+def test_every_variant_and_setting_is_a_valid_config():
+    """Each variant's KD keys load (and pass the KD-mode registry's divergence check) in each setting."""
+    from argparse import Namespace
+
+    from bench.quality import SETTINGS, VARIANTS, variant_config
+    from stage2_student_train import kd_modes
+
+    for setting in SETTINGS:
+        args = Namespace(config="configs/default.toml", overrides=[], setting=setting)
+        for name in [*VARIANTS, "online"]:
+            cfg = variant_config(args, name, seed=2)
+            assert cfg.run.seed == 2 and cfg.train.eval_every == cfg.train.steps
+            mode = kd_modes.get(cfg.kd.mode)
+            assert mode.loss is None or cfg.kd.divergence in mode.divergences
+        assert variant_config(args, "union_jsd", 0).kd.divergence == "jsd"
+        assert variant_config(args, "topk_tail", 0, steps=7).train.steps == 7
+
+
+def test_paired_differences_flag_only_what_exceeds_the_seed_noise():
+    from bench.quality_stats import paired, summarise
+
+    runs = {"a": {0: {"ppl": 100.0, "ece": 0.03}, 1: {"ppl": 130.0, "ece": 0.02}, 2: {"ppl": 90.0, "ece": 0.04}},
+            "b": {0: {"ppl": 104.0, "ece": 0.03}, 1: {"ppl": 135.2, "ece": 0.05}, 2: {"ppl": 93.6, "ece": 0.01}}}
+    s = summarise(runs)["a"]["ppl"]
+    assert abs(s["mean"] - 320 / 3) < 1e-9 and abs(s["sd"] - np.std([100, 130, 90], ddof=1)) < 1e-9
+    c = paired(runs, "b", "a", "ppl")  # b = 1.04 a on every seed: tiny next to the 20% seed spread, but paired
+    assert c["exceeds"] and abs(c["ratio"] - 1.04) < 1e-9 and c["se"] < 1e-12
+    e = paired(runs, "b", "a", "ece")  # +0, +0.03, -0.03: no consistent difference
+    assert not e["exceeds"] and abs(e["mean_diff"]) < 1e-12
+    assert paired({"a": {0: {"ppl": 1.0}}, "b": {0: {"ppl": 2.0}}}, "a", "b", "ppl") is None  # one seed: no verdict

@@ -41,6 +41,26 @@ def test_sampler_frequencies_match_the_teacher_distribution():
     assert ((counts > 0).sum(-1) <= 8).all()
 
 
+def test_a_probability_zero_id_is_never_drawn_even_at_the_edges_of_u():
+    """The largest uniform below 1 scales to exactly the CDF's total in fp32 (the old sampler then
+    clamped the draw to id V-1, probability 0 here); u = 0 and a zero-probability first id, and a
+    zero-probability id between two others, are the other flat steps of the CDF."""
+    neg = float("-inf")
+    logits = torch.tensor([[neg, 0.3, neg, -1.2, 0.7, neg, neg]] * 4, dtype=torch.float32)
+    u_top = 1.0 - 2.0 ** -53  # the largest float64 below 1
+    cdf = torch.cumsum(torch.softmax(logits[0], -1), -1)
+    assert (torch.tensor(u_top, dtype=F64) * cdf[-1].double()).float() == cdf[-1]  # the edge is real
+    u = torch.tensor([[u_top], [0.0], [float(cdf[1]) / float(cdf[-1])], [0.5]], dtype=F64)
+    ids = sampling.draw(logits, torch.logsumexp(logits, -1), u)[:, 0]
+    p = torch.softmax(logits[0], -1)
+    assert (p[ids] > 0).all(), ids
+    assert ids.tolist()[:2] == [4, 1]  # the top edge is the last id with mass; u = 0 the first
+    many = torch.rand(20000, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    many[:, 0] = u_top
+    drawn = sampling.draw(logits[:1].expand(20000, -1).contiguous(), torch.logsumexp(logits[:1], -1).expand(20000), many)
+    assert (p[drawn] > 0).all()
+
+
 def test_unique_counts_packs_distinct_ids_ascending_with_zero_padding():
     ids, counts = sampling.unique_counts(torch.tensor([[5, 2, 5, 9, 2, 5], [1, 1, 1, 1, 1, 1]]))
     assert ids.tolist() == [[2, 5, 9, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
@@ -209,3 +229,65 @@ def test_sampled_mode_trains_and_refuses_what_it_cannot_do(sampled_cache, tiny_c
     with pytest.raises(ConfigError, match="temperature 1"):
         train(load_config(None, stage2_overrides(sampled_cache, tmp_path, "t", **{
             "kd.mode": "sampled", "kd.temperature": 2.0})), show_progress=False)
+
+
+# ---------------------------------------------------------------- topk_sampled: exact top-k + sampled tail
+
+
+def _topk_sampled_grads(seed: int, estimator: str, repeats: int = 4000, samples: int = 16, vocab: int = 40, k: int = 5):
+    """Per-repeat gradients [repeats, V] of ``estimator`` w.r.t. the student's logits, and the exact
+    full-KL gradient [V], for a fresh teacher/student pair (draws through stage 1's own sampler)."""
+    g = torch.Generator().manual_seed(seed)
+    z_t = 2.0 * torch.randn(vocab, generator=g, dtype=F64)
+    z_s = (1.5 * torch.randn(vocab, generator=g, dtype=F64)).expand(repeats, vocab).clone().requires_grad_(True)
+    p = torch.softmax(z_t, -1)
+    logp = torch.log_softmax(z_s, -1)
+    top = p.topk(k).indices.expand(repeats, k)
+    t_lp = p.log()[top]
+    t_tail = torch.log(p.sum() - p[top[0]].sum()).expand(repeats)
+    at = logp.gather(-1, top)
+    if estimator == "topk_sampled":
+        ids, counts = draws(z_t.expand(repeats, vocab).contiguous(), samples, seed + 100)
+        loss = losses.kd_topk_sampled(at, t_lp, top, logp.gather(-1, ids), ids, counts, teacher_log_tail=t_tail)
+    else:
+        loss = losses.kd_topk_tail(at, t_lp, teacher_log_tail=t_tail)
+    loss.sum().backward()
+    return z_s.grad, torch.softmax(z_s[0].detach(), -1) - p, p
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kd_topk_sampled_gradient_is_unbiased_for_full_kl_and_the_tail_bucket_is_not(seed):
+    grads, exact, p = _topk_sampled_grads(seed, "topk_sampled")
+    # The empirical standard error, floored by RS-KD's own (an id too rare to be drawn in any
+    # repeat shows an empirical spread of 0 and an error of its p).
+    se = torch.maximum(grads.std(0), (p * (1 - p) / 16).sqrt()) / grads.shape[0] ** 0.5
+    err = (grads.mean(0) - exact).abs()
+    assert (err <= 5 * se + 1e-12).all(), float((err / (se + 1e-300)).max())
+    bucket, _, _ = _topk_sampled_grads(seed, "topk_tail")
+    assert not ((bucket.mean(0) - exact).abs() <= 5 * se + 1e-12).all()  # same check, the biased one fails
+
+
+def test_kd_topk_sampled_value_is_its_formula_and_falls_back_to_the_bucket():
+    g = torch.Generator().manual_seed(9)
+    p = torch.softmax(2 * torch.randn(3, 12, generator=g, dtype=F64), -1)
+    logp = torch.log_softmax(torch.randn(3, 12, generator=g, dtype=F64), -1)
+    top = p.topk(4, -1).indices
+    ids = torch.tensor([[top[0, 0], 7, 9, 0], [top[1, 1], top[1, 2], 0, 0], [1, 2, 3, 4]])
+    counts = torch.tensor([[3, 2, 5, 0], [6, 4, 0, 0], [1, 1, 1, 1]])
+    ids[2] = torch.tensor([v for v in range(12) if v not in top[2].tolist()][:4])
+    t_tail = torch.log(1 - p.gather(-1, top).sum(-1))
+    got = losses.kd_topk_sampled(logp.gather(-1, top), p.log().gather(-1, top), top, logp.gather(-1, ids), ids,
+                                 counts, teacher_log_tail=t_tail)
+    for n in range(3):
+        want = sum(float(p[n, v] * (p[n, v].log() - logp[n, v])) for v in top[n].tolist())
+        tail = 1 - float(p[n, top[n]].sum())
+        out = [(int(i), int(c)) for i, c in zip(ids[n], counts[n]) if c > 0 and int(i) not in top[n].tolist()]
+        c_out = sum(c for _, c in out)
+        if c_out:
+            want += sum(tail * c / c_out * (np.log(tail * c / c_out) - float(logp[n, i])) for i, c in out)
+        else:  # every draw in the top-k: the one tail bucket
+            s_tail = 1 - float(logp[n, top[n]].exp().sum())
+            want += tail * (np.log(tail) - np.log(s_tail))
+        assert abs(float(got[n]) - want) <= 1e-12 * max(1.0, abs(want)), n
+    assert kd_modes.check("topk_sampled", same_tokenizer=True, cache_has={"topk", "samples"}, teacher={},
+                          cache_dir="c").needs == {"topk", "samples"}

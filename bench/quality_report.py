@@ -1,0 +1,87 @@
+"""``make quality``'s report: quality/results.md from results.json's dict, and the training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .quality_stats import describe
+
+
+def _ms(s: dict, fmt: str) -> str:
+    return f"{s['mean']:{fmt}} ± {s['sd']:{fmt}}"
+
+
+def quality_table(results: dict) -> list[str]:
+    summary, steps, reads = results["summary"], results["step_vs_ce"], results["bytes_per_token_read"]
+    lines = ["| variant | held-out ppl (mean ± sd) | min-max | bits/byte | ECE | top-1 agree | KL to teacher "
+             "| cache B/token read | step time / CE |", "|---|---|---|---|---|---|---|---|---|"]
+    for v, s in summary.items():
+        step = f"{steps[v]:.2f}" if v in steps else "-"
+        base = v.removeprefix("equal_wall_")
+        mode = next((m for m in sorted(reads, key=len, reverse=True) if base.startswith(m)), None)
+        bpt = f"{reads[mode]:.1f}" if mode is not None else "-"
+        lines.append(f"| {v} | {_ms(s['ppl'], '.2f')} | {s['ppl']['min']:.1f}-{s['ppl']['max']:.1f} "
+                     f"| {_ms(s['bpb'], '.3f')} | {_ms(s['ece'], '.4f')} | {_ms(s['top1_agree'], '.3f')} "
+                     f"| {_ms(s['kl_full'], '.3f')} | {bpt} | {step} |")
+    return lines
+
+
+def fidelity_table(fidelity: dict) -> list[str]:
+    if not fidelity:
+        return []
+    modes = list(next(iter(fidelity.values())))
+    lines = ["| student | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for student, per in fidelity.items():
+        lines.append(f"| {student} | " + " | ".join(
+            f"{per[m]['cosine']:.3f} / {per[m]['norm_ratio']:.2f}" for m in modes) + " |")
+    return lines
+
+
+def markdown(results: dict) -> str:
+    t, sizes = results["targets"], results["sizes"]
+    lines = [f"Setting `{results['setting']}`, seeds {results['seeds']} (mean ± sample sd over the seeds; "
+             "commands: " + "; ".join(f"`{c}`" for c in results["commands"]) + ").", "", *quality_table(results), ""]
+    if t:
+        q = t["q1_paired"]
+        paired = "" if q is None else (f"; paired over seeds {q['ratio']:.4f} (95% CI {q['ratio_ci95'][0]:.4f}-"
+                                       f"{q['ratio_ci95'][1]:.4f})")
+        lines += [f"Q1: best offline variant `{t['best_offline']}`: mean ppl / online mean ppl = "
+                  f"{t['q1_ratio_of_means']:.4f}{paired} (target <= 1.02: "
+                  f"{'pass' if t['q1_ratio_of_means'] <= 1.02 else 'MISS'}).",
+                  f"Calibration: variants with mean ECE above CE's: {', '.join(t['ece_worse_than_ce']) or 'none'}.", ""]
+    if results.get("equal_wall"):
+        e = results["equal_wall"]
+        steps = e.get("steps_by_seed") or e["steps"]
+        lines += [f"Equal wall-clock: `{e['variant']}` for {steps} steps (online step / its step, measured in "
+                  f"each run; first {e['factor']:.2f}) is row `equal_wall_{e['variant']}`; stage 1 "
+                  f"({sizes['stage1_s']} s here) is paid once for every student of the cache.", ""]
+    lines += ["Differences, paired by seed (two-sided paired t-test at 5% on log ppl / ECE; "
+              "`bench/quality_stats.py`):", ""]
+    lines += [f"- {describe(c)}" for c in results["comparisons"]]
+    if results.get("gradient_fidelity"):
+        lines += ["", "Gradient fidelity (first seed, held-out positions): cosine / norm ratio of each mode's "
+                  "gradient w.r.t. the student's logits against the exact full-vocabulary KL gradient `s - p`:", "",
+                  *fidelity_table(results["gradient_fidelity"])]
+    ex = results["tail_bucket_example"]
+    lines += ["", f"Tail-bucket example (p = [.5,.3,.15,.05], student logits [0,.3,0,0], union of teacher top-1 and "
+              f"student top-1): exact {[round(x, 3) for x in ex['exact']]}, union {[round(x, 3) for x in ex['union']]}.",
+              "", f"Sizes: {json.dumps(sizes)}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, recs in curves.items():
+        ax.plot([r["step"] for r in recs], [r["ce"] for r in recs], label=name, lw=1)
+    ax.set(xlabel="step", ylabel="train CE (nats)", title="make quality (first seed): same student, data and steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -69,6 +69,11 @@ class DataConfig:
     """Configuration name of a hub dataset (e.g. wikitext-103-raw-v1), if it has several."""
     text_field: str = "text"
     """Column holding the text in .jsonl/.parquet/hub datasets."""
+    format: Literal["auto", "text", "chat"] = "auto"
+    """Rows of .jsonl/.json/.parquet/datasets: ``text`` reads ``text_field``; ``chat`` reads
+    ``messages`` (role/content) or ``prompt``/``completion``, rendered with the teacher's chat
+    template, and only the assistant's (completion's) tokens are targets (a cached ``loss_mask``);
+    ``auto``: ``text_field`` when the rows have it, else chat. See docs/user-data.md."""
     seq_len: int = 256
     """Teacher tokens per packed sequence."""
     eval_documents: list[str] = field(default_factory=list)

@@ -34,6 +34,7 @@ from pipeline.fingerprint import tokenizer_hash
 from pipeline.cache.tokenizer import store_tokenizer
 
 from .background import BackgroundWriter
+from .chat import chat_template_hash
 from .extend import open_cache, plan_rows
 from .plan import ensure_plan, plan_folder
 from .plan_store import Plan, Rows, remove_plan
@@ -174,6 +175,8 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, precisi
     }
     if cfg.cache.samples:  # only then: caches without samples keep their fingerprint
         fingerprint.update(samples=cfg.cache.samples, sample_seed=cfg.run.seed)
+    if plan.info.get("loss_mask"):  # chat data: the cache stores which tokens are targets
+        fingerprint.update(loss_mask="assistant", chat_template=chat_template_hash(tokenizer))
     return CacheSpec(
         num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
         hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
@@ -257,6 +260,8 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
                 parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            if spec.has_loss_mask:
+                arrays["loss_mask"] = planned.loss_mask
             check_finite(shard, start, stop, arrays)  # before int8/sqrt8 coding could hide a NaN
             stats = shard_stats(arrays, planned, start, stop, spec)
             background.submit(shard, to_storage(arrays, spec), shard_meta(planned), stats)

@@ -58,7 +58,12 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     except Exception as e:
         raise PipelineError(f"cannot load student.tokenizer={cfg.student.tokenizer!r} ({e.__class__.__name__}: "
                             f"{str(e)[:200]}); give a tokenizer directory, a hub id or embedded:gpt2") from None
-    return tok, tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
+    same = tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
+    if reader.spec.has_loss_mask and not getattr(tok, "chat_template", None):
+        # Trained on conversations rendered with the teacher's template: the student speaks that
+        # format (as text in its own tokens), so its exported tokenizer renders prompts with it.
+        tok.chat_template = load_teacher_tokenizer(reader).chat_template
+    return tok, same
 
 
 def special_token_ids(tokenizer, for_config: bool = False) -> dict[str, int | None]:

@@ -168,6 +168,8 @@ def maybe_eval(setup: RunSetup, state: TrainState, log: MetricsLog, show_progres
         record = {"step": state.step, "split": "eval",
                   **evaluate(state.parts, setup.access.load, setup.access.target_bytes, ids, t.batch_size,
                              t.loss_chunk_size, setup.autocast(), net=net, dist=setup.dist)}
+        if setup.reader.spec.has_loss_mask:  # say which targets the numbers count
+            record["counted"] = setup.access.counted
         after_eval(state.net, setup.parallel)
     log.write(record)
     if show_progress and setup.dist.is_main:

@@ -174,6 +174,9 @@ class StudentConfig:
                  f"must be a multiple of student.num_kv_heads ({self.num_kv_heads})")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -214,9 +217,20 @@ class TrainConfig:
     stop_after: int = 0
     """Stop after this many steps in this invocation, with a checkpoint (0: run to the end). For
     time-boxed sessions: ``resume`` continues exactly where it stopped."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl record (rank 0) and the run's config:
+    any of tensorboard (RUN_DIR/tensorboard), wandb, trackio; each needs its package (the
+    extras of the same names). Empty: metrics.jsonl only."""
+    push_to_hub: str = ""
+    """A hub repo id (USER/NAME): upload the exported student with its model card at the end of
+    the run (huggingface_hub; needs a token and the network). Empty: no upload."""
 
     def validate(self) -> None:
         _require(self.stop_after >= 0, "train.stop_after", "must be >= 0 (0 = no limit)")
+        unknown = [r for r in self.report_to if r not in TRACKERS]
+        _require(not unknown, "train.report_to", f"has {unknown[:1]}; choose among {list(TRACKERS)}")
+        _require(not self.push_to_hub or self.push_to_hub.count("/") == 1, "train.push_to_hub",
+                 f"must be a hub repo id USER/NAME, got {self.push_to_hub!r}")
         _require(self.eval_sequences >= 0, "train.eval_sequences", f"must be >= 0 (0 = all), got {self.eval_sequences}")
         _positive(self, "train", "steps", "batch_size", "grad_accum", "loss_chunk_size", "max_bad_steps",
                   "eval_every", "save_every", "keep_checkpoints")

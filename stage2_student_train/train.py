@@ -36,6 +36,7 @@ from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
 from .step import TrainingError, step_weights, train_step  # noqa: F401  (TrainingError: part of the API)
 from .student import save_student, write_model_card
+from .trackers import Trackers, check_trackers
 
 SHARDED = "sharded"  # FSDP checkpoints: the torch.distributed.checkpoint folder inside a checkpoint
 
@@ -70,6 +71,7 @@ def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = Tr
 def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) -> dict:
     t = cfg.train
     saved = load_state(resume_from) if resume_from else None
+    check_trackers(t.report_to)  # a missing tracker package fails before anything is written
     setup = setup_run(cfg, dist, show_progress)
     if saved is not None:
         setup.train_sequences = check_resumable(saved, setup, resume_from)
@@ -87,7 +89,8 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     if kd_floor and dist.is_main:  # what the cache's top-k encoding costs this run, before it starts
         print(fidelity_line(kd_floor, setup.reader.spec.topk_encoding, cfg.kd.mode), flush=True)
     head, autocast = setup.teacher_head(), setup.autocast()
-    log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main)
+    log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main,
+                     trackers=Trackers(cfg, setup.run_dir) if dist.is_main and t.report_to else None)
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
     tokens_per_step = t.batch_size * t.grad_accum * dist.world * (setup.reader.spec.seq_len - 1)
     bar = tqdm(total=t.steps, initial=state.step, desc=f"train {cfg.run.name}", unit="step",

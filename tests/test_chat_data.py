@@ -224,9 +224,14 @@ def test_a_chat_run_exports_a_chat_student(chat_cache, tmp_path, student):
     from pipeline.config import load_config
     from stage2_student_train.train import train
 
-    extra = {} if student == "same" else {"student.tokenizer": "embedded:gpt2", "kd.mode": "mapped"}
+    from test_trackers import check_against_metrics
+
+    extra = {"train.report_to": ["tensorboard"]} if student == "same" else {"student.tokenizer": "embedded:gpt2",
+                                                                          "kd.mode": "mapped"}
     summary = train(load_config(None, stage2_overrides(chat_cache, tmp_path, **extra)), show_progress=False)
     assert summary["eval"]["counted"].startswith("assistant") and summary["eval"]["positions"] > 0
+    if student == "same":  # the tracker got what metrics.jsonl got, at the same steps
+        assert set(check_against_metrics(tmp_path / "run")["eval/ppl"]) == {3, 6}
     final = tmp_path / "run" / "final" / "student"
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)

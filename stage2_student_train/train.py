@@ -72,6 +72,10 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     t = cfg.train
     saved = load_state(resume_from) if resume_from else None
     check_trackers(t.report_to)  # a missing tracker package fails before anything is written
+    if t.push_to_hub and dist.is_main:  # no token or no network: say so now, not after training
+        from .push import check_hub
+
+        check_hub(t.push_to_hub)
     setup = setup_run(cfg, dist, show_progress)
     if saved is not None:
         setup.train_sequences = check_resumable(saved, setup, resume_from)
@@ -135,15 +139,23 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
     final = setup.run_dir / "final" / "student"
     export(setup, state, final)
     if setup.dist.is_main:
-        (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        write_model_card(final, {
+        card = {
             "run": cfg.run.name, "teacher": setup.reader.fingerprint.get("teacher"),
+            "student_model": cfg.student.model, "dataset": setup.reader.fingerprint.get("dataset"),
+            "chat": setup.reader.spec.has_loss_mask,
             "cache_fingerprint": setup.cache_fingerprint, "cache train sequences": setup.train_sequences,
             "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
             **({"cache KD floor (nats)": {f"{f['temperature']:g}": f["nats"] for f in summary["cache_kd_floor"]}}
                if summary.get("cache_kd_floor") else {}),
             "steps": state.step, "tokens": tokens, "tokenizer": cfg.student.tokenizer or "the teacher's",
-            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}})
+            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}}
+        write_model_card(final, card)
+        summary["model_card"] = card  # what `push` rewrites the card from, for the hub repo
+        (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        if cfg.train.push_to_hub:
+            from .push import push
+
+            push(setup.run_dir, cfg.train.push_to_hub)
     return summary
 
 

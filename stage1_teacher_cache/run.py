@@ -303,6 +303,14 @@ def shard_stats(arrays: dict[str, np.ndarray], planned: Rows, start: int, stop: 
         stats[f"{split}_targets"] = stats.get(f"{split}_targets", 0.0) + spec.seq_len - 1
         target_bytes = len(text[int(first_ends[row]):].encode("utf-8"))
         stats[f"{split}_target_bytes"] = stats.get(f"{split}_target_bytes", 0.0) + target_bytes
+        if planned.loss_mask is not None:  # chat data: the teacher over the targets a student counts
+            keep = planned.loss_mask[row, 1:] > 0
+            ends = np.asarray(planned.char_end[row].as_py())
+            stats[f"{split}_masked_nll_sum"] = (stats.get(f"{split}_masked_nll_sum", 0.0)
+                                                - float(arrays["next_logprob"][row, :-1][keep].sum()))
+            stats[f"{split}_masked_targets"] = stats.get(f"{split}_masked_targets", 0.0) + float(keep.sum())
+            stats[f"{split}_masked_target_bytes"] = stats.get(f"{split}_masked_target_bytes", 0.0) + sum(
+                len(text[a:b].encode("utf-8")) for a, b, k in zip(ends[:-1], ends[1:], keep) if k)
     return stats
 
 

@@ -67,6 +67,12 @@ def test_the_cache_masks_exactly_the_assistant_tokens(chat_cache):
     assert data["loss_mask"].dtype == np.uint8 and set(np.unique(data["loss_mask"])) == {0, 1}
     assert "the king rode" in kept and "She weeps" in kept and "what news" not in kept and "system" not in kept
     assert "what news" in dropped and "helpful AI assistant" in dropped
+    # The teacher's held-out numbers over the same targets: from next_logprob where loss_mask[t+1].
+    eval_ids = reader.split_indices("eval")
+    got = reader.read_indices(eval_ids, ("next_logprob", "loss_mask"))
+    keep = got["loss_mask"][:, 1:] > 0
+    nll = -got["next_logprob"][:, :-1][keep].astype(np.float64)
+    assert reader.info()["teacher_eval_ppl_targets"] == pytest.approx(float(np.exp(nll.mean())), rel=1e-6)
     eos = reader.spec.teacher["eos_token_id"]
     for i in range(len(reader)):  # the separator token (eos standing for "\n\n") is never a target
         text, ends = reader.text(i)

@@ -248,3 +248,30 @@ def test_a_chat_run_exports_a_chat_student(chat_cache, tmp_path, student):
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4 or out[0, -1] == model.generation_config.eos_token_id
     assert "assistant/completion tokens" in (final / "README.md").read_text()
+
+
+def test_cross_tokenizer_masked_positions_contribute_exactly_zero(chat_cache):
+    """mapped mode on a chat cache seen through GPT-2: the teacher's numbers at the student
+    positions the mask drops change neither the loss nor any gradient."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.cache import CacheReader
+    from stage2_student_train.cross import build_view, cross_batch
+    from stage2_student_train.student import gpt2_tokenizer, load_teacher_tokenizer
+
+    reader = CacheReader(chat_cache)
+    student_tok = gpt2_tokenizer()
+    view = build_view(reader, load_teacher_tokenizer(reader), student_tok, show_progress=False)
+    batch = cross_batch(reader, view, np.array([0, 1]))
+    dropped = (view.ids[[0, 1]][:, 1:] >= 0) & ~view.loss_mask[[0, 1]][:, 1:]
+    assert dropped.any() and batch["target_mask"].any() and not batch["target_mask"][torch.from_numpy(dropped)].any()
+    changed = dict(batch)
+    where = torch.from_numpy(dropped)[..., None]
+    changed["topk_logprobs"] = torch.where(where, batch["topk_logprobs"] - 3.0, batch["topk_logprobs"])
+    changed["topk_ids"] = torch.where(where, (batch["topk_ids"] + 7) % len(student_tok), batch["topk_ids"])
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(student_tok), hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    out, grads = _run(model, batch, "mapped", None, temperature=2.0)
+    out2, grads2 = _run(model, changed, "mapped", None, temperature=2.0)
+    assert out["kd"] > 0 and out2["loss"] == out["loss"] and all(torch.equal(grads[n], grads2[n]) for n in grads)

@@ -96,6 +96,8 @@ def flat_targets(batch: dict, device) -> dict:
         if name in batch:
             t = batch[name] if cross else batch[name][:, :-1]
             out[name] = t.reshape(-1, *t.shape[2:]).to(device, non_blocking=True)
+    if "loss_mask" in batch:  # chat data: position t counts when token t+1 is a target
+        out["target_mask"] = batch["loss_mask"][:, 1:].reshape(-1).to(device, non_blocking=True)
     return out
 
 
@@ -103,6 +105,8 @@ def valid_targets(batch: dict) -> int:
     """Positions of a batch that have a next token to predict (what every loss is averaged over)."""
     if "target_mask" in batch:
         return int(batch["target_mask"].sum())
+    if "loss_mask" in batch:
+        return int(batch["loss_mask"][:, 1:].sum())
     ids = batch["input_ids"]
     return ids.shape[0] * (ids.shape[1] - 1)
 
@@ -164,7 +168,8 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
             view = {k: v[rows] for k, v in flat.items() if k in PER_POSITION}
             term = mode.loss(kd_modes.Chunk(logp, picked, {**view, "needed": needed}, w.temperature,
                                             kd.union_student_k, head, router, lm_head, h_rows, w.router_k))
-            kd_sum = term.per_position.sum()
+            per_position = term.per_position if valid is None else torch.where(valid[rows], term.per_position, 0.0)
+            kd_sum = per_position.sum()
             loss = loss + w.kd * kd_sum
             if term.aux_sum is not None:
                 loss = loss + w.projector * term.aux_sum
@@ -187,7 +192,7 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
         with autocast:
             mapped = parts.feature_map(h)
         err = ((mapped.float() - flat["hidden"]) ** 2).mean(-1)
-        keep = flat.get("hidden_mask")
+        keep = flat.get("hidden_mask", valid)
         feature_sum = err.sum() if keep is None else (err * keep).sum()
         out["feature"] = float(feature_sum.detach()) / (h.shape[0] if keep is None else max(1, int(keep.sum())))
     if backward:
@@ -222,10 +227,10 @@ def _eval_extras(sums: dict, flat: dict, rows: slice, logp: Tensor, picked: Tens
         sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows], flat["topk_mask"][rows], 1.0,
                                              teacher_log_tail=_rows(flat, "topk_log_tail", rows)).sum())
     elif "topk_ids" in flat:
-        sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
-        sums["top1_n"] += len(picked)
-        sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0,
-                                                teacher_log_tail=_rows(flat, "topk_log_tail", rows)).sum())
+        sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) * keep).sum())
+        sums["top1_n"] += len(picked) if valid is None else float(valid[rows].sum())
+        sums["kl"] += float((losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0,
+                                                 teacher_log_tail=_rows(flat, "topk_log_tail", rows)) * keep).sum())
 
 
 def _rows(flat: dict, name: str, rows: slice) -> Tensor | None:

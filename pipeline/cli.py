@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("pipeline.cli:cmd_inspect", "describe a cache (add --json for machine-readable output)"),
     "doctor": ("pipeline.doctor:main", "report versions, device and the precision the pipeline would use"),
     "show-config": ("pipeline.cli:cmd_show_config", "print the resolved config"),
+    "push": ("stage2_student_train.push:main", "upload a finished run's student and model card to the Hugging Face Hub"),
 }
 
 # inspect's checks that rerun the teacher live with the stage that runs it: looked up like commands.
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("runs", nargs="+", help="finished run directories")
             p.add_argument("--out", required=True, help="directory for REPORT.md and curves.png")
             p.add_argument("--no-generations", action="store_true", help="skip the greedy generations")
+        if name == "push":
+            p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (its final/student is uploaded)")
+            p.add_argument("--repo-id", required=True, help="hub repo, USER/NAME (created if it does not exist)")
+            p.add_argument("--private", action="store_true", help="create the repo private")
         if name == "plot":
             p.add_argument("runs", nargs="+", help="run directories")
             p.add_argument("--out", help="PNG file (default: RUN/curves.png of the first run)")

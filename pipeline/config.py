@@ -73,6 +73,11 @@ class DataConfig:
     """Configuration name of a hub dataset (e.g. wikitext-103-raw-v1), if it has several."""
     text_field: str = "text"
     """Column holding the text in .jsonl/.parquet/hub datasets."""
+    format: Literal["auto", "text", "chat"] = "auto"
+    """Rows of .jsonl/.json/.parquet/datasets: ``text`` reads ``text_field``; ``chat`` reads
+    ``messages`` (role/content) or ``prompt``/``completion``, rendered with the teacher's chat
+    template, and only the assistant's (completion's) tokens are targets (a cached ``loss_mask``);
+    ``auto``: ``text_field`` when the rows have it, else chat. See docs/user-data.md."""
     seq_len: int = 256
     """Teacher tokens per packed sequence."""
     eval_documents: list[str] = field(default_factory=list)
@@ -175,6 +180,9 @@ class StudentConfig:
                  f"must be a multiple of student.num_kv_heads ({self.num_kv_heads})")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -219,9 +227,20 @@ class TrainConfig:
     """Recompute each decoder layer's activations in backward (the HF student's
     ``gradient_checkpointing_enable``): the same gradients, ~1/3 more compute, and only each
     layer's input kept between forward and backward (``doctor --config`` counts it)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl record (rank 0) and the run's config:
+    any of tensorboard (RUN_DIR/tensorboard), wandb, trackio; each needs its package (the
+    extras of the same names). Empty: metrics.jsonl only."""
+    push_to_hub: str = ""
+    """A hub repo id (USER/NAME): upload the exported student with its model card at the end of
+    the run (huggingface_hub; needs a token and the network). Empty: no upload."""
 
     def validate(self) -> None:
         _require(self.stop_after >= 0, "train.stop_after", "must be >= 0 (0 = no limit)")
+        unknown = [r for r in self.report_to if r not in TRACKERS]
+        _require(not unknown, "train.report_to", f"has {unknown[:1]}; choose among {list(TRACKERS)}")
+        _require(not self.push_to_hub or self.push_to_hub.count("/") == 1, "train.push_to_hub",
+                 f"must be a hub repo id USER/NAME, got {self.push_to_hub!r}")
         _require(self.eval_sequences >= 0, "train.eval_sequences", f"must be >= 0 (0 = all), got {self.eval_sequences}")
         _positive(self, "train", "steps", "batch_size", "grad_accum", "loss_chunk_size", "max_bad_steps",
                   "eval_every", "save_every", "keep_checkpoints")

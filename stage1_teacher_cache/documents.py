@@ -16,12 +16,16 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
 
+from .chat import as_messages
 from .sources import Source
+
+Render = Callable[[list, str], tuple[str, tuple[tuple[int, int], ...]]]
+"""(messages, where) -> (text, assistant spans): ``chat.render`` with the teacher's tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,9 @@ class Document:
     name: str
     text: str
     split: str  # "train" | "eval"
+    spans: tuple[tuple[int, int], ...] | None = None
+    """A chat document: the character spans [start, end) of ``text`` that are targets (the
+    assistant's turns); None: plain text, every token a target."""
 
 
 def held_out_by_fraction(index: int, fraction: float) -> bool:
@@ -92,18 +99,25 @@ class EvalChooser:
 
 
 def iter_documents(cfg: DataConfig, source: Source | None = None,
-                   chooser: EvalChooser | None = None) -> Iterator[Document]:
-    """The non-empty documents of ``cfg.source`` in reading order, numbered and split.
+                   chooser: EvalChooser | None = None, render: Render | None = None) -> Iterator[Document]:
+    """The non-empty documents of ``cfg.source`` in reading order, numbered and split; chat rows
+    are rendered by ``render`` (stage 1: the teacher's chat template).
 
     Raises ``DataError`` at the end when the source held no non-empty text or an
     ``eval_documents`` name was never met (only if the caller read the stream to its end)."""
     source = source or Source(cfg)
     chooser = chooser or EvalChooser(cfg, source.document_names())
     index = 0
-    for name, text in source:
-        if not text.strip():
+    for name, value in source:
+        spans = None
+        if isinstance(value, dict):
+            if render is None:
+                raise DataError(f"{cfg.source!r} holds chat rows; they are rendered with the teacher's chat template "
+                                "in stage 1 (cache-teacher)")
+            value, spans = render(as_messages(value, f"{cfg.source} {name}"), f"{cfg.source} {name}")
+        if not value.strip():
             continue
-        yield Document(index, name, text, chooser.split_of(index, name))
+        yield Document(index, name, value, chooser.split_of(index, name), spans)
         index += 1
     if index == 0:
         raise DataError(f"dataset {cfg.source!r} holds no non-empty text; point data.source at real text")

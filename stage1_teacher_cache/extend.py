@@ -121,7 +121,8 @@ def plan_rows(spec: CacheSpec, plan: Plan, first: int, stop: int) -> Rows:
     if len(parts) == 1:
         return parts[0]
     return Rows(np.concatenate([p.input_ids for p in parts]), pa.concat_arrays([p.text for p in parts]),
-                pa.concat_arrays([p.char_end for p in parts]), pa.concat_arrays([p.doc_id for p in parts]))
+                pa.concat_arrays([p.char_end for p in parts]), pa.concat_arrays([p.doc_id for p in parts]),
+                None if parts[0].loss_mask is None else np.concatenate([p.loss_mask for p in parts]))
 
 
 def _plan_row(spec: CacheSpec, plan: Plan, index: int) -> int:

@@ -6,6 +6,9 @@ packed on its own (the last partial sequence of a split is dropped). Finished se
 straight into the plan folder (``plan_store``); memory holds one batch of documents and one
 sequence under construction per split, whatever the corpus size.
 
+Chat documents (``chat.py``) also give each token a loss mask: 1 when its last character lies
+in an assistant span (the end-of-document token: 0); plain-text tokens are all 1.
+
 For every sequence we keep ``text`` (the characters its tokens cover; an end-of-document token
 stands for ``doc_separator``) and ``char_end[t]``, the end of token t in ``text``, so another
 tokenizer can re-tokenize the same characters and align its tokens to ours by end offset.
@@ -29,8 +32,9 @@ from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.fingerprint import tokenizer_hash
 
-from .documents import Document, EvalChooser, iter_documents
 from . import pieces
+from .chat import char_mask, chat_template_hash, render, token_mask
+from .documents import Document, EvalChooser, iter_documents
 from .plan_store import PLAN_VERSION, Plan, PlanWriter, read_plan_info
 from .sources import Source
 
@@ -51,7 +55,7 @@ class Packer:
     """Packs one split's documents into sequences of ``seq_len`` tokens for ``emit``."""
 
     def __init__(self, seq_len: int, eos_id: int, separator: str, max_seqs: int | None,
-                 emit: Callable[[np.ndarray, str, np.ndarray, np.ndarray], None]):
+                 emit: Callable[[np.ndarray, str, np.ndarray, np.ndarray, np.ndarray], None]):
         self.seq_len, self.eos_id, self.separator, self.max_seqs, self.emit = seq_len, eos_id, separator, max_seqs, emit
         self.done = 0
         self._reset()
@@ -61,6 +65,7 @@ class Packer:
         self._text: list[str] = []
         self._ends: list[np.ndarray] = []
         self._docs: list[np.ndarray] = []
+        self._mask: list[np.ndarray] = []
         self._fill = 0
         self._chars = 0
 
@@ -68,9 +73,10 @@ class Packer:
     def full(self) -> bool:
         return self.max_seqs is not None and self.done >= self.max_seqs
 
-    def add(self, doc_id: int, text: str, ids: np.ndarray, offsets: np.ndarray, start: int | None = None,
-            last: bool = True) -> int:
+    def add(self, doc_id: int, text: str, ids: np.ndarray, offsets: np.ndarray,
+            spans: tuple[tuple[int, int], ...] | None = None, start: int | None = None, last: bool = True) -> int:
         """Append a document and its end-of-document token; emit every sequence it completes.
+        ``spans``: a chat document's target characters (None: every token is a target).
         A long document comes in consecutive pieces (``tokenize_pieces``): ``start`` is where the
         piece begins in ``text`` (what the previous call returned), ``last`` whether the document
         ends with it. Returns where the next piece begins (the end of this one's last token)."""
@@ -85,6 +91,10 @@ class Packer:
         if last:
             lengths = np.append(lengths, len(self.separator))
         total = len(all_ids)
+        mask = (np.ones(n, np.uint8) if spans is None else
+                token_mask(ends, char_mask(len(text), spans)).astype(np.uint8))
+        if last:  # the end-of-document token is a target of raw text only
+            mask = np.append(mask, np.uint8(spans is None))
         t = 0
         while t < total and not self.full:
             k = min(self.seq_len - self._fill, total - t)
@@ -97,12 +107,13 @@ class Packer:
             self._text.append(piece)
             self._ends.append(self._chars + np.cumsum(lengths[t:t + k]))
             self._docs.append(np.full(k, doc_id, np.int64))
+            self._mask.append(mask[t:t + k])
             self._chars += len(piece)
             self._fill += k
             t += k
             if self._fill == self.seq_len:
                 self.emit(np.concatenate(self._ids), "".join(self._text), np.concatenate(self._ends),
-                          np.concatenate(self._docs))
+                          np.concatenate(self._docs), np.concatenate(self._mask))
                 self.done += 1
                 self._reset()
         return int(ends[-1]) if n else start
@@ -115,12 +126,12 @@ def add_long_document(packer: Packer, tokenizer, doc: Document, bar) -> None:
     piece = next(stream)
     start = None
     for following in stream:
-        start = packer.add(doc.doc_id, doc.text, *piece, start=start, last=False)
+        start = packer.add(doc.doc_id, doc.text, *piece, doc.spans, start=start, last=False)
         bar.update(len(piece[0]))
         if packer.full:
             return
         piece = following
-    packer.add(doc.doc_id, doc.text, *piece, start=start, last=True)
+    packer.add(doc.doc_id, doc.text, *piece, doc.spans, start=start, last=True)
     bar.update(len(piece[0]) + 1)
 
 
@@ -133,6 +144,8 @@ class DatasetHash:
 
     def update(self, doc: Document) -> None:
         data = f"{doc.name}\0{doc.split}\0{doc.text}".encode("utf-8")
+        if doc.spans is not None:  # a chat document: its targets are content too (plain text: as before)
+            data += f"\0{list(doc.spans)}".encode("utf-8")
         self._h.update(len(data).to_bytes(8, "little"))
         self._h.update(data)
 
@@ -176,7 +189,7 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
     packers = {s: Packer(seq_len, eos_id, doc_separator, limits[s],
                          lambda *a, s=s: writer.add_sequence(s, *a)) for s in ("train", "eval")}
     digest = DatasetHash()
-    train_docs, early = 0, False
+    train_docs, early, chat = 0, False, False
     bar = tqdm(desc="plan", unit="tok", unit_scale=True, disable=not show_progress, leave=False, mininterval=1.0)
     try:
         for batch in _batches(documents):
@@ -186,10 +199,11 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
                 digest.update(doc)
                 writer.add_document(doc.doc_id, doc.name, doc.split, len(doc.text))
                 train_docs += doc.split == "train"
+                chat = chat or doc.spans is not None
                 packer = packers[doc.split]
                 if not packer.full and doc.doc_id in encoded:
                     ids, offsets = encoded[doc.doc_id]
-                    packer.add(doc.doc_id, doc.text, ids, offsets)
+                    packer.add(doc.doc_id, doc.text, ids, offsets, doc.spans)
                     bar.update(len(ids) + 1)
                 elif not packer.full:  # a long document: in bounded pieces, only as far as the split needs
                     add_long_document(packer, tokenizer, doc, bar)
@@ -209,7 +223,8 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
         if packers["train"].done == 0:
             raise DataError(f"the training documents hold fewer than seq_len={seq_len} tokens; "
                             "add text or lower data.seq_len")
-        plan = writer.close({**(info or {}), "dataset_hash": digest.hexdigest(), "stopped_early": early})
+        plan = writer.close({**(info or {}), "dataset_hash": digest.hexdigest(), "stopped_early": early,
+                             "loss_mask": chat})
     except BaseException:
         writer.abort()
         raise
@@ -225,6 +240,7 @@ def plan_key(cfg: Config, tokenizer) -> dict:
             "seq_len": d.seq_len, "eval_documents": list(d.eval_documents), "eval_fraction": d.eval_fraction,
             "max_train_tokens": d.max_train_tokens, "max_eval_tokens": d.max_eval_tokens,
             "doc_separator": d.doc_separator, "tokenizer_hash": tokenizer_hash(tokenizer),
+            "format": d.format, "chat_template": chat_template_hash(tokenizer),
             "eos_token_id": tokenizer.eos_token_id, "rows": cfg.cache.shard_sequences, "version": PLAN_VERSION}
 
 
@@ -254,7 +270,7 @@ def ensure_plan(cfg: Config, tokenizer, show_progress: bool = True) -> Plan:
     limits = {"train": cfg.data.max_train_tokens, "eval": cfg.data.max_eval_tokens}
     max_sequences(limits, cfg.data.seq_len)  # a bad cap fails before any reading
     chooser = EvalChooser(cfg.data, source.document_names())
-    documents = iter_documents(cfg.data, source, chooser)
+    documents = iter_documents(cfg.data, source, chooser, render=lambda messages, where: render(tokenizer, messages, where))
     return build_plan(documents, tokenizer, cfg.data.seq_len, tokenizer.eos_token_id, cfg.data.doc_separator,
                       limits, folder, cfg.cache.shard_sequences, info={"key": key, "signature": signature},
                       eval_done=lambda: not chooser.named or chooser.all_named_seen, show_progress=show_progress,

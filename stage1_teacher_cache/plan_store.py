@@ -7,7 +7,8 @@ reads each shard's rows back when it runs that shard. The folder (``cache.plan_d
 
     train.arrow      Arrow IPC file, one record batch per ``rows`` sequences, in order:
     eval.arrow         input_ids list<int32> [seq_len], text large_string,
-                       char_end list<int32> [seq_len], doc_id list<int32> [seq_len]
+                       char_end list<int32> [seq_len], doc_id list<int32> [seq_len],
+                       loss_mask list<uint8> [seq_len] (1: a target; all 1 for plain text)
     documents.arrow  Arrow IPC file: doc_id, name, split, chars; one row per document read
                      (copied into the cache as meta/documents.arrow)
     text_counts.npy  int64 token-id counts over every planned sequence (the sqrt8 pilot's
@@ -15,7 +16,8 @@ reads each shard's rows back when it runs that shard. The folder (``cache.plan_d
     plan.json        written last (atomically): the plan is complete exactly when it exists.
                      Holds the plan's key (the inputs it was made from), the source signature,
                      seq_len, rows, the number of sequences per split, documents read, whether
-                     reading stopped early, and dataset_hash (sha256 over every document read)
+                     reading stopped early, dataset_hash (sha256 over every document read), and
+                     loss_mask (true when chat documents were read: the cache stores the mask)
 
 The folder is deleted once the cache is complete (everything in it is then in the cache).
 Sequence ``i`` of the cache is train row ``i`` when ``i < n_train``, else eval row ``i - n_train``:
@@ -40,11 +42,12 @@ from pipeline.atomic import atomic_write_json
 from pipeline.errors import ConfigError
 from pipeline.paths import require_directory_path
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: loss_mask column
 PLAN_FILE = "plan.json"
 SPLITS = ("train", "eval")
 SEQ_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("text", pa.large_string()),
-                        ("char_end", pa.list_(pa.int32())), ("doc_id", pa.list_(pa.int32()))])
+                        ("char_end", pa.list_(pa.int32())), ("doc_id", pa.list_(pa.int32())),
+                        ("loss_mask", pa.list_(pa.uint8()))])
 DOC_SCHEMA = pa.schema([("doc_id", pa.int32()), ("name", pa.string()), ("split", pa.string()),
                         ("chars", pa.int64())])
 DOC_BATCH = 512
@@ -85,6 +88,7 @@ class Rows:
     text: pa.Array
     char_end: pa.Array
     doc_id: pa.Array
+    loss_mask: np.ndarray | None = None  # [n, L] uint8 (1: a target) when the plan is of chat data
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -100,7 +104,8 @@ class PlanWriter:
         self.folder, self.seq_len, self.rows = folder, seq_len, rows
         self._files = {s: pa.OSFile(str(folder / f"{s}.arrow"), "wb") for s in SPLITS}
         self._writers = {s: ipc.new_file(self._files[s], SEQ_SCHEMA) for s in SPLITS}
-        self._pending: dict[str, list[tuple[np.ndarray, str, np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
+        self._pending: dict[str, list[tuple[np.ndarray, str, np.ndarray, np.ndarray, np.ndarray]]] = {
+            s: [] for s in SPLITS}
         self.count = {s: 0 for s in SPLITS}
         self._doc_file = pa.OSFile(str(folder / "documents.arrow"), "wb")
         self._doc_writer = ipc.new_file(self._doc_file, DOC_SCHEMA)
@@ -108,8 +113,9 @@ class PlanWriter:
         self.documents = 0
         self.text_counts = np.zeros(0, np.int64)
 
-    def add_sequence(self, split: str, ids: np.ndarray, text: str, char_end: np.ndarray, doc_id: np.ndarray) -> None:
-        self._pending[split].append((ids, text, char_end, doc_id))
+    def add_sequence(self, split: str, ids: np.ndarray, text: str, char_end: np.ndarray, doc_id: np.ndarray,
+                     loss_mask: np.ndarray) -> None:
+        self._pending[split].append((ids, text, char_end, doc_id, loss_mask))
         self.count[split] += 1
         if len(self._pending[split]) == self.rows:
             self._flush(split)
@@ -132,11 +138,12 @@ class PlanWriter:
         n, length = ids.shape
         offsets = pa.array(np.arange(0, (n + 1) * length, length, dtype=np.int32))
 
-        def lists(values: np.ndarray) -> pa.Array:
-            return pa.ListArray.from_arrays(offsets, pa.array(values.astype(np.int32).ravel()))
+        def lists(values: np.ndarray, dtype=np.int32) -> pa.Array:
+            return pa.ListArray.from_arrays(offsets, pa.array(values.astype(dtype).ravel()))
 
         batch = pa.record_batch([lists(ids), pa.array([s[1] for s in seqs], pa.large_string()),
-                                 lists(np.stack([s[2] for s in seqs])), lists(np.stack([s[3] for s in seqs]))],
+                                 lists(np.stack([s[2] for s in seqs])), lists(np.stack([s[3] for s in seqs])),
+                                 lists(np.stack([s[4] for s in seqs]), np.uint8)],
                                 schema=SEQ_SCHEMA)
         self._writers[split].write_batch(batch)
         self._pending[split] = []
@@ -243,8 +250,11 @@ class Plan:
             parts.append(self._read("eval", max(start, n_train) - n_train, stop - n_train))
         table = pa.concat_tables(parts).combine_chunks()
         ids = table.column("input_ids").chunk(0).flatten().to_numpy().astype(np.int64)
+        mask = None
+        if self.info.get("loss_mask"):
+            mask = table.column("loss_mask").chunk(0).flatten().to_numpy().reshape(stop - start, self.seq_len)
         return Rows(ids.reshape(stop - start, self.seq_len), table.column("text").chunk(0),
-                    table.column("char_end").chunk(0), table.column("doc_id").chunk(0))
+                    table.column("char_end").chunk(0), table.column("doc_id").chunk(0), mask)
 
     def close(self) -> None:
         self._readers.clear()

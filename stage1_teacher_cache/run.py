@@ -36,6 +36,7 @@ from pipeline.paths import require_directory_path
 from pipeline.cache.tokenizer import store_tokenizer
 
 from .background import BackgroundWriter
+from .chat import chat_template_hash
 from .extend import open_cache, plan_rows
 from .plan import ensure_plan, plan_folder
 from .plan_store import Plan, Rows, remove_plan
@@ -218,6 +219,8 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, precisi
     }
     if cfg.cache.samples:  # only then: caches without samples keep their fingerprint
         fingerprint.update(samples=cfg.cache.samples, sample_seed=cfg.run.seed)
+    if plan.info.get("loss_mask"):  # chat data: the cache stores which tokens are targets
+        fingerprint.update(loss_mask="assistant", chat_template=chat_template_hash(tokenizer))
     return CacheSpec(
         num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
         hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
@@ -301,6 +304,8 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
                 parts.append(out)
                 bar.update(len(rows) * spec.seq_len)
             arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            if spec.has_loss_mask:
+                arrays["loss_mask"] = planned.loss_mask
             check_finite(shard, start, stop, arrays)  # before int8/sqrt8 coding could hide a NaN
             stats = shard_stats(arrays, planned, start, stop, spec)
             background.submit(shard, to_storage(arrays, spec), shard_meta(planned), stats)
@@ -342,6 +347,14 @@ def shard_stats(arrays: dict[str, np.ndarray], planned: Rows, start: int, stop: 
         stats[f"{split}_targets"] = stats.get(f"{split}_targets", 0.0) + spec.seq_len - 1
         target_bytes = len(text[int(first_ends[row]):].encode("utf-8"))
         stats[f"{split}_target_bytes"] = stats.get(f"{split}_target_bytes", 0.0) + target_bytes
+        if planned.loss_mask is not None:  # chat data: the teacher over the targets a student counts
+            keep = planned.loss_mask[row, 1:] > 0
+            ends = np.asarray(planned.char_end[row].as_py())
+            stats[f"{split}_masked_nll_sum"] = (stats.get(f"{split}_masked_nll_sum", 0.0)
+                                                - float(arrays["next_logprob"][row, :-1][keep].sum()))
+            stats[f"{split}_masked_targets"] = stats.get(f"{split}_masked_targets", 0.0) + float(keep.sum())
+            stats[f"{split}_masked_target_bytes"] = stats.get(f"{split}_masked_target_bytes", 0.0) + sum(
+                len(text[a:b].encode("utf-8")) for a, b, k in zip(ends[:-1], ends[1:], keep) if k)
     return stats
 
 

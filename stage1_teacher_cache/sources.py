@@ -12,6 +12,9 @@ Accepted sources (checked in this order):
 - anything else is a hub dataset id, read with ``datasets.load_dataset(..., streaming=True)``
   (``data.subset``, ``data.split``), rows named ``row-<i>``.
 
+Rows with ``messages`` or ``prompt``/``completion`` (``data.format``, ``chat.py``) come out as a
+dict of those fields instead of a string; ``documents.iter_documents`` renders them.
+
 Nothing holds more than one document (or one Arrow/parquet record batch) at a time. Every
 problem is a ``DataError`` with a one-line message naming the file or source.
 """
@@ -26,6 +29,8 @@ from typing import Iterator
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
+
+from .chat import CHAT_COLUMNS, chat_columns
 
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 SUFFIXES = (".txt",) + ROW_SUFFIXES
@@ -54,7 +59,7 @@ class Source:
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
-    def __iter__(self) -> Iterator[tuple[str, str]]:
+    def __iter__(self) -> Iterator[tuple[str, str | dict]]:
         if self.kind == "hub":
             yield from _hub_rows(self.cfg)
         elif self.kind == "saved":
@@ -64,7 +69,7 @@ class Source:
                 if f.suffix == ".txt":
                     yield self._name(f), read_utf8(f)
                 else:
-                    yield from ((f"{self._name(f)}-{i}", t) for i, t in _file_rows(f, self.cfg.text_field))
+                    yield from ((f"{self._name(f)}-{i}", t) for i, t in _file_rows(f, self.cfg))
 
     def _name(self, f: Path) -> str:
         return f.name if self.root is None else f.relative_to(self.root).as_posix()
@@ -134,9 +139,30 @@ def _missing_column(what, field: str, columns) -> DataError:
     return DataError(f"{what} has no column {field!r} (columns: {list(columns)}); set data.text_field")
 
 
-def _file_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
+def _row_columns(what, cfg: DataConfig, columns) -> tuple[str, ...]:
+    """The columns a row source is read from: ``(text_field,)``, or a chat set (``chat.py``)."""
+    chat = chat_columns(columns, cfg.text_field, cfg.format)
+    if chat is not None:
+        return chat
+    if cfg.format == "chat":
+        raise DataError(f"{what} has neither a 'messages' column nor 'prompt' and 'completion' (columns: "
+                        f"{list(columns)}); data.format=chat needs them")
+    if cfg.text_field not in columns:
+        raise _missing_column(what, cfg.text_field, columns)
+    return (cfg.text_field,)
+
+
+def _row_value(record: dict, columns: tuple[str, ...], where: str | None = None) -> str | dict:
+    """A row's text, or (a chat row) its chat fields. With ``where`` (a JSON row, whose values
+    have no declared type) a text that is not a string is an error naming ``where``."""
+    if columns in CHAT_COLUMNS:  # any chat layout a row has (a file may mix the two)
+        return {c: record[c] for group in CHAT_COLUMNS for c in group if record.get(c) is not None}
+    return _as_text(record.get(columns[0])) if where is None else _row_text(record, columns[0], where)
+
+
+def _file_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict]]:
     if path.suffix == ".parquet":
-        yield from _parquet_rows(path, field)
+        yield from _parquet_rows(path, cfg)
         return
     with open(path, "rb") as f:
         first = f.read(1)
@@ -147,11 +173,11 @@ def _file_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DataError(f"{path} is not valid JSON ({e}); fix it or convert it to JSON lines") from None
             rows = [r for r in rows if isinstance(r, dict)]
-            if rows and field not in rows[0]:
-                raise _missing_column(path, field, rows[0])
-            yield from ((i, _row_text(r, field, f"{path} row {i}")) for i, r in enumerate(rows))
+            if rows:
+                columns = _row_columns(path, cfg, rows[0])
+                yield from ((i, _row_value(r, columns, f"{path} row {i}")) for i, r in enumerate(rows))
             return
-        row = 0
+        row, columns = 0, ()
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -162,13 +188,13 @@ def _file_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
                                 f"{str(e)[:80]}); fix or remove that line") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {number} is not a JSON object; one object per line is expected")
-            if row == 0 and field not in record:
-                raise _missing_column(path, field, record)
-            yield row, _row_text(record, field, f"{path} line {number}")
+            if row == 0:
+                columns = _row_columns(path, cfg, record)
+            yield row, _row_value(record, columns, f"{path} line {number}")
             row += 1
 
 
-def _parquet_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
+def _parquet_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -176,16 +202,15 @@ def _parquet_rows(path: Path, field: str) -> Iterator[tuple[int, str]]:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path} is not a readable parquet file ({e.__class__.__name__}: {str(e)[:120]})") from None
-    if field not in pf.schema_arrow.names:
-        raise _missing_column(path, field, pf.schema_arrow.names)
+    columns = _row_columns(path, cfg, pf.schema_arrow.names)
     row = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=[field]):
-        for value in batch.column(0).to_pylist():
-            yield row, _as_text(value)
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
+        for record in batch.to_pylist():
+            yield row, _row_value(record, columns)
             row += 1
 
 
-def _saved_rows(cfg: DataConfig, root: Path) -> Iterator[tuple[str, str]]:
+def _saved_rows(cfg: DataConfig, root: Path) -> Iterator[tuple[str, str | dict]]:
     """A ``save_to_disk`` dataset: its Arrow stream files read batch by batch (no memory map, so
     resident memory does not grow with the files read)."""
     import datasets
@@ -200,24 +225,23 @@ def _saved_rows(cfg: DataConfig, root: Path) -> Iterator[tuple[str, str]]:
         if cfg.split not in ds:
             raise DataError(f"saved dataset {root} has no split {cfg.split!r} (splits: {list(ds)}); set data.split")
         ds = ds[cfg.split]
-    if cfg.text_field not in ds.column_names:
-        raise _missing_column(f"saved dataset {root}", cfg.text_field, ds.column_names)
+    columns = _row_columns(f"saved dataset {root}", cfg, ds.column_names)
     row = 0
     if ds._indices is None and ds.cache_files:
         for entry in ds.cache_files:
             with pa.OSFile(entry["filename"]) as f:
                 for batch in pa.ipc.open_stream(f):
-                    for value in batch.column(cfg.text_field).to_pylist():
-                        yield f"row-{row}", _as_text(value)
+                    for record in batch.select(list(columns)).to_pylist():
+                        yield f"row-{row}", _row_value(record, columns)
                         row += 1
         return
-    for batch in ds.select_columns([cfg.text_field]).iter(batch_size=BATCH_ROWS):
-        for value in batch[cfg.text_field]:
-            yield f"row-{row}", _as_text(value)
+    for batch in ds.select_columns(list(columns)).iter(batch_size=BATCH_ROWS):
+        for i in range(len(batch[columns[0]])):
+            yield f"row-{row}", _row_value({c: batch[c][i] for c in columns}, columns)
             row += 1
 
 
-def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str | dict]]:
     """A hub dataset (or any id ``datasets.load_dataset`` resolves), streamed: rows arrive as
     they are downloaded, nothing is materialised."""
     import datasets
@@ -231,8 +255,7 @@ def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str]]:
             columns = list(next(iter(ds.take(1)), {}).keys())
     except Exception as e:  # datasets raises a zoo of types for a missing/offline/bad dataset
         raise DataError(f"cannot load {what} ({e.__class__.__name__}: {str(e)[:200]}); {hint}") from None
-    if cfg.text_field not in columns:
-        raise _missing_column(what, cfg.text_field, columns)
+    wanted = _row_columns(what, cfg, columns)
     rows = iter(ds)
     row = 0
     while True:
@@ -243,5 +266,5 @@ def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str]]:
         except Exception as e:
             raise DataError(f"reading {what} failed at row {row} ({e.__class__.__name__}: {str(e)[:160]}); "
                             "rerun, or check the dataset") from None
-        yield f"row-{row}", _as_text(record.get(cfg.text_field))
+        yield f"row-{row}", _row_value(record, wanted)
         row += 1

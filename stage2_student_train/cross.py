@@ -7,11 +7,16 @@ computed once per (cache, student tokenizer) and stored beside the cache::
 
     CACHE/student-views/<tokenizer hash>/view.npz       ids [N, Ls] (-1 pad), aligned [N, Ls] (-1),
                                                          vmap [V_teacher] (-1: no twin)
+                                                         loss_mask [N, Ls] (chat caches: student
+                                                         tokens that are targets)
     CACHE/student-views/<tokenizer hash>/coverage.json  fraction of student positions aligned,
                                                          teacher top-k mass that maps, lengths
 
 or, with ``cache.views_dir`` set (a read-only cache), under ``VIEWS_DIR/<cache id>/<tokenizer
 hash>/``. A stored view that cannot be read or does not fit the cache is rebuilt.
+
+Chat caches: a student token is a target when its last character is one the teacher's target
+tokens cover (``loss_mask``): the same characters, whatever the student's tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pipeline.errors import CacheError
 from pipeline.fingerprint import tokenizer_hash
 
 from . import align
+from .data import masked_chars
 
 
 @dataclass
@@ -42,6 +48,7 @@ class StudentView:
     vmap: np.ndarray     # [V_teacher] int64, student id or -1
     first_end: np.ndarray  # [N] int64, char end of each sequence's first student token
     coverage: dict
+    loss_mask: np.ndarray | None = None  # [N, Ls] bool, chat caches: student tokens that are targets
 
     @property
     def seq_len(self) -> int:
@@ -61,7 +68,8 @@ def load_or_build_view(reader: CacheReader, teacher_tok, student_tok, show_progr
     _require_writable(folder, reader)
     view = build_view(reader, teacher_tok, student_tok, show_progress)
     buf = io.BytesIO()
-    np.savez_compressed(buf, ids=view.ids, aligned=view.aligned, vmap=view.vmap, first_end=view.first_end)
+    extra = {} if view.loss_mask is None else {"loss_mask": view.loss_mask}
+    np.savez_compressed(buf, ids=view.ids, aligned=view.aligned, vmap=view.vmap, first_end=view.first_end, **extra)
     atomic_write_bytes(folder / "view.npz", buf.getvalue())
     atomic_write_json(folder / "coverage.json", view.coverage)
     return view
@@ -74,7 +82,8 @@ def _load_view(folder: Path, reader: CacheReader) -> StudentView | None:
     try:
         with np.load(folder / "view.npz") as z:
             view = StudentView(z["ids"], z["aligned"], z["vmap"], z["first_end"],
-                               json.loads((folder / "coverage.json").read_text()))
+                               json.loads((folder / "coverage.json").read_text()),
+                               z["loss_mask"] if reader.spec.has_loss_mask else None)
         n = len(reader)
         if (view.aligned.shape != view.ids.shape or view.first_end.shape != (view.ids.shape[0],)
                 or view.vmap.shape != (reader.spec.vocab_size,) or not isinstance(view.coverage, dict)):
@@ -105,18 +114,23 @@ def _require_writable(folder: Path, reader: CacheReader) -> None:
 
 
 def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:
-    rows_ids, rows_aligned, first_end = [], [], []
+    rows_ids, rows_aligned, first_end, rows_mask = [], [], [], []
     for i in tqdm(range(len(reader)), desc="align student tokens", unit="seq", disable=not show_progress):
         text, teacher_ends = reader.text(i)
         ids, ends = align.student_tokens(student_tok, text)
+        if reader.spec.has_loss_mask:
+            rows_mask.append(student_mask(ends, masked_chars(reader, i, text, teacher_ends)))
         rows_ids.append(ids)
         rows_aligned.append(align.align_positions(teacher_ends, ends))
         first_end.append(int(ends[0]) if len(ends) else 0)
     length = max(len(r) for r in rows_ids)
     ids = np.full((len(rows_ids), length), -1, np.int64)
     aligned = np.full((len(rows_ids), length), -1, np.int64)
+    mask = np.zeros((len(rows_ids), length), bool) if rows_mask else None
     for i, (r, a) in enumerate(zip(rows_ids, rows_aligned)):
         ids[i, :len(r)], aligned[i, :len(a)] = r, a
+        if mask is not None:
+            mask[i, :len(r)] = rows_mask[i]
     vmap = align.vocab_map(teacher_tok, student_tok)
     if len(vmap) < reader.spec.vocab_size:  # a padded head (Qwen: 151936 rows, 151851 tokens): no twins
         vmap = np.concatenate([vmap, np.full(reader.spec.vocab_size - len(vmap), -1, vmap.dtype)])
@@ -130,7 +144,15 @@ def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: boo
         "student_seq_len": int(length),
         "student_tokenizer_hash": tokenizer_hash(student_tok),
     }
-    return StudentView(ids, aligned, vmap, np.asarray(first_end, np.int64), coverage)
+    return StudentView(ids, aligned, vmap, np.asarray(first_end, np.int64), coverage, mask)
+
+
+def student_mask(ends: np.ndarray, chars: np.ndarray) -> np.ndarray:
+    """A student token is a target when its last character (``end - 1``) is a target character."""
+    out = np.zeros(len(ends), bool)
+    ok = ends > 0
+    out[ok] = chars[np.minimum(ends[ok], len(chars)) - 1]
+    return out
 
 
 def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
@@ -143,6 +165,8 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
     ids = view.ids[indices]
     aligned = view.aligned[indices][:, :-1]
     target_mask = ids[:, 1:] >= 0
+    if view.loss_mask is not None:  # chat data: only the student's target tokens count
+        target_mask &= view.loss_mask[indices][:, 1:]
     t = np.clip(aligned, 0, None)
     top_ids = np.take_along_axis(teacher["topk_ids"].astype(np.int64), t[..., None], 1)
     top_lp = np.take_along_axis(teacher["topk_logprobs"], t[..., None], 1)

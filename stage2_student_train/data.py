@@ -25,7 +25,8 @@ DRAW_ARRAYS = ("draw_ids", "draw_counts")
 
 
 def array_names(reader: CacheReader, need_hidden: bool, need_samples: bool = False) -> tuple[str, ...]:
-    return TRAIN_ARRAYS + (("hidden",) if need_hidden else ()) + (DRAW_ARRAYS if need_samples else ())
+    return (TRAIN_ARRAYS + (("hidden",) if need_hidden else ()) + (DRAW_ARRAYS if need_samples else ())
+            + (("loss_mask",) if reader.spec.has_loss_mask else ()))
 
 
 @dataclass
@@ -126,16 +127,35 @@ def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...])
     batch = {}
     for name in names:
         arr = arrays[name]
-        batch[name] = torch.from_numpy(arr.astype(np.int64 if arr.dtype.kind in "ui" and name != "hidden"
-                                                  else np.float32))
+        batch[name] = torch.from_numpy(arr > 0 if name == "loss_mask" else arr.astype(
+            np.int64 if arr.dtype.kind in "ui" and name != "hidden" else np.float32))
     batch["sample_ids"] = torch.from_numpy(np.asarray(indices, np.int64))
     return batch
 
 
 def target_bytes(reader: CacheReader, index: int) -> int:
-    """UTF-8 bytes of the text that a sequence's targets (tokens 1..L-1) cover: for bits per byte."""
+    """UTF-8 bytes of the text that a sequence's targets (tokens 1..L-1) cover: for bits per byte.
+    A chat cache: only the characters of its targets (``loss_mask``)."""
     text, char_end = reader.text(index)
+    if reader.spec.has_loss_mask:
+        return masked_bytes(text, masked_chars(reader, index, text, char_end), int(char_end[0]))
     return len(text[int(char_end[0]):].encode("utf-8"))
+
+
+def masked_chars(reader: CacheReader, index: int, text: str, char_end: np.ndarray) -> np.ndarray:
+    """[len(text)] bool: the characters covered by the sequence's target tokens (``loss_mask``)."""
+    mask = reader.read_range(index, index + 1, ("loss_mask",))["loss_mask"][0]
+    chars = np.zeros(len(text), bool)
+    starts = np.concatenate([[0], char_end[:-1]])
+    for a, b in zip(starts[mask > 0], char_end[mask > 0]):
+        chars[a:b] = True
+    return chars
+
+
+def masked_bytes(text: str, chars: np.ndarray, first: int) -> int:
+    """UTF-8 bytes of the masked characters from ``first`` on (the first token is never a target)."""
+    keep = np.flatnonzero(chars[first:]) + first
+    return sum(len(text[i].encode("utf-8")) for i in keep)
 
 
 @dataclass
@@ -147,6 +167,8 @@ class DataAccess:
     target_bytes: Callable[[int], int]
     seq_len: int
     coverage: dict | None = None
+    counted: str = "all tokens"
+    """Which targets the held-out numbers count (a chat cache: its loss_mask's)."""
 
 
 def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidden: bool, dist=None,
@@ -156,7 +178,7 @@ def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidde
     if same_tokenizer:
         names = array_names(reader, need_hidden, need_samples)
         return DataAccess(lambda ids: load_batch(reader, ids, names), lambda i: target_bytes(reader, i),
-                          reader.spec.seq_len)
+                          reader.spec.seq_len, counted=counted_targets(reader))
     from .cross import cross_batch, load_or_build_view
     from .student import load_teacher_tokenizer
 
@@ -171,7 +193,15 @@ def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidde
                                               for k, v in view.coverage.items()))
 
     def cross_bytes(i: int) -> int:
-        return len(reader.text(i)[0][int(view.first_end[i]):].encode("utf-8"))
+        text, char_end = reader.text(i)
+        if reader.spec.has_loss_mask:
+            return masked_bytes(text, masked_chars(reader, i, text, char_end), int(view.first_end[i]))
+        return len(text[int(view.first_end[i]):].encode("utf-8"))
 
     return DataAccess(lambda ids: cross_batch(reader, view, ids, need_hidden), cross_bytes, view.seq_len,
-                      view.coverage)
+                      view.coverage, counted=counted_targets(reader))
+
+
+def counted_targets(reader: CacheReader) -> str:
+    return ("assistant/completion tokens only (the cache's loss_mask)" if reader.spec.has_loss_mask
+            else "all tokens")

@@ -79,7 +79,8 @@ def main(args) -> int:
     ids = list(reader.split_indices("eval"))[: cfg.train.eval_sequences or None]
     result = evaluate(model, access.load, access.target_bytes, ids, cfg.train.batch_size, cfg.train.loss_chunk_size,
                       torch.autocast("cpu", enabled=False))
-    print(json.dumps({"run": str(student_dir.parent.parent), **result}, indent=1))
+    counted = {"counted": access.counted} if reader.spec.has_loss_mask else {}
+    print(json.dumps({"run": str(student_dir.parent.parent), **result, **counted}, indent=1))
     return 0
 
 

@@ -96,6 +96,8 @@ def flat_targets(batch: dict, device) -> dict:
         if name in batch:
             t = batch[name] if cross else batch[name][:, :-1]
             out[name] = t.reshape(-1, *t.shape[2:]).to(device, non_blocking=True)
+    if "loss_mask" in batch:  # chat data: position t counts when token t+1 is a target
+        out["target_mask"] = batch["loss_mask"][:, 1:].reshape(-1).to(device, non_blocking=True)
     return out
 
 
@@ -103,6 +105,8 @@ def valid_targets(batch: dict) -> int:
     """Positions of a batch that have a next token to predict (what every loss is averaged over)."""
     if "target_mask" in batch:
         return int(batch["target_mask"].sum())
+    if "loss_mask" in batch:
+        return int(batch["loss_mask"][:, 1:].sum())
     ids = batch["input_ids"]
     return ids.shape[0] * (ids.shape[1] - 1)
 
@@ -121,93 +125,156 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
     ``finish()`` gives a last scalar term (the step's load balance) for the one backward. Without
     ``gate``, a projected batch is its own step."""
     parts = as_trainable(model)
-    net = net or parts
     mode = kd_modes.get(kd.mode)
-    device = next(parts.parameters()).device
-    flat = flat_targets(batch, device)
-    autocast = autocast or torch.autocast(device.type, enabled=False)
+    flat = flat_targets(batch, next(parts.parameters()).device)
+    autocast = autocast or torch.autocast(flat["input_ids"].device.type, enabled=False)
     with autocast:
-        hidden = net(flat["input_ids"])  # [B, L, Ds]
+        hidden = (net or parts)(flat["input_ids"])  # [B, L, Ds]
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     valid = flat.get("target_mask")
     n = h.shape[0] if valid is None else max(1, int(valid.sum()))
-    scale = loss_scale / (denominator or n)
-    lm_head = parts.student.get_output_embeddings()
     router = parts.router if "router" in mode.modules else None
     if router is not None and gate is None and backward:  # a lone batch is a whole step
         gate = GateStats()
         finish = lambda: w.load_balance * step_load_balance(router, gate.inputs, gate.counts, gate.positions)
-    side = [p for m in (lm_head, router) if m is not None for p in m.parameters() if p.requires_grad]
-    side_grads: list[Tensor | None] = [None] * len(side)
-    h_detached = h.detach()
-    h_grad = torch.zeros_like(h) if backward else None
-    use_kd = mode.loss is not None and (w.kd > 0 or router is not None)
+    b = _Batch(flat, valid, mode, kd, w, parts.student.get_output_embeddings(), router, head, autocast, gate)
+    grads = _ChunkGrads(h, (b.lm_head, router)) if backward else None
+    scale = loss_scale / (denominator or n)
     sums = {"ce": 0.0, "kd": 0.0, "nll": 0.0, "top1": 0.0, "top1_n": 0.0, "kl": 0.0}
+    h_detached = h.detach()
     for s in range(0, h.shape[0], chunk):  # every row; n (valid rows) is only the denominator
         rows = slice(s, s + chunk)
         h_rows = h_detached[rows].requires_grad_(backward)
-        with autocast:
-            logits = lm_head(h_rows)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        # One gather for every id the terms need: the target, the teacher's top-k, the sampled ids.
-        needed = flat["targets"][rows, None]
-        if "topk_ids" in flat:
-            needed = torch.cat([needed, flat["topk_ids"][rows]], dim=1)
-        if "samples" in mode.needs:
-            needed = torch.cat([needed, flat["draw_ids"][rows]], dim=1)
-        picked = logp.gather(1, needed)
-        smoothing_mean = logp.mean(-1) if w.label_smoothing > 0 else None
-        ce_pos = losses.cross_entropy(picked[:, 0], w.label_smoothing, smoothing_mean)
-        ce = (ce_pos if valid is None else ce_pos * valid[rows]).sum()
-        loss = w.ce * ce
-        if use_kd:
-            view = {k: v[rows] for k, v in flat.items() if k in PER_POSITION}
-            term = mode.loss(kd_modes.Chunk(logp, picked, {**view, "needed": needed}, w.temperature,
-                                            kd.union_student_k, head, router, lm_head, h_rows, w.router_k,
-                                            kd.divergence, kd.jsd_beta))
-            kd_sum = term.per_position.sum()
-            loss = loss + w.kd * kd_sum
-            if term.aux_sum is not None:
-                loss = loss + w.projector * term.aux_sum
-            if gate is not None:
-                gate.add(term)
-            sums["kd"] += float(kd_sum.detach())
+        loss, logp, picked = _chunk_loss(b, rows, h_rows, sums)
         if backward:
-            grads = torch.autograd.grad(loss * scale, [h_rows, *side], allow_unused=True)
-            h_grad[rows] += grads[0]
-            for i, g in enumerate(grads[1:]):
-                if g is not None:
-                    side_grads[i] = g if side_grads[i] is None else side_grads[i].add_(g)
+            grads.add(loss * scale, rows, h_rows)
         else:
             _eval_extras(sums, flat, rows, logp, picked, valid)
-        sums["ce"] += float(ce.detach())
     out = {k: v / n for k, v in sums.items()}
     out["top1_n"] = sums["top1_n"]
-    feature_sum = None
-    if parts.feature_map is not None and w.feature > 0:
-        with autocast:
-            mapped = parts.feature_map(h)
-        err = ((mapped.float() - flat["hidden"]) ** 2).mean(-1)
-        keep = flat.get("hidden_mask")
-        feature_sum = err.sum() if keep is None else (err * keep).sum()
-        out["feature"] = float(feature_sum.detach()) / (h.shape[0] if keep is None else max(1, int(keep.sum())))
-    if backward:
-        roots: list[Tensor] = [h] + [p for p, g in zip(side, side_grads) if g is not None]
-        grads_in: list[Tensor | None] = [h_grad] + [g for g in side_grads if g is not None]
-        last = sum(p.sum() for m in parts.extras().values() if m is not None for p in m.parameters()) * 0.0
-        if feature_sum is not None:  # every trainable module gets a gradient (DDP waits for each)
-            last = last + w.feature * feature_sum * scale
+    feature_sum = _feature_term(parts, h, flat, valid, w, autocast, out)
+    if backward:  # every trainable module gets a gradient (DDP waits for each)
+        last = [] if feature_sum is None else [w.feature * feature_sum * scale]
         if finish is not None:
-            last = last + finish() * loss_scale
-        if torch.is_tensor(last):
-            roots.append(last)
-            grads_in.append(None)
-        torch.autograd.backward(roots, grads_in)
+            last.append(finish() * loss_scale)
+        grads.backward(parts.extras().values(), last)
     out["loss"] = w.ce * out["ce"] + w.kd * out["kd"] + w.feature * out.get("feature", 0.0)
     if gate is not None and gate.counts is not None:
         out["router_counts"] = gate.counts.detach()
     out["positions"] = n
     return out
+
+
+@dataclass
+class _Batch:
+    """What every chunk of one micro-batch reads: its flat targets and mask, the KD mode and
+    weights, and the modules the losses use."""
+
+    flat: dict
+    valid: Tensor | None
+    mode: kd_modes.KDMode
+    kd: KDConfig
+    w: Weights
+    lm_head: nn.Module
+    router: nn.Module | None
+    head: Tensor | None
+    autocast: object
+    gate: GateStats | None
+
+    @property
+    def use_kd(self) -> bool:
+        return self.mode.loss is not None and (self.w.kd > 0 or self.router is not None)
+
+
+def _chunk_loss(b: _Batch, rows: slice, h_rows: Tensor, sums: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """CE (and KD) over one chunk of positions, summed and weighted; their values go to ``sums``.
+    Returns the loss, the student's log-probs, and those at the ids the terms need."""
+    with b.autocast:
+        logits = b.lm_head(h_rows)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    needed = _needed_ids(b.flat, b.mode, rows)
+    picked = logp.gather(1, needed)
+    smoothing_mean = logp.mean(-1) if b.w.label_smoothing > 0 else None
+    ce_pos = losses.cross_entropy(picked[:, 0], b.w.label_smoothing, smoothing_mean)
+    ce = (ce_pos if b.valid is None else ce_pos * b.valid[rows]).sum()
+    sums["ce"] += float(ce.detach())
+    loss = b.w.ce * ce
+    if b.use_kd:
+        kd_sum, aux_sum = _kd_term(b, rows, h_rows, logp, picked, needed)
+        sums["kd"] += float(kd_sum.detach())
+        loss = loss + b.w.kd * kd_sum
+        if aux_sum is not None:
+            loss = loss + b.w.projector * aux_sum
+    return loss, logp, picked
+
+
+def _needed_ids(flat: dict, mode: kd_modes.KDMode, rows: slice) -> Tensor:
+    """Every id the terms need, for one gather: the target, the teacher's top-k, the sampled ids."""
+    needed = flat["targets"][rows, None]
+    if "topk_ids" in flat:
+        needed = torch.cat([needed, flat["topk_ids"][rows]], dim=1)
+    if "samples" in mode.needs:
+        needed = torch.cat([needed, flat["draw_ids"][rows]], dim=1)
+    return needed
+
+
+def _kd_term(b: _Batch, rows: slice, h_rows: Tensor, logp: Tensor, picked: Tensor,
+             needed: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The KD mode's loss summed over one chunk (a masked position contributes exactly zero), and
+    the projector's own term; the router's statistics go to the step's gate."""
+    view = {k: v[rows] for k, v in b.flat.items() if k in PER_POSITION}
+    term = b.mode.loss(kd_modes.Chunk(logp, picked, {**view, "needed": needed}, b.w.temperature,
+                                      b.kd.union_student_k, b.head, b.router, b.lm_head, h_rows, b.w.router_k,
+                                      b.kd.divergence, b.kd.jsd_beta))
+    per_position = term.per_position if b.valid is None else torch.where(b.valid[rows], term.per_position, 0.0)
+    if b.gate is not None:
+        b.gate.add(term)
+    return per_position.sum(), term.aux_sum
+
+
+def _feature_term(parts: Trainable, h: Tensor, flat: dict, valid: Tensor | None, w: Weights, autocast,
+                  out: dict) -> Tensor | None:
+    """MSE of the feature map of ``h`` to the cached teacher hidden state, summed over the kept
+    positions (None without a feature map); its mean goes to ``out["feature"]``."""
+    if parts.feature_map is None or not w.feature > 0:
+        return None
+    with autocast:
+        mapped = parts.feature_map(h)
+    err = ((mapped.float() - flat["hidden"]) ** 2).mean(-1)
+    keep = flat.get("hidden_mask", valid)
+    feature_sum = err.sum() if keep is None else (err * keep).sum()
+    out["feature"] = float(feature_sum.detach()) / (h.shape[0] if keep is None else max(1, int(keep.sum())))
+    return feature_sum
+
+
+class _ChunkGrads:
+    """Each chunk's gradient with respect to its slice of the detached ``h`` and to the modules it
+    uses directly (the head, the router), gathered for the ONE backward through the transformer."""
+
+    def __init__(self, h: Tensor, modules: tuple[nn.Module | None, ...]):
+        self.h, self.h_grad = h, torch.zeros_like(h)
+        self.side = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+        self.side_grads: list[Tensor | None] = [None] * len(self.side)
+
+    def add(self, loss: Tensor, rows: slice, h_rows: Tensor) -> None:
+        grads = torch.autograd.grad(loss, [h_rows, *self.side], allow_unused=True)
+        self.h_grad[rows] += grads[0]
+        for i, g in enumerate(grads[1:]):
+            if g is not None:
+                self.side_grads[i] = g if self.side_grads[i] is None else self.side_grads[i].add_(g)
+
+    def backward(self, extras, last_terms: list[Tensor]) -> None:
+        """From ``h`` with the gathered gradient, the side modules with theirs, and one scalar: the
+        ``last_terms`` plus a zero over every parameter of ``extras`` (so each gets a gradient)."""
+        roots: list[Tensor] = [self.h] + [p for p, g in zip(self.side, self.side_grads) if g is not None]
+        grads_in: list[Tensor | None] = [self.h_grad] + [g for g in self.side_grads if g is not None]
+        last = sum(p.sum() for m in extras if m is not None for p in m.parameters()) * 0.0
+        for term in last_terms:
+            last = last + term
+        if torch.is_tensor(last):
+            roots.append(last)
+            grads_in.append(None)
+        torch.autograd.backward(roots, grads_in)
 
 
 @torch.no_grad()
@@ -223,10 +290,10 @@ def _eval_extras(sums: dict, flat: dict, rows: slice, logp: Tensor, picked: Tens
         sums["kl"] += float(losses.kd_mapped(at_ids, flat["topk_logprobs"][rows], flat["topk_mask"][rows], 1.0,
                                              teacher_log_tail=_rows(flat, "topk_log_tail", rows)).sum())
     elif "topk_ids" in flat:
-        sums["top1"] += float((logp.argmax(-1) == flat["topk_ids"][rows, 0]).sum())
-        sums["top1_n"] += len(picked)
-        sums["kl"] += float(losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0,
-                                                teacher_log_tail=_rows(flat, "topk_log_tail", rows)).sum())
+        sums["top1"] += float(((logp.argmax(-1) == flat["topk_ids"][rows, 0]) * keep).sum())
+        sums["top1_n"] += len(picked) if valid is None else float(valid[rows].sum())
+        sums["kl"] += float((losses.kd_topk_tail(at_ids, flat["topk_logprobs"][rows], 1.0,
+                                                 teacher_log_tail=_rows(flat, "topk_log_tail", rows)) * keep).sum())
 
 
 def _rows(flat: dict, name: str, rows: slice) -> Tensor | None:

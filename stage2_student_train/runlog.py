@@ -1,4 +1,5 @@
-"""``metrics.jsonl``: one JSON object per line, written by rank 0, flushed as it goes."""
+"""``metrics.jsonl``: one JSON object per line, written by rank 0, flushed as it goes (and
+passed to the run's experiment trackers, ``trackers.py``, at the same points)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import torch
 
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, trackers=None):
         self.file = open(path, "a") if enabled else None
+        self.trackers = trackers if enabled else None
 
     def write(self, record: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def train_record(self, state, result, w, tokens_per_s: float, device: torch.device, router: bool) -> None:
         self.write({"step": state.step, "loss": result.loss, "ce": result.ce, "kd": result.kd,
@@ -29,6 +33,8 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -58,7 +58,12 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     except Exception as e:
         raise PipelineError(f"cannot load student.tokenizer={cfg.student.tokenizer!r} ({e.__class__.__name__}: "
                             f"{str(e)[:200]}); give a tokenizer directory, a hub id or embedded:gpt2") from None
-    return tok, tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
+    same = tokenizer_hash(tok) == reader.fingerprint["tokenizer_hash"]
+    if reader.spec.has_loss_mask and not getattr(tok, "chat_template", None):
+        # Trained on conversations rendered with the teacher's template: the student speaks that
+        # format (as text in its own tokens), so its exported tokenizer renders prompts with it.
+        tok.chat_template = load_teacher_tokenizer(reader).chat_template
+    return tok, same
 
 
 def special_token_ids(tokenizer, for_config: bool = False) -> dict[str, int | None]:
@@ -167,57 +172,4 @@ def save_student(model, tokenizer, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-MODEL_CARD_KEYS = ("teacher", "cache_fingerprint", "kd_mode", "temperature", "steps", "held_out")
-
-
-def write_model_card(student_dir: Path, info: dict) -> Path:
-    """Write ``student_dir/README.md``: what the student was distilled from and how, its held-out
-    numbers, and how to load it. ``info`` keys (all optional; others are listed as they are):
-
-    - ``teacher`` (str): the teacher model; ``cache_fingerprint`` (str or dict): the cache's;
-    - ``kd_mode`` (str), ``temperature`` (float), ``steps`` (int), ``tokens`` (int: trained on);
-    - ``held_out`` (dict name -> number: e.g. ppl, bpb, ce, teacher_top1_agree, kl), reported with
-      6 significant digits; ``run`` (str): the run name; ``tokenizer`` (str).
-    """
-    import json
-
-    student_dir = Path(student_dir)
-    rest = {k: v for k, v in info.items() if k not in MODEL_CARD_KEYS + ("tokens", "run", "tokenizer")}
-
-    def fmt(v) -> str:
-        if isinstance(v, float):
-            return f"{v:.6g}"
-        if isinstance(v, (dict, list)):
-            return "`" + json.dumps(v, sort_keys=True, default=str) + "`"
-        return str(v)
-
-    fp = info.get("cache_fingerprint")
-    fp_text = fmt(fp) if not isinstance(fp, str) else f"`{fp}`"
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- knowledge-distillation",
-             "---", "", f"# {info.get('run', student_dir.name)}: a distilled student", "",
-             "A causal LM trained by kd-pipeline from an offline teacher cache (stage 1 cached the teacher's",
-             "top-k logits and hidden states; stage 2 trained this student from the cache alone).", "",
-             "| | |", "|---|---|",
-             f"| teacher | {fmt(info.get('teacher', 'unknown'))} |",
-             f"| cache fingerprint | {fp_text if fp is not None else 'unknown'} |",
-             f"| KD mode | {fmt(info.get('kd_mode', 'unknown'))} |"]
-    for key, label in (("temperature", "KD temperature"), ("steps", "training steps"), ("tokens", "training tokens"),
-                       ("tokenizer", "tokenizer")):
-        if key in info:
-            lines.append(f"| {label} | {fmt(info[key])} |")
-    for key, value in rest.items():
-        lines.append(f"| {key} | {fmt(value)} |")
-    held = info.get("held_out") or {}
-    if held:
-        lines += ["", "## Held-out evaluation", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in held.items()]
-    lines += ["", "## Load it", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'path = "{student_dir}"  # or wherever this directory now lives',
-              "tokenizer = AutoTokenizer.from_pretrained(path)",
-              "model = AutoModelForCausalLM.from_pretrained(path)",
-              'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
-              "out = model.generate(**inputs, max_new_tokens=30, do_sample=False)",
-              "print(tokenizer.decode(out[0], skip_special_tokens=True))", "```", ""]
-    path = student_dir / "README.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+from .model_card import MODEL_CARD_KEYS, write_model_card  # noqa: E402,F401  (the card lives in model_card.py)

@@ -38,6 +38,7 @@ from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
 from .step import TrainingError, step_weights, train_step  # noqa: F401  (TrainingError: part of the API)
 from .student import save_student, write_model_card
+from .trackers import Trackers, check_trackers
 
 SHARDED = "sharded"  # FSDP checkpoints: the torch.distributed.checkpoint folder inside a checkpoint
 
@@ -72,6 +73,11 @@ def train(cfg: Config, resume_from: Path | None = None, show_progress: bool = Tr
 def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) -> dict:
     t = cfg.train
     saved = load_state(resume_from) if resume_from else None
+    check_trackers(t.report_to)  # a missing tracker package fails before anything is written
+    if t.push_to_hub and dist.is_main:  # no token or no network: say so now, not after training
+        from .push import check_hub
+
+        check_hub(t.push_to_hub)
     setup = setup_run(cfg, dist, show_progress)
     if saved is not None:
         setup.train_sequences = check_resumable(saved, setup, resume_from)
@@ -89,7 +95,8 @@ def run(cfg: Config, resume_from: Path | None, show_progress: bool, dist: Dist) 
     if kd_floor and dist.is_main:  # what the cache's top-k encoding costs this run, before it starts
         print(fidelity_line(kd_floor, setup.reader.spec.topk_encoding, cfg.kd.mode), flush=True)
     head, autocast = setup.teacher_head(), setup.autocast()
-    log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main)
+    log = MetricsLog(setup.run_dir / "metrics.jsonl", enabled=dist.is_main,
+                     trackers=Trackers(cfg, setup.run_dir) if dist.is_main and t.report_to else None)
     stop_at = min(t.steps, state.step + t.stop_after) if t.stop_after else t.steps
     tokens_per_step = t.batch_size * t.grad_accum * dist.world * (setup.reader.spec.seq_len - 1)
     bar = tqdm(total=t.steps, initial=state.step, desc=f"train {cfg.run.name}", unit="step",
@@ -135,15 +142,23 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
     check_cache_unchanged(setup)  # the model card must name the cache the student was trained on
     export(setup, state, final)
     if setup.dist.is_main:
-        (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        write_model_card(final, {
+        card = {
             "run": cfg.run.name, "teacher": setup.reader.fingerprint.get("teacher"),
+            "student_model": cfg.student.model, "dataset": setup.reader.fingerprint.get("dataset"),
+            "chat": setup.reader.spec.has_loss_mask,
             "cache_fingerprint": setup.cache_fingerprint, "cache train sequences": setup.train_sequences,
             "kd_mode": cfg.kd.mode, "temperature": cfg.kd.temperature,
             **({"cache KD floor (nats)": {f"{f['temperature']:g}": f["nats"] for f in summary["cache_kd_floor"]}}
                if summary.get("cache_kd_floor") else {}),
             "steps": state.step, "tokens": tokens, "tokenizer": cfg.student.tokenizer or "the teacher's",
-            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}})
+            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}}
+        write_model_card(final, card)
+        summary["model_card"] = card  # what `push` rewrites the card from, for the hub repo
+        (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        if cfg.train.push_to_hub:
+            from .push import push
+
+            push(setup.run_dir, cfg.train.push_to_hub)
     return summary
 
 
@@ -172,6 +187,8 @@ def maybe_eval(setup: RunSetup, state: TrainState, log: MetricsLog, show_progres
         record = {"step": state.step, "split": "eval",
                   **evaluate(state.parts, setup.access.load, setup.access.target_bytes, ids, t.batch_size,
                              t.loss_chunk_size, setup.autocast(), net=net, dist=setup.dist)}
+        if setup.reader.spec.has_loss_mask:  # say which targets the numbers count
+            record["counted"] = setup.access.counted
         after_eval(state.net, setup.parallel)
     log.write(record)
     if show_progress and setup.dist.is_main:

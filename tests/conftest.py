@@ -4,6 +4,7 @@ Hugging Face directory, and a small corpus of named documents. Everything offlin
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -150,3 +151,49 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-tokenizer")
     tok.save_pretrained(out)
     return out
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "user", "content": f"Speak, friend {i}: what news from the court?"},
+                  {"role": "assistant", "content": f"My lord, the king rode {i} leagues hence, and all is merry."},
+                  {"role": "user", "content": "And the queen?"},
+                  {"role": "assistant", "content": "She weeps, my lord; café and naïve tears."}]}
+    for i in range(10)] + [{"prompt": "Say hello.", "completion": "Hello, good sir; well met."}]
+
+
+@pytest.fixture(scope="session")
+def chat_teacher_dir(tmp_path_factory, smollm2_tokenizer_dir) -> Path:
+    """A 1-layer Llama (d=16) over SmolLM2's real tokenizer, which has a chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("chat-teacher")
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    torch.manual_seed(4321)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         initializer_range=0.3, tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_corpus_dir(tmp_path_factory) -> Path:
+    """Chat rows (messages, and one prompt/completion row) in one .jsonl file."""
+    out = tmp_path_factory.mktemp("chat-corpus")
+    (out / "talk.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="session")
+def chat_cache(chat_teacher_dir, chat_corpus_dir, tmp_path_factory) -> Path:
+    """A complete sqrt8 cache of the chat rows (it stores loss_mask); row 3 held out."""
+    from pipeline.config import load_config
+    from stage1_teacher_cache.run import cache_teacher
+
+    cache = tmp_path_factory.mktemp("chat-cache") / "cache"
+    cache_teacher(load_config(None, stage1_overrides(chat_teacher_dir, chat_corpus_dir, cache, **{
+        "data.eval_documents": ["talk.jsonl-3"], "cache.topk_encoding": "sqrt8", "cache.pilot_sequences": 2})),
+        show_progress=False)
+    return cache

@@ -224,3 +224,26 @@ def test_the_plain_reader_fails_when_a_rule_is_wrong(sqrt8_int8_cache, tmp_path,
     assert np.array_equal(ids, want["topk_ids"]) and np.array_equal(logprobs, want["topk_logprobs"])
     ids, logprobs, _ = PlainCache(root, wrong=wrong).topk(0, stop)
     assert not (np.array_equal(ids, want["topk_ids"]) and np.array_equal(logprobs, want["topk_logprobs"]))
+
+
+def test_the_loss_mask_of_a_chat_cache_as_documented(chat_cache):
+    """A chat cache (fingerprint key ``loss_mask``) holds arrays.zarr/loss_mask [N, L] uint8,
+    vouched for by the shard markers; token t is a target when its last character lies in an
+    assistant turn: the kept characters are the assistant's words, never the user's."""
+    from pipeline.cache import CacheReader
+
+    plain = PlainCache(chat_cache)
+    assert plain.spec["fingerprint"]["loss_mask"] == "assistant"
+    assert plain.verify() > 0  # the markers list the mask's shard files, and their checksums hold
+    mask = plain.group["loss_mask"][:]
+    n, length = plain.spec["num_sequences"], plain.spec["seq_len"]
+    assert mask.shape == (n, length) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert plain.group["loss_mask"].attrs["dims"] == ["sequence", "position"]
+    assert np.array_equal(mask, CacheReader(chat_cache).read_range(0, n, ("loss_mask",))["loss_mask"])
+    kept = []
+    for i in range(n):
+        rec = plain.row(i)
+        ends = [0, *rec["char_end"]]
+        kept += [rec["text"][a:b] for a, b, m in zip(ends, ends[1:], mask[i]) if m]
+    kept = "".join(kept)
+    assert "She weeps" in kept and "what news" not in kept and "<|im_start|>" not in kept

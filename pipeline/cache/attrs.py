@@ -110,6 +110,11 @@ def array_attrs(name: str, spec: CacheSpec) -> dict[str, Any]:
                       "decode": "ranks = cumsum(draw_gaps); ids = rank_to_id[ranks] (sqrt8, logp16) or ranks; "
                                 "ignore entries whose draw_counts is 0",
                       "dtype_note": f"{ids}, like the ids"},
+        "loss_mask": {"description": "chat caches only: 1 where token t is a target (it lies in an assistant turn or a "
+                                     "completion: its last character is in one), 0 elsewhere (prompts, template "
+                                     "markers around them, the end-of-document token); the loss at position t, which "
+                                     "predicts token t+1, counts when loss_mask[t+1] is 1",
+                      "dims": ["sequence", "position"], "units": "flag", "dtype_note": "uint8, 0 or 1", **raw},
         "draw_counts": {"description": "sampled cache: how often each id of draw_gaps was drawn; the counts of a "
                                        "position sum to cache.samples, 0 marks padding; E[count / samples] = p",
                         "dims": ["sequence", "position", "sample"], "units": "draws", "dtype_note": "uint8", **raw},

@@ -25,7 +25,8 @@ SPLITS = ("train", "eval")
 EXTENT_KEYS = ("dataset", "dataset_hash", "max_train_tokens", "max_eval_tokens")
 """Fingerprint fields that say how much data a cache holds; an extension may change them (the
 rest say what every sequence's numbers are made of, and must stay equal)."""
-LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "draw_ids", "draw_counts")
+LOGICAL = ("input_ids", "topk_ids", "topk_logprobs", "logz", "next_logprob", "hidden", "draw_ids", "draw_counts",
+           "loss_mask")
 """What a writer is given and a reader returns, whatever the encodings (``codecs.py``)."""
 DERIVED = ("topk_log_tail",)
 """Read-only logical arrays computed by the reader: ``topk_log_tail`` = log of the teacher's mass
@@ -35,6 +36,8 @@ LOGP16_ARRAYS = ("topk_rank_gaps", "topk_log_codes", "topk_log_tail_code")
 RANK_TABLE_ENCODINGS = ("sqrt8", "logp16")
 """Encodings that store ids as rank gaps over the cache's ``rank_to_id`` table."""
 DRAW_ARRAYS = ("draw_gaps", "draw_counts")
+MASK_ARRAYS = ("loss_mask",)
+"""Chat caches only (fingerprint key ``loss_mask``): 1 where a token is a target."""
 COMPACT_ZSTD_LEVEL = 9  # the small coded arrays: level 9 saves ~5 B/token over 3 on the gaps, for little CPU
 
 META_SCHEMA = pa.schema([
@@ -101,6 +104,12 @@ class CacheSpec:
         return start, min(start + self.shard_sequences, self.num_sequences)
 
     @property
+    def has_loss_mask(self) -> bool:
+        """A cache of chat data: it stores ``loss_mask`` (only the assistant's tokens are targets).
+        Told by the fingerprint, so plain-text caches keep their manifest byte for byte."""
+        return "loss_mask" in self.fingerprint
+
+    @property
     def uses_rank_table(self) -> bool:
         """True when top-k ids (and sampled ids) are stored as rank gaps over ``rank_to_id``."""
         return self.topk_encoding in RANK_TABLE_ENCODINGS
@@ -150,6 +159,8 @@ class CacheSpec:
         if self.samples:
             specs.update({"draw_gaps": ((n, length, self.samples), ids),
                           "draw_counts": ((n, length, self.samples), np.dtype(np.uint8))})
+        if self.has_loss_mask:
+            specs["loss_mask"] = ((n, length), np.dtype(np.uint8))
         if self.store_hidden:
             specs["hidden"] = ((n, length, d), np.dtype(np.int8 if self.hidden_dtype == "int8" else np.float16))
             if self.hidden_dtype == "int8":

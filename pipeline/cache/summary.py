@@ -33,6 +33,9 @@ def summary_stats(markers: Iterable[dict[str, Any]]) -> dict[str, Any]:
                               if tot.get("train_targets") else None),
         "samples_unique_mean": tot["sample_unique_sum"] / positions if positions and "sample_unique_sum" in tot else None,
         "kd_floor": kd_floor_means(tot),
+        **({"teacher_eval_ppl_targets": math.exp(tot["eval_masked_nll_sum"] / tot["eval_masked_targets"]),
+            "teacher_eval_bpb_targets": tot["eval_masked_nll_sum"] / math.log(2) / tot["eval_masked_target_bytes"]}
+           if tot.get("eval_masked_targets") and tot.get("eval_masked_target_bytes") else {}),
     }
 
 

@@ -30,8 +30,8 @@ from .files import (ARRAYS, CREATING, DONE, HEAD_MARKER, MANIFEST, META, array_m
                     check_record, chunk_files, clear_for_replacement, file_record, interrupted_creation,
                     mark_creation, move_aside, not_a_cache_reason, read_head_marker, read_shard_marker, records,
                     remove_leftovers, shard_name, write_json)
-from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, LOGP16_ARRAYS, META_SCHEMA, SCHEMA_VERSION,
-                   SQRT8_ARRAYS, CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
+from .spec import (COMPACT_ZSTD_LEVEL, DOCUMENTS_SCHEMA, DRAW_ARRAYS, LOGP16_ARRAYS, MASK_ARRAYS, META_SCHEMA,
+                   SCHEMA_VERSION, SQRT8_ARRAYS, CacheSpec, fingerprint_diff, read_manifest, spec_from_manifest)
 from .store import LocalStorage, Storage, open_storage
 
 
@@ -334,7 +334,7 @@ def _build_skeleton(store: Storage, spec: CacheSpec, rank_table: Callable[[], np
     group = zarr.open_group(store.zarr_store(ARRAYS, read_only=False), mode="w",
                             attributes=attrs.group_attrs(spec, SCHEMA_VERSION))
     for name, (shape, dtype) in spec.array_specs().items():
-        level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS + LOGP16_ARRAYS + DRAW_ARRAYS else spec.zstd_level
+        level = COMPACT_ZSTD_LEVEL if name in SQRT8_ARRAYS + LOGP16_ARRAYS + DRAW_ARRAYS + MASK_ARRAYS else spec.zstd_level
         group.create_array(name, shape=shape, dtype=dtype, chunks=(spec.chunk_sequences,) + shape[1:],
                            shards=(spec.shard_sequences,) + shape[1:], fill_value=0,
                            compressors=BloscCodec(cname="zstd", clevel=level, shuffle="shuffle"),

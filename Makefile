@@ -88,7 +88,8 @@ gpu-bundle: setup
 	$(PY) -m bench.bundle --out gpu-bundle
 
 # Offline KD modes (one cache: top-k, head, sampled tokens) vs online full-vocabulary KD, same
-# student, data order and steps: quality/results.{json,md} and quality/curves.png (~25 min, 2 cores).
+# student, data order and steps, over seeds 0,1,2 with paired tests: quality/results.{json,md} and
+# quality/curves.png (ARGS="--setting dev" for a quick run).
 quality: setup
 	$(PY) -m pipeline quality --config $(CONFIG) $(ARGS)
 

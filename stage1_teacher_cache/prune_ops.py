@@ -209,6 +209,8 @@ def student_config(config, shape: Shape, layers: list[int]):
     import copy
 
     cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):  # a GGUF teacher is dequantized on load; the student is plain fp32
+        del cfg.quantization_config
     cfg.head_dim = head_dim_of(config)
     cfg.num_hidden_layers, cfg.hidden_size = shape.layers, shape.hidden
     cfg.intermediate_size, cfg.num_attention_heads = shape.intermediate, shape.heads

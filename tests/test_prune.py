@@ -214,3 +214,13 @@ def test_a_non_empty_out_dir_is_refused_and_kept(teacher_dir, corpus_dir, tmp_pa
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "not an empty directory" in err and len(err.splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_gguf_teachers_quantization_config_is_not_inherited():
+    """A GGUF teacher's config says quant_method=gguf; a student that inherits it loads as a
+    "quantized" model that stage 2 then cannot save (found training the embedded teacher's)."""
+    model = tiny_llama()
+    model.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    cfg = ops.student_config(model.config, ops.Shape(2, 64, 96, 4), [0, 3])
+    assert not hasattr(cfg, "quantization_config") and "quantization_config" not in cfg.to_dict()
+    assert hasattr(model.config, "quantization_config")  # the teacher's own config is untouched

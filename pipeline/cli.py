@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cache-teacher": ("stage1_teacher_cache.run:main", "stage 1: run the teacher once and cache its outputs"),
     "train-student": ("stage2_student_train.train:main", "stage 2: train a student from a cache"),
     "resume": ("stage2_student_train.train:resume_main", "continue a stage-2 run from a checkpoint"),
+    "prune-teacher": ("stage1_teacher_cache.prune:main",
+                      "a student initialised from the teacher: drop the least important layers, optionally narrow"),
     "eval": ("stage2_student_train.evaluate:main", "evaluate a trained student on the cache's held-out sequences"),
     "plot": ("pipeline.plot:main", "draw metrics.jsonl curves to PNG"),
     "report": ("pipeline.report:main", "write REPORT.md + plots comparing student runs of one cache"),
@@ -36,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 AUDITS = {"audit": "stage1_teacher_cache.audit:audit",
           "precision_check": "stage1_teacher_cache.audit:precision_check"}
 
-CONFIG_COMMANDS = ("cache-teacher", "train-student", "eval", "bench", "show-config", "quality")
+CONFIG_COMMANDS = ("cache-teacher", "train-student", "eval", "bench", "show-config", "quality", "prune-teacher")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="directory for results.{json,md} and curves.png (default: quality/)")
             p.add_argument("--merge", help="comma-separated result directories of one setting (other seeds each): "
                                            "write their pooled report to --out, training nothing")
+        if name == "prune-teacher":
+            p.add_argument("--out", required=True, help="new directory for the student (model + tokenizer)")
+            p.add_argument("--layers", type=int, help="decoder layers to keep (default: all)")
+            p.add_argument("--hidden-size", type=int, help="residual width to keep, a multiple of the head dim "
+                                                            "(keeps hidden/head_dim heads; default: the teacher's)")
+            p.add_argument("--intermediate-size", type=int, help="MLP width to keep (default: the teacher's)")
+            p.add_argument("--calibration", type=int, default=8,
+                           help="training sequences of the plan the importance scores are measured on")
         if name == "inspect":
             p.add_argument("cache", help="cache directory")
             p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,6 +14,7 @@ import sys
 from typing import Callable
 
 from . import __version__
+from .cli_options import OPTIONS, config_arguments
 from .errors import NotImplementedYet, PipelineError
 
 # command -> ("module:function", help). The function takes the parsed argparse namespace.
@@ -48,72 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in CONFIG_COMMANDS:
-            p.add_argument("--config", help="TOML config file (default: built-in defaults)")
-            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-        if name == "bench":
-            p.add_argument("--sequences", type=int, default=16, help="sequences of 256 tokens to cache")
-            p.add_argument("--batch-size", type=int, default=8, help="student micro-batch")
-            p.add_argument("--repeats", type=int, default=5, help="timings per measurement")
-        if name == "quality":
-            p.add_argument("--setting", choices=("default", "dev"), default="default",
-                           help="sizes: default (~15 min per seed on 2 cores) or dev (minutes)")
-            p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (student init + data order)")
-            p.add_argument("--variants", help="comma-separated subset of the variants (must include none, online)")
-            p.add_argument("--fidelity-sequences", type=int, default=4, help="held-out sequences for gradient fidelity")
-            p.add_argument("--no-fidelity", action="store_true", help="skip the gradient-fidelity sub-report")
-            p.add_argument("--no-equal-wall", action="store_true", help="skip the equal wall-clock runs")
-            p.add_argument("--equal-wall-variant", help="the variant of the equal wall-clock runs (default: the best "
-                                                        "offline one by mean ppl over the seeds run)")
-            p.add_argument("--out", help="directory for results.{json,md} and curves.png (default: quality/)")
-            p.add_argument("--merge", help="comma-separated result directories of one setting (other seeds each): "
-                                           "write their pooled report to --out, training nothing")
-        if name == "prune-teacher":
-            p.add_argument("--out", required=True, help="new directory for the student (model + tokenizer)")
-            p.add_argument("--layers", type=int, help="decoder layers to keep (default: all)")
-            p.add_argument("--hidden-size", type=int, help="residual width to keep, a multiple of the head dim "
-                                                            "(keeps hidden/head_dim heads; default: the teacher's)")
-            p.add_argument("--intermediate-size", type=int, help="MLP width to keep (default: the teacher's)")
-            p.add_argument("--calibration", type=int, default=8,
-                           help="training sequences of the plan the importance scores are measured on")
-        if name == "inspect":
-            p.add_argument("cache", help="cache directory")
-            p.add_argument("--json", action="store_true", help="print one JSON object")
-            p.add_argument("--verify", action="store_true",
-                           help="check every byte of every file against its commit checksums; name what is "
-                                "damaged and exit non-zero if anything is")
-            p.add_argument("--audit", action="store_true",
-                           help="also rerun the teacher on a sample: top-k mass and KL for k in 8..128")
-            p.add_argument("--audit-sequences", type=int, default=4, help="sequences the audit samples")
-            p.add_argument("--precision-check", action="store_true",
-                           help="recompute a few sequences in fp32 on the CPU: the cache's low-precision error "
-                                "(logZ diff, top-1 agreement, KL over top-k + tail)")
-        if name == "doctor":
-            p.add_argument("--config", help="also plan the peak memory of this config's stages 1 and 2")
-            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-            p.add_argument("--device-memory", help="plan against this much GPU memory (e.g. 16GiB) "
-                                                   "instead of the device this machine has")
-            p.add_argument("--json", action="store_true", help="print one JSON object")
-            p.add_argument("--compute-capability", help="plan for a card of this compute capability "
-                                                        "(e.g. 6.0 for a P100): its precision policy")
-            p.add_argument("--card", help="plan for this card: p100, t4, v100, a10g, l4, a100, a100-80gb, h100 "
-                                          "(its capability and, unless --device-memory, its memory)")
-            p.add_argument("--teacher-config", help="plan from this local config.json (or folder) for the "
-                                                    "teacher instead of reading teacher.model (no hub needed)")
-            p.add_argument("--student-config", help="the same for the student (instead of student.model)")
-        if name == "resume":
-            p.add_argument("checkpoint", help="checkpoint directory, e.g. runs/NAME/checkpoints/step-N")
-            p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-        if name == "report":
-            p.add_argument("runs", nargs="+", help="finished run directories")
-            p.add_argument("--out", required=True, help="directory for REPORT.md and curves.png")
-            p.add_argument("--no-generations", action="store_true", help="skip the greedy generations")
-        if name == "push":
-            p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (its final/student is uploaded)")
-            p.add_argument("--repo-id", required=True, help="hub repo, USER/NAME (created if it does not exist)")
-            p.add_argument("--private", action="store_true", help="create the repo private")
-        if name == "plot":
-            p.add_argument("runs", nargs="+", help="run directories")
-            p.add_argument("--out", help="PNG file (default: RUN/curves.png of the first run)")
+            config_arguments(p)
+        if name in OPTIONS:
+            OPTIONS[name](p)
     return parser
 
 

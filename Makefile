@@ -12,7 +12,7 @@ ARGS     ?=
 CKPT     ?=
 TORCH    ?= torch==2.13.0
 
-.PHONY: setup setup-system test cache-teacher train-student resume demo bench bench-gpu gpu-bundle quality doctor clean distclean
+.PHONY: setup setup-system test test-fast cache-teacher train-student resume demo bench bench-gpu gpu-bundle quality doctor clean distclean
 
 setup: $(STAMP)
 
@@ -49,7 +49,6 @@ test: setup
 
 # The edit-test loop: everything but the tests marked slow (processes, stages end to end).
 # `make test` (CI) still runs them all.
-.PHONY: test-fast
 test-fast: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 

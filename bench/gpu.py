@@ -259,11 +259,13 @@ def prepare(args, tmp: Path, device, shape: str, seq_len: int, sequences: int, b
     """The base config, the teacher's dimensions, the stage-2 batch and what every run shares."""
     from pipeline.config import load_config
     from pipeline.memplan import plan, teacher_dims
+    from stage2_student_train.kd_modes import planned_memory
     base = base_config(args, tmp, tmp / "teacher", seq_len, sequences)
     tdims, cuda = teacher_dims(base), device.type == "cuda"
     same_args = [*config_overrides(base), *parts.student_args(shape)]
     if cuda:  # the planner's largest batch for the larger (teacher-vocabulary) student, if below the ask
-        batch = max(1, min(batch, plan(load_config(None, same_args), teacher=tdims)["stage2"]["largest_batch"] or 1))
+        batch = max(1, min(batch, plan(load_config(None, same_args), teacher=tdims,
+                                           mode_memory=planned_memory)["stage2"]["largest_batch"] or 1))
     return {"base": base, "batch": batch, "base_args": [*same_args, kv("train.batch_size", batch)],
             "runs": tmp / "runs", "steps": args.steps, "p100_steps": args.p100_steps, "device": device,
             "tdims": tdims, "shape": shape, "smollm2": Path(args.bundle) / "tokenizers" / "smollm2",

@@ -25,7 +25,7 @@ import glob
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from pipeline.config import DataConfig
 from pipeline.errors import DataError
@@ -139,25 +139,33 @@ def _missing_column(what, field: str, columns) -> DataError:
     return DataError(f"{what} has no column {field!r} (columns: {list(columns)}); set data.text_field")
 
 
-def _row_columns(what, cfg: DataConfig, columns) -> tuple[str, ...]:
-    """The columns a row source is read from: ``(text_field,)``, or a chat set (``chat.py``)."""
+class RowLayout(NamedTuple):
+    """What a row source is read from: ``(text_field,)``, or a chat set (``chat.py``), and which
+    of the two it is (a text column may be named like a chat one: ``data.text_field=messages``)."""
+
+    columns: tuple[str, ...]
+    chat: bool
+
+
+def _row_layout(what, cfg: DataConfig, columns) -> RowLayout:
     chat = chat_columns(columns, cfg.text_field, cfg.format)
     if chat is not None:
-        return chat
+        return RowLayout(chat, True)
     if cfg.format == "chat":
         raise DataError(f"{what} has neither a 'messages' column nor 'prompt' and 'completion' (columns: "
                         f"{list(columns)}); data.format=chat needs them")
     if cfg.text_field not in columns:
         raise _missing_column(what, cfg.text_field, columns)
-    return (cfg.text_field,)
+    return RowLayout((cfg.text_field,), False)
 
 
-def _row_value(record: dict, columns: tuple[str, ...], where: str | None = None) -> str | dict:
+def _row_value(record: dict, layout: RowLayout, where: str | None = None) -> str | dict:
     """A row's text, or (a chat row) its chat fields. With ``where`` (a JSON row, whose values
     have no declared type) a text that is not a string is an error naming ``where``."""
-    if columns in CHAT_COLUMNS:  # any chat layout a row has (a file may mix the two)
+    if layout.chat:  # any chat layout a row has (a file may mix the two)
         return {c: record[c] for group in CHAT_COLUMNS for c in group if record.get(c) is not None}
-    return _as_text(record.get(columns[0])) if where is None else _row_text(record, columns[0], where)
+    field = layout.columns[0]
+    return _as_text(record.get(field)) if where is None else _row_text(record, field, where)
 
 
 def _file_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict]]:
@@ -172,12 +180,14 @@ def _file_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict]]:
                 rows = json.loads(f.read().decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise DataError(f"{path} is not valid JSON ({e}); fix it or convert it to JSON lines") from None
-            rows = [r for r in rows if isinstance(r, dict)]
+            for i, r in enumerate(rows):
+                if not isinstance(r, dict):  # never dropped silently: the cache would hold fewer rows
+                    raise DataError(f"{path} row {i} is not a JSON object; one object per row is expected")
             if rows:
-                columns = _row_columns(path, cfg, rows[0])
-                yield from ((i, _row_value(r, columns, f"{path} row {i}")) for i, r in enumerate(rows))
+                layout = _row_layout(path, cfg, rows[0])
+                yield from ((i, _row_value(r, layout, f"{path} row {i}")) for i, r in enumerate(rows))
             return
-        row, columns = 0, ()
+        row, layout = 0, None
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -189,8 +199,8 @@ def _file_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict]]:
             if not isinstance(record, dict):
                 raise DataError(f"{path} line {number} is not a JSON object; one object per line is expected")
             if row == 0:
-                columns = _row_columns(path, cfg, record)
-            yield row, _row_value(record, columns, f"{path} line {number}")
+                layout = _row_layout(path, cfg, record)
+            yield row, _row_value(record, layout, f"{path} line {number}")
             row += 1
 
 
@@ -202,11 +212,11 @@ def _parquet_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path} is not a readable parquet file ({e.__class__.__name__}: {str(e)[:120]})") from None
-    columns = _row_columns(path, cfg, pf.schema_arrow.names)
+    layout = _row_layout(path, cfg, pf.schema_arrow.names)
     row = 0
-    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(columns)):
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(layout.columns)):
         for record in batch.to_pylist():
-            yield row, _row_value(record, columns)
+            yield row, _row_value(record, layout)
             row += 1
 
 
@@ -225,19 +235,20 @@ def _saved_rows(cfg: DataConfig, root: Path) -> Iterator[tuple[str, str | dict]]
         if cfg.split not in ds:
             raise DataError(f"saved dataset {root} has no split {cfg.split!r} (splits: {list(ds)}); set data.split")
         ds = ds[cfg.split]
-    columns = _row_columns(f"saved dataset {root}", cfg, ds.column_names)
+    layout = _row_layout(f"saved dataset {root}", cfg, ds.column_names)
+    columns = list(layout.columns)
     row = 0
     if ds._indices is None and ds.cache_files:
         for entry in ds.cache_files:
             with pa.OSFile(entry["filename"]) as f:
                 for batch in pa.ipc.open_stream(f):
-                    for record in batch.select(list(columns)).to_pylist():
-                        yield f"row-{row}", _row_value(record, columns)
+                    for record in batch.select(columns).to_pylist():
+                        yield f"row-{row}", _row_value(record, layout)
                         row += 1
         return
-    for batch in ds.select_columns(list(columns)).iter(batch_size=BATCH_ROWS):
+    for batch in ds.select_columns(columns).iter(batch_size=BATCH_ROWS):
         for i in range(len(batch[columns[0]])):
-            yield f"row-{row}", _row_value({c: batch[c][i] for c in columns}, columns)
+            yield f"row-{row}", _row_value({c: batch[c][i] for c in columns}, layout)
             row += 1
 
 
@@ -255,7 +266,7 @@ def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str | dict]]:
             columns = list(next(iter(ds.take(1)), {}).keys())
     except Exception as e:  # datasets raises a zoo of types for a missing/offline/bad dataset
         raise DataError(f"cannot load {what} ({e.__class__.__name__}: {str(e)[:200]}); {hint}") from None
-    wanted = _row_columns(what, cfg, columns)
+    layout = _row_layout(what, cfg, columns)
     rows = iter(ds)
     row = 0
     while True:
@@ -266,5 +277,5 @@ def _hub_rows(cfg: DataConfig) -> Iterator[tuple[str, str | dict]]:
         except Exception as e:
             raise DataError(f"reading {what} failed at row {row} ({e.__class__.__name__}: {str(e)[:160]}); "
                             "rerun, or check the dataset") from None
-        yield f"row-{row}", _row_value(record, wanted)
+        yield f"row-{row}", _row_value(record, layout)
         row += 1

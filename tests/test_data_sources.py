@@ -61,6 +61,17 @@ def test_folder_of_parquet_and_of_jsonl_files(tmp_path):
         load_documents(DataConfig(source=str(pq_dir)))
 
 
+def test_a_text_column_named_like_a_chat_one_is_read_as_text(tmp_path):
+    # data.text_field=messages: the column is text whenever format says text (explicitly, or auto
+    # because text_field is a column), not a chat layout of the same name
+    for suffix, write in ((".jsonl", write_jsonl), (".parquet", write_parquet)):
+        path = tmp_path / f"a{suffix}"
+        write(path, ROWS[:3], field="messages")
+        for fmt in ("text", "auto"):
+            cfg = DataConfig(source=str(path), text_field="messages", format=fmt, eval_fraction=0)
+            assert [t for _, t in names_texts(cfg)] == ROWS[:3]
+
+
 def test_glob_patterns(tmp_path):
     (tmp_path / "corpus" / "sub").mkdir(parents=True)
     write_jsonl(tmp_path / "corpus" / "x.jsonl", ROWS[:4])
@@ -102,6 +113,8 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     bad_json.write_text('{"text": "fine"}\n{"text": oops}\n')
     not_obj = tmp_path / "list.jsonl"
     not_obj.write_text('["a", "b"]\n')
+    array_with_null = tmp_path / "array.json"
+    array_with_null.write_text('[{"text": "one"}, null, {"text": "three"}]')
     fake_pq = tmp_path / "fake.parquet"
     fake_pq.write_bytes(b"not parquet at all")
     cases = [
@@ -109,6 +122,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
         (tmp_path / "nothing-*.jsonl", r"matches no file"),
         (bad_json, r"bad.jsonl line 2 is not valid JSON"),
         (not_obj, r"list.jsonl line 1 is not a JSON object"),
+        (array_with_null, r"array.json row 1 is not a JSON object"),  # never dropped, the right row named
         (fake_pq, r"fake.parquet is not a readable parquet file"),
     ]
     for source, pattern in cases:

@@ -456,3 +456,32 @@ def test_a_long_document_packs_as_when_tokenized_whole(tmp_path, monkeypatch, ma
     assert np.array_equal(got.input_ids, want.input_ids)
     assert got.text.to_pylist() == want.text.to_pylist() and got.char_end.to_pylist() == want.char_end.to_pylist()
     assert got.doc_id.to_pylist() == want.doc_id.to_pylist()
+
+
+def test_a_long_chat_document_keeps_its_loss_mask_across_pieces(tmp_path, monkeypatch):
+    # a chat document longer than a piece: its targets (character spans) give the same per-token
+    # mask whether it is tokenized whole or in bounded pieces
+    from conftest import gpt2_tokenizer
+    from stage1_teacher_cache import pieces
+    from stage1_teacher_cache.documents import Document
+    from stage1_teacher_cache.plan import build_plan
+
+    tok = gpt2_tokenizer()
+    text = long_text()
+    third = len(text) // 3
+    spans = ((100, third), (third + 50, third + 700), (2 * third, len(text) - 10))
+    docs = [Document(0, "talk", text, "train", spans), Document(1, "held", "Who's there? Nay, answer me.", "eval",
+                                                              ((13, 28),))]
+
+    def plan(folder: str):
+        p = build_plan(iter(docs), tok, 32, tok.eos_token_id, "\n\n", {}, tmp_path / folder, 8, show_progress=False)
+        return p.rows_of(0, p.num_sequences)
+
+    monkeypatch.setattr(pieces, "PIECE_CHARS", 1 << 30)
+    want = plan("whole")
+    monkeypatch.setattr(pieces, "PIECE_CHARS", 1500)
+    monkeypatch.setattr(pieces, "MARGIN", 150)
+    got = plan("pieces")
+    assert want.loss_mask is not None and 0 < want.loss_mask.mean() < 1  # a real mask, not all ones
+    assert np.array_equal(got.input_ids, want.input_ids)
+    assert np.array_equal(got.loss_mask, want.loss_mask)

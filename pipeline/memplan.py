@@ -36,8 +36,9 @@ Stage 2 (training, ``train.batch_size``, ``train.loss_chunk_size``), the largest
   extras (feature map, projector/router: ``20`` bytes per parameter with their grads and states),
   the stored teacher head for ``union`` (``V_t D_t x 4``), the autocast weight copies (``2P``
   under fp16/bf16; autocast keeps them for backward), the head's gradient ``4 V D`` plus its
-  per-chunk temporary ``a V D``, the saved activations, and the chunk's ``[C, V]`` tensors:
-  logits, the fp32 log-softmax, its gradient and the logits' gradient, ``16 C V`` bytes;
+  per-chunk temporary ``a V D``, the saved activations, and the chunk's ``[C, V]`` tensors in
+  its backward: the fp32 log-softmax, its gradient and the logits' gradient, ``12 C V`` bytes
+  (the logits are freed once the chunk's loss is built);
 - the optimizer step: ``20P`` (weights, grads, moments, EMA) plus its temporaries (CUDA: none,
   AdamW is fused and in place; CPU runs AdamW per tensor: the largest parameter);
 - eval with EMA: the weights are copied into a second model (``+4P``) beside ``20P``, and the
@@ -260,7 +261,9 @@ def stage2_terms(d: ModelDims, *, batch: int, seq_len: int, loss_chunk: int, aut
     static = 4 * p + 8 * p + (4 * p if ema else 0) + 20 * extra_params + union_head
     autocast_copies = 2 * p if a == 2 else 0
     acts = t * (body_activation_bytes(d, a, checkpointing) + (4 + a) * d.hidden + 4 * d.hidden)
-    chunk = 16 * c * d.vocab
+    # backward of one chunk: fp32 logp, its gradient and the logits' gradient (the logits themselves
+    # are freed when the chunk's loss is built: objective._chunk_loss)
+    chunk = 12 * c * d.vocab
     fwd_bwd = static + autocast_copies + 4 * head + a * head + acts + chunk
     opt_tmp = 0 if cuda else 4 * d.largest_param  # CUDA: fused AdamW, in place; CPU: one tensor at a time
     opt = static + 4 * p + opt_tmp

@@ -293,28 +293,37 @@ def run_teacher(cfg: Config, spec: CacheSpec, lazy: LazyTeacher, plan: Plan, wri
     t_run = time.perf_counter()
     with BackgroundWriter(writer, cfg.cache.writer_queue) as background:
         for shard in shards:
-            start, stop = writer.rows_to_write(shard)  # a growing last shard keeps its old rows
-            planned = plan_rows(spec, plan, start, stop)  # this shard's plan, read from disk now
-            parts = []
-            for b in range(start, stop, cfg.teacher.batch_size):
-                rows = range(b, min(b + cfg.teacher.batch_size, stop))
-                out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
-                if out is None:
-                    out = teach(teacher, planned.input_ids[rows[0] - start:rows[-1] + 1 - start], rows, cfg)
-                parts.append(out)
-                bar.update(len(rows) * spec.seq_len)
-            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            if spec.has_loss_mask:
-                arrays["loss_mask"] = planned.loss_mask
-            check_finite(shard, start, stop, arrays)  # before int8/sqrt8 coding could hide a NaN
-            stats = shard_stats(arrays, planned, start, stop, spec)
-            background.submit(shard, to_storage(arrays, spec), shard_meta(planned), stats)
+            background.submit(*teach_shard(shard, cfg, spec, lazy, teacher, plan, writer, bar))
     bar.close()
     run_s = time.perf_counter() - t_run
     pass_s = run_s + lazy.facts.get("pilot_s", 0.0)
     return {**lazy.facts, "stage1_pass_s": round(pass_s, 3),
             "teacher_tokens_per_s": round(total / pass_s, 1) if pass_s > 0 and total else None,
             "writer_stall_s": round(background.stall_s, 3)}
+
+
+def teach_shard(shard: int, cfg: Config, spec: CacheSpec, lazy: LazyTeacher, teacher: TeacherPass, plan: Plan,
+                writer: CacheWriter, bar) -> tuple:
+    """One shard's outputs, checked and coded for the writer: what ``BackgroundWriter.submit``
+    takes. (A function of its own so the shard's raw fp32 outputs are freed once the coded ones
+    are queued, instead of living on beside the next shard's.)"""
+    start, stop = writer.rows_to_write(shard)  # a growing last shard keeps its old rows
+    planned = plan_rows(spec, plan, start, stop)  # this shard's plan, read from disk now
+    parts = []
+    for b in range(start, stop, cfg.teacher.batch_size):
+        rows = range(b, min(b + cfg.teacher.batch_size, stop))
+        out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
+        if out is None:
+            out = teach(teacher, planned.input_ids[rows[0] - start:rows[-1] + 1 - start], rows, cfg)
+        parts.append(out)
+        bar.update(len(rows) * spec.seq_len)
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    del parts
+    if spec.has_loss_mask:
+        arrays["loss_mask"] = planned.loss_mask
+    check_finite(shard, start, stop, arrays)  # before int8/sqrt8 coding could hide a NaN
+    stats = shard_stats(arrays, planned, start, stop, spec)
+    return shard, to_storage(arrays, spec), shard_meta(planned), stats
 
 
 def teach(teacher: TeacherPass, input_ids: np.ndarray, rows: range, cfg: Config) -> dict[str, np.ndarray]:

@@ -70,7 +70,7 @@ COMMON = ["cache.top_k=64", "cache.topk_encoding=sqrt8", "cache.store_head=true"
           "cache.store_hidden=true", "data.seq_len=256", "train.overwrite=true", "run.runs_dir=runs/quality",
           "kd.temperature=1.0"]
 SETTINGS = {
-    # One seed of every variant in ~15 min on 2 idle cores: a smaller student than the demo's,
+    # Aimed at one seed of every variant in ~15 min on 2 idle cores (not yet timed): a smaller student than the demo's,
     # trained for more steps, so that differences of a few percent are larger than the seed noise.
     "default": ["cache.dir=caches/quality", "data.max_train_tokens=40960", "data.max_eval_tokens=4096",
                 "student.hidden_size=128", "student.num_layers=2", "student.num_heads=4", "student.num_kv_heads=2",

@@ -3,10 +3,21 @@ cached positions, against the exact full-vocabulary ``KL(p || s)`` gradient ``s 
 teacher run on the same tokens). Noise-free where end-to-end perplexities are not: one student,
 one batch, every mode's loss through its own registry entry on the cache's own (decoded) arrays.
 
-Reported per (student, mode): ``cosine`` = <g, s - p> / (|g| |s - p|) over all positions and
-logits, ``norm_ratio`` = |g| / |s - p|, and ``position_cosine`` = the mean over positions of the
-per-position cosine. ``sampled_fresh_N``: RS-KD's estimator with N fresh draws from the exact
-teacher (stage 1's sampler), to see what more draws would buy without building a cache.
+Reported per (student, mode), at two levels:
+
+- the logits: ``cosine`` = <g, s - p> / (|g| |s - p|) over all positions and logits,
+  ``norm_ratio`` = |g| / |s - p|, ``position_cosine`` = the mean over positions of the
+  per-position cosine;
+- the parameters (what the optimizer sees): ``param_cosine`` / ``param_norm_ratio`` of the
+  student's parameter gradient summed over the measured sequences (each mode's logit gradient
+  back-propagated through the student), against the exact loss's. Per-position noise averages
+  out here, a systematic error (the tail bucket's) does not.
+
+``sampled_fresh_N``: RS-KD's estimator with N fresh draws from the exact teacher (stage 1's
+sampler), to see what more draws would buy without building a cache. ``union_reverse_kl`` /
+``union_jsd``: the other divergences through ``union``, against the same forward-KL gradient:
+their norm ratio says how strong a signal they give a student at that point (from a near-uniform
+student it is tiny: their logit gradient is proportional to the student's own probability).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from stage2_student_train.objective import flat_targets
 
 MODES = ("topk_tail", "topk_renorm", "union", "sampled", "topk_sampled")
 FRESH_DRAWS = (48, 128, 255)
+DIVERGENCES = ("reverse_kl", "jsd")  # through union, against the forward-KL gradient
 
 
 def teacher_logp(teacher, ids: torch.Tensor) -> torch.Tensor:
@@ -31,14 +43,15 @@ def teacher_logp(teacher, ids: torch.Tensor) -> torch.Tensor:
 
 
 def mode_logit_grad(mode: str, logits: torch.Tensor, rows: dict, head: torch.Tensor | None,
-                    union_k: int = 8) -> torch.Tensor:
+                    union_k: int = 8, divergence: str = "forward_kl") -> torch.Tensor:
     """d(sum over positions of ``mode``'s KD loss)/d logits [n, V], through the registry's own loss,
     built as the objective builds its chunk (one log_softmax, one gather of target + top-k + draws)."""
     z = logits.detach().clone().requires_grad_(True)
     logp = torch.log_softmax(z, -1)
     needed = torch.cat([rows["targets"][:, None], rows["topk_ids"],
                         *([rows["draw_ids"]] if "samples" in kd_modes.get(mode).needs else [])], dim=1)
-    chunk = kd_modes.Chunk(logp, logp.gather(1, needed), {**rows, "needed": needed}, 1.0, union_k, head)
+    chunk = kd_modes.Chunk(logp, logp.gather(1, needed), {**rows, "needed": needed}, 1.0, union_k, head,
+                           divergence=divergence)
     grad, = torch.autograd.grad(kd_modes.get(mode).loss(chunk).per_position.sum(), z)
     return grad
 
@@ -74,32 +87,68 @@ class Agreement:
                 "position_cosine": float(np.concatenate(self.position_cos).mean())}
 
 
-@torch.no_grad()
-def _student_logits(student, ids: torch.Tensor) -> torch.Tensor:
-    return student(input_ids=ids).logits[:, :-1].float()
+class ParamAgreement:
+    """Cosine / norm ratio of a summed parameter gradient against the exact loss's."""
+
+    def __init__(self):
+        self.g: torch.Tensor | None = None
+        self.e: torch.Tensor | None = None
+
+    def add(self, g: torch.Tensor, e: torch.Tensor) -> None:
+        self.g = g.double() if self.g is None else self.g + g.double()
+        self.e = e.double() if self.e is None else self.e + e.double()
+
+    def result(self) -> dict:
+        gg, ee = float(self.g @ self.g), float(self.e @ self.e)
+        return {"param_cosine": float(self.g @ self.e) / max(1e-300, (gg * ee) ** 0.5),
+                "param_norm_ratio": (gg / max(1e-300, ee)) ** 0.5}
+
+
+def param_grad(logits: torch.Tensor, params: list[torch.Tensor], logit_grad: torch.Tensor) -> torch.Tensor:
+    """The student's parameter gradient (flattened) for a loss whose logit gradient is ``logit_grad``."""
+    grads = torch.autograd.grad(logits, params, grad_outputs=logit_grad.to(logits.dtype), retain_graph=True,
+                                allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
 def measure(students: dict[str, torch.nn.Module], teacher, reader: CacheReader, sequences: int = 4,
-            modes: tuple[str, ...] = MODES, fresh: tuple[int, ...] = FRESH_DRAWS, union_k: int = 8) -> dict:
-    """``{student: {mode: {cosine, norm_ratio, position_cosine}}}`` over the first ``sequences``
-    held-out sequences, one sequence at a time (a [L, V] gradient per mode at once)."""
+            modes: tuple[str, ...] = MODES, fresh: tuple[int, ...] = FRESH_DRAWS, union_k: int = 8,
+            divergences: tuple[str, ...] = DIVERGENCES) -> dict:
+    """``{student: {mode: {cosine, norm_ratio, position_cosine, param_cosine, param_norm_ratio}}}``
+    over the first ``sequences`` held-out sequences, one sequence at a time (a [L, V] gradient per
+    mode at once; parameter gradients summed over the sequences)."""
     head = torch.from_numpy(reader.head()) if reader.has_head else None
     names = array_names(reader, need_hidden=reader.spec.store_hidden, need_samples=bool(reader.spec.samples))
     usable = [m for m in modes if kd_modes.get(m).needs <= ({"topk", "samples"} if reader.spec.samples else {"topk"})
               | ({"hidden", "head"} if reader.spec.store_hidden and reader.has_head else set())]
-    acc = {s: {m: Agreement() for m in [*usable, *(f"sampled_fresh_{n}" for n in fresh)]} for s in students}
+    estimates = {m: (m, "forward_kl") for m in usable}
+    if "union" in usable:
+        estimates.update({f"union_{d}": ("union", d) for d in divergences})
+    labels = [*estimates, *(f"sampled_fresh_{n}" for n in fresh)]
+    acc = {s: {m: Agreement() for m in labels} for s in students}
+    acc_params = {s: {m: ParamAgreement() for m in labels} for s in students}
     for i in list(reader.split_indices("eval"))[:sequences]:
         batch = load_batch(reader, np.asarray([i]), names)
         rows = flat_targets(batch, torch.device("cpu"))
         t_logp = teacher_logp(teacher, rows["input_ids"])[0]
         for s_name, student in students.items():
-            logits = _student_logits(student, rows["input_ids"])[0]
-            exact = torch.softmax(logits, -1) - t_logp.exp()
-            for m in usable:
-                acc[s_name][m].add(mode_logit_grad(m, logits, rows, head, union_k), exact)
-            for n in fresh:
-                acc[s_name][f"sampled_fresh_{n}"].add(fresh_sampled_grad(logits, t_logp, n, seed=int(i)), exact)
-    return {s: {m: a.result() for m, a in per.items()} for s, per in acc.items()}
+            params = [p for p in student.parameters()]
+            with torch.enable_grad():
+                for p in params:
+                    p.requires_grad_(True)
+                logits = student(input_ids=rows["input_ids"]).logits[0, :-1].float()
+                exact = torch.softmax(logits.detach(), -1) - t_logp.exp()
+                exact_params = param_grad(logits, params, exact)
+                for label, (mode, divergence) in estimates.items():
+                    g = mode_logit_grad(mode, logits, rows, head, union_k, divergence)
+                    acc[s_name][label].add(g, exact)
+                    acc_params[s_name][label].add(param_grad(logits, params, g), exact_params)
+                for n in fresh:
+                    g = fresh_sampled_grad(logits, t_logp, n, seed=int(i))
+                    acc[s_name][f"sampled_fresh_{n}"].add(g, exact)
+                    acc_params[s_name][f"sampled_fresh_{n}"].add(param_grad(logits, params, g), exact_params)
+            del logits
+    return {s: {m: {**acc[s][m].result(), **acc_params[s][m].result()} for m in labels} for s in students}
 
 
 def worked_example() -> dict[str, list[float]]:

@@ -27,14 +27,18 @@ def quality_table(results: dict) -> list[str]:
     return lines
 
 
-def fidelity_table(fidelity: dict) -> list[str]:
+def fidelity_table(fidelity: dict, level: str = "") -> list[str]:
+    """cosine / norm ratio per (student, mode); ``level`` "" for the logits, "param_" for the parameters
+    (results from before the parameter level have no "param_" keys: no table)."""
     if not fidelity:
         return []
     modes = list(next(iter(fidelity.values())))
+    if any(f"{level}cosine" not in per[m] for per in fidelity.values() for m in modes):
+        return []
     lines = ["| student | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for student, per in fidelity.items():
         lines.append(f"| {student} | " + " | ".join(
-            f"{per[m]['cosine']:.3f} / {per[m]['norm_ratio']:.2f}" for m in modes) + " |")
+            f"{per[m][level + 'cosine']:.3f} / {per[m][level + 'norm_ratio']:.2f}" for m in modes) + " |")
     return lines
 
 
@@ -63,6 +67,9 @@ def markdown(results: dict) -> str:
         lines += ["", "Gradient fidelity (first seed, held-out positions): cosine / norm ratio of each mode's "
                   "gradient w.r.t. the student's logits against the exact full-vocabulary KL gradient `s - p`:", "",
                   *fidelity_table(results["gradient_fidelity"])]
+        if params := fidelity_table(results["gradient_fidelity"], "param_"):
+            lines += ["", "The same at the student's parameters (each mode's logit gradient back-propagated, summed "
+                      "over the measured sequences, against the exact loss's parameter gradient):", "", *params]
     ex = results["tail_bucket_example"]
     lines += ["", f"Tail-bucket example (p = [.5,.3,.15,.05], student logits [0,.3,0,0], union of teacher top-1 and "
               f"student top-1): exact {[round(x, 3) for x in ex['exact']]}, union {[round(x, 3) for x in ex['union']]}.",

@@ -189,6 +189,13 @@ def test_cli_width_pruned_student_loads_and_runs(teacher_dir, corpus_dir, tmp_pa
     with torch.inference_mode():
         assert torch.isfinite(student(input_ids=ids()).logits).all()
     assert "wrote" in capsys.readouterr().out
+    # bench.prune_distil's fresh arm: a stage-2 student of the pruned one's shape, parameter for parameter
+    from bench.prune_distil import shape_overrides
+    from stage2_student_train.student import build_student
+
+    fresh = build_student(load_config(None, shape_overrides(out)), VOCAB, 256)
+    assert ({n: tuple(p.shape) for n, p in fresh.named_parameters()}
+            == {n: tuple(p.shape) for n, p in student.named_parameters()})
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     times["prune_s"] = round(time.perf_counter() - t0, 1)
     prune_info = json.loads((pruned_dir / "prune.json").read_text())
 
-    students, per_seed = {}, {}
+    students = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         arms = {"pruned": [f"student.model={pruned_dir}", f"train.lr={args.lr_pruned}"],
                 "fresh": [*shape_overrides(pruned_dir), f"train.lr={args.lr_fresh}"]}

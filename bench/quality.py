@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from stage2_student_train.state import build_state, setup_run
 from stage2_student_train.step import step_weights
 from stage2_student_train.train import train
 
-from . import grad_fidelity, quality_report, quality_stats
+from . import grad_fidelity, quality_report
 from .grad_fidelity import teacher_logp
 
 OUT = Path(__file__).resolve().parents[1] / "quality"
@@ -244,9 +243,11 @@ def parse_list(text: str) -> list[str]:
 
 def main(args: argparse.Namespace) -> int:
     out = Path(getattr(args, "out", None) or OUT)
+    if getattr(args, "fidelity_only", False):
+        return fidelity_only(args, out)
     out.mkdir(parents=True, exist_ok=True)
     if getattr(args, "merge", None):
-        return merge(args, out)
+        return quality_report.merge(args, out)
     t_start = time.perf_counter()
     args.setting = getattr(args, "setting", None) or "default"
     seeds = [int(s) for s in parse_list(getattr(args, "seeds", None) or "0,1,2")]
@@ -278,46 +279,12 @@ def main(args: argparse.Namespace) -> int:
                 t0 = time.perf_counter()
                 fidelity = fidelity_report(args, seed, students, teacher, reader)
                 times["fidelity_s"] = round(time.perf_counter() - t0, 1)
-        write(out, results_dict(args.setting, seeds, per_seed, step_s, fidelity, times, facts, None))
+        quality_report.write(out, quality_report.results_dict(args.setting, seeds, per_seed, step_s, fidelity,
+                                                              times, facts, None))
     eq = equal_wall(args, seeds, variants, per_seed, step_s, teacher, reader, times, cfg)
-    results = results_dict(args.setting, seeds, per_seed, step_s, fidelity, times, facts, eq)
-    write(out, results)
+    results = quality_report.results_dict(args.setting, seeds, per_seed, step_s, fidelity, times, facts, eq)
+    quality_report.write(out, results)
     quality_report.plot(curves, out / "curves.png")
-    print((out / "results.md").read_text())
-    return 0
-
-
-def this_command() -> str:
-    return "python -m pipeline " + " ".join(sys.argv[1:])
-
-
-def write(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(quality_report.markdown(results))
-
-
-def merge(args, out: Path) -> int:
-    """``--merge DIR,DIR,...``: one report from runs of the same setting that each ran other seeds
-    (e.g. one process per seed): per-seed results and step times pooled, gradient fidelity and
-    the equal wall-clock runs kept from whichever part has them."""
-    parts = [json.loads((Path(d) / "results.json").read_text()) for d in parse_list(args.merge)]
-    if len({p["setting"] for p in parts}) != 1 or len({json.dumps(p["facts"]) for p in parts}) != 1:
-        raise ConfigError("--merge: the parts ran different settings or caches; merge only runs of one setting")
-    per_seed, step_s, times, fidelity, eq = {}, {}, {}, {}, None
-    for n, p in enumerate(parts):
-        for v, runs in p["per_seed"].items():
-            per_seed.setdefault(v, {}).update({int(s): r for s, r in runs.items()})
-        for v, xs in p["step_s"].items():
-            step_s.setdefault(v, []).extend(xs)
-        times.update({f"part{n}_{k}": t for k, t in p["times"].items()})
-        fidelity = fidelity or p["gradient_fidelity"]
-        if p["equal_wall"]:  # each part measured its own step-time ratio: keep every part's steps
-            eq = eq or {**p["equal_wall"], "steps_by_seed": {}}
-            eq["steps_by_seed"].update({str(sd): p["equal_wall"]["steps"] for sd in p["seeds"]})
-    seeds = sorted({s for runs in per_seed.values() for s in runs})
-    commands = [c for p in parts for c in p["commands"]] + [this_command()]
-    write(out, results_dict(parts[0]["setting"], seeds, per_seed, step_s, fidelity, times, parts[0]["facts"], eq,
-                            commands))
     print((out / "results.md").read_text())
     return 0
 
@@ -351,35 +318,39 @@ def fidelity_report(args, seed: int, students: dict, teacher, reader: CacheReade
     return grad_fidelity.measure(at, teacher, reader, sequences=getattr(args, "fidelity_sequences", 4))
 
 
+def fidelity_only(args, out: Path) -> int:
+    """``--fidelity-only``: the gradient-fidelity sub-report measured again (e.g. after the measure
+    changed) on the students a finished run saved under its ``run.runs_dir``: init (rebuilt from the
+    first seed), after CE (``none``) and every trained offline variant (the online student is not
+    saved). Replaces the sub-report in ``--out``'s results.{json,md}; trains nothing."""
+    from transformers import AutoModelForCausalLM
+
+    path = out / "results.json"
+    if not path.is_file():
+        raise PipelineError(f"--fidelity-only: {path} does not exist; point --out at a finished quality run")
+    results = json.loads(path.read_text())
+    args.setting, seed = results["setting"], results["seeds"][0]
+    students = {}
+    for v in (v for v in results["per_seed"] if v in VARIANTS):
+        cfg = variant_config(args, v, seed)
+        student_dir = Path(cfg.run.runs_dir) / cfg.run.name / "final" / "student"
+        if not student_dir.is_dir():
+            raise PipelineError(f"--fidelity-only: {student_dir} does not exist; pass the run's run.runs_dir=...")
+        students[v] = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    cfg = config_for(args)
+    teacher = load_model(resolve_teacher(cfg.teacher), torch.float32, torch.device("cpu"))
+    t0 = time.perf_counter()
+    results["gradient_fidelity"] = fidelity_report(args, seed, students, teacher, CacheReader(cfg.cache.dir))
+    results["times"]["fidelity_s"] = round(time.perf_counter() - t0, 1)
+    results["commands"].append(quality_report.this_command())
+    quality_report.write(out, results)
+    print((out / "results.md").read_text())
+    return 0
+
+
 def cache_facts(cfg: Config, info: dict, reader: CacheReader) -> dict:
     return {"train_tokens": info["splits"].get("train", 0) * cfg.data.seq_len, "steps": cfg.train.steps,
             "batch": f"{cfg.train.batch_size}x{cfg.data.seq_len}", "top_k": cfg.cache.top_k,
             "student": f"d={cfg.student.hidden_size} x {cfg.student.num_layers} layers", "samples": cfg.cache.samples,
             "samples_unique_mean": info.get("samples_unique_mean"), "bytes_per_token_read": bytes_read(reader),
             "cache_arrays_bytes_per_token": reader.array_bytes_per_token()}
-
-
-def results_dict(setting: str, seeds: list[int], per_seed: dict, step_s: dict, fidelity: dict, times: dict,
-                 facts: dict, eq: dict | None, commands: list[str] | None = None) -> dict:
-    summary = quality_stats.summarise(per_seed)
-    ce_ece = summary["none"]["ece"]["mean"]
-    offline = [v for v in summary if v not in ("none", "online", "teacher")]
-    best = min((v for v in offline if not v.startswith("equal_wall")), key=lambda v: summary[v]["ppl"]["mean"],
-               default=None)
-    steps = {v: statistics.median(x) for v, x in step_s.items()}
-    return {
-        "setting": setting, "seeds": seeds, "commands": commands or [this_command()],
-        "per_seed": per_seed, "summary": summary,
-        "comparisons": quality_stats.comparisons(per_seed), "equal_wall": eq,
-        "targets": None if best is None or "online" not in summary else {
-            "best_offline": best, "q1_ratio_of_means": summary[best]["ppl"]["mean"] / summary["online"]["ppl"]["mean"],
-            "q1_paired": quality_stats.paired(per_seed, best, "online", "ppl"),
-            "ece_worse_than_ce": [v for v in [*offline, "online"] if summary[v]["ece"]["mean"] > ce_ece]},
-        "step_s": step_s, "step_s_median": steps,
-        "step_vs_ce": {v: x / steps["none"] for v, x in steps.items()} if "none" in steps else {},
-        "bytes_per_token_read": facts["bytes_per_token_read"], "gradient_fidelity": fidelity,
-        "tail_bucket_example": grad_fidelity.worked_example(), "facts": facts, "times": times,
-        "sizes": {**{k: v for k, v in facts.items() if not k.endswith("per_token") and k != "bytes_per_token_read"},
-                  "eval_positions": next(iter(per_seed["none"].values()))["positions"],
-                  "torch_threads": torch.get_num_threads(), "stage1_s": times.get("stage1_s", times.get("part0_stage1_s"))},
-    }

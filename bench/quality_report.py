@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import statistics
+import sys
 from pathlib import Path
 
+import torch
+
+from pipeline.errors import ConfigError
+
+from . import grad_fidelity, quality_stats
 from .quality_stats import describe
 
 
@@ -92,3 +99,68 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- results.json
+
+
+def results_dict(setting: str, seeds: list[int], per_seed: dict, step_s: dict, fidelity: dict, times: dict,
+                 facts: dict, eq: dict | None, commands: list[str] | None = None) -> dict:
+    summary = quality_stats.summarise(per_seed)
+    ce_ece = summary["none"]["ece"]["mean"]
+    offline = [v for v in summary if v not in ("none", "online", "teacher")]
+    best = min((v for v in offline if not v.startswith("equal_wall")), key=lambda v: summary[v]["ppl"]["mean"],
+               default=None)
+    steps = {v: statistics.median(x) for v, x in step_s.items()}
+    return {
+        "setting": setting, "seeds": seeds, "commands": commands or [this_command()],
+        "per_seed": per_seed, "summary": summary,
+        "comparisons": quality_stats.comparisons(per_seed), "equal_wall": eq,
+        "targets": None if best is None or "online" not in summary else {
+            "best_offline": best, "q1_ratio_of_means": summary[best]["ppl"]["mean"] / summary["online"]["ppl"]["mean"],
+            "q1_paired": quality_stats.paired(per_seed, best, "online", "ppl"),
+            "ece_worse_than_ce": [v for v in [*offline, "online"] if summary[v]["ece"]["mean"] > ce_ece]},
+        "step_s": step_s, "step_s_median": steps,
+        "step_vs_ce": {v: x / steps["none"] for v, x in steps.items()} if "none" in steps else {},
+        "bytes_per_token_read": facts["bytes_per_token_read"], "gradient_fidelity": fidelity,
+        "tail_bucket_example": grad_fidelity.worked_example(), "facts": facts, "times": times,
+        "sizes": {**{k: v for k, v in facts.items() if not k.endswith("per_token") and k != "bytes_per_token_read"},
+                  "eval_positions": next(iter(per_seed["none"].values()))["positions"],
+                  "torch_threads": torch.get_num_threads(), "stage1_s": times.get("stage1_s", times.get("part0_stage1_s"))},
+    }
+
+
+def this_command() -> str:
+    return "python -m pipeline " + " ".join(sys.argv[1:])
+
+
+def write(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+
+
+def merge(args, out: Path) -> int:
+    """``--merge DIR,DIR,...``: one report from runs of the same setting that each ran other seeds
+    (e.g. one process per seed): per-seed results and step times pooled, gradient fidelity and
+    the equal wall-clock runs kept from whichever part has them."""
+    dirs = [d.strip() for d in args.merge.split(",") if d.strip()]
+    parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+    if len({p["setting"] for p in parts}) != 1 or len({json.dumps(p["facts"]) for p in parts}) != 1:
+        raise ConfigError("--merge: the parts ran different settings or caches; merge only runs of one setting")
+    per_seed, step_s, times, fidelity, eq = {}, {}, {}, {}, None
+    for n, p in enumerate(parts):
+        for v, runs in p["per_seed"].items():
+            per_seed.setdefault(v, {}).update({int(s): r for s, r in runs.items()})
+        for v, xs in p["step_s"].items():
+            step_s.setdefault(v, []).extend(xs)
+        times.update({f"part{n}_{k}": t for k, t in p["times"].items()})
+        fidelity = fidelity or p["gradient_fidelity"]
+        if p["equal_wall"]:  # each part measured its own step-time ratio: keep every part's steps
+            eq = eq or {**p["equal_wall"], "steps_by_seed": {}}
+            eq["steps_by_seed"].update({str(sd): p["equal_wall"]["steps"] for sd in p["seeds"]})
+    seeds = sorted({s for runs in per_seed.values() for s in runs})
+    commands = [c for p in parts for c in p["commands"]] + [this_command()]
+    write(out, results_dict(parts[0]["setting"], seeds, per_seed, step_s, fidelity, times, parts[0]["facts"], eq,
+                            commands))
+    print((out / "results.md").read_text())
+    return 0

@@ -24,6 +24,9 @@ def quality(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", help="comma-separated subset of the variants (must include none, online)")
     p.add_argument("--fidelity-sequences", type=int, default=4, help="held-out sequences for gradient fidelity")
     p.add_argument("--no-fidelity", action="store_true", help="skip the gradient-fidelity sub-report")
+    p.add_argument("--fidelity-only", action="store_true",
+                   help="measure only the gradient-fidelity sub-report again, on the students of the finished "
+                        "run in --out (pass its run.runs_dir=...), training nothing")
     p.add_argument("--no-equal-wall", action="store_true", help="skip the equal wall-clock runs")
     p.add_argument("--equal-wall-variant", help="the variant of the equal wall-clock runs (default: the best "
                                                 "offline one by mean ppl over the seeds run)")

@@ -53,3 +53,12 @@ def test_paired_differences_flag_only_what_exceeds_the_seed_noise():
     e = paired(runs, "b", "a", "ece")  # +0, +0.03, -0.03: no consistent difference
     assert not e["exceeds"] and abs(e["mean_diff"]) < 1e-12
     assert paired({"a": {0: {"ppl": 1.0}}, "b": {0: {"ppl": 2.0}}}, "a", "b", "ppl") is None  # one seed: no verdict
+
+
+def test_fidelity_only_needs_a_finished_run_and_says_so_in_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["quality", "--fidelity-only", "--out", str(tmp_path / "nothing-here")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results.json does not exist" in err[0] and "--out" in err[0]
+    assert not (tmp_path / "nothing-here").exists()

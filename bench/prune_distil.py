@@ -8,7 +8,9 @@ then, per seed, stage 2 trains it and a fresh student of the same shape with the
 data order and steps (only the learning rate differs: a student that starts from trained weights
 takes a smaller one). Every student, the pruned one before training, and the teacher are
 evaluated like ``make quality``'s (held-out perplexity, bits/byte, top-1 agreement, KL to the
-exact teacher), and each writes greedy continuations of the report's prompts. Writes
+exact teacher), each writes greedy continuations of the report's prompts, and the first seed's
+students get ``make quality``'s gradient-fidelity measure (students near the teacher are where
+the tail bucket's bias shows). Writes
 ``quality/prune.json`` and ``quality/prune.md``; wall times are in both.
 """
 
@@ -30,7 +32,9 @@ from stage1_teacher_cache.prune import prune_teacher
 from stage1_teacher_cache.run import cache_teacher
 from stage1_teacher_cache.teacher import load_model, load_tokenizer, resolve_teacher
 
+from . import grad_fidelity
 from .quality import OUT, config_for, evaluate_full, train_offline
+from .quality_report import fidelity_table
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +50,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr-pruned", type=float, default=1e-3)
     p.add_argument("--lr-fresh", type=float, default=3e-3)
     p.add_argument("--new-tokens", type=int, default=40)
+    p.add_argument("--fidelity-sequences", type=int, default=2, help="held-out sequences for gradient fidelity")
     p.add_argument("--out", default=str(OUT))
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return p.parse_args(argv)
@@ -98,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     times["eval_s"] = round(time.perf_counter() - t0, 1)
     tokenizer = load_tokenizer(source)
     first = {name: m for name, m in students.items() if name.endswith(f"-s{args.seeds.split(',')[0]}")}
+    t0 = time.perf_counter()  # a student near the teacher is where the tail bucket's bias shows
+    fidelity = grad_fidelity.measure(first, teacher, CacheReader(cfg.cache.dir), sequences=args.fidelity_sequences)
+    times["fidelity_s"] = round(time.perf_counter() - t0, 1)
     gens = {name: [greedy(m, tokenizer, p, args.new_tokens) for p in PROMPTS]
             for name, m in {"teacher": teacher, **first, "pruned-init": students["pruned-init"]}.items()}
     results = {"command": "python -m bench.prune_distil " + " ".join(sys.argv[1:] if argv is None else argv),
                "setting": args.setting, "steps": args.steps, "batch": f"{cfg.train.batch_size}x{cfg.data.seq_len}",
                "mode": args.mode, "lr": {"pruned": args.lr_pruned, "fresh": args.lr_fresh},
-               "prune": prune_info, "evals": evals, "generations": gens, "times": times,
+               "prune": prune_info, "evals": evals, "generations": gens, "gradient_fidelity": fidelity, "times": times,
                "torch_threads": torch.get_num_threads()}
     (out / "prune.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "prune.md").write_text(markdown(results))
@@ -130,6 +138,9 @@ def markdown(r: dict) -> str:
     for name, texts in r["generations"].items():
         for prompt, text in zip(PROMPTS, texts):
             lines.append(f"- **{name}**, `{prompt!r}` -> `{text!r}`")
+    lines += ["", "Gradient fidelity at these students (first seed; cosine / norm ratio against the exact "
+              "full-vocabulary KL gradient, at the logits, then at the parameters):", "",
+              *fidelity_table(r["gradient_fidelity"]), "", *fidelity_table(r["gradient_fidelity"], "param_")]
     lines += ["", f"Wall times (s): {json.dumps(r['times'])}"]
     return "\n".join(lines) + "\n"
 

@@ -62,3 +62,15 @@ def test_fidelity_only_needs_a_finished_run_and_says_so_in_one_line(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "results.json does not exist" in err[0] and "--out" in err[0]
     assert not (tmp_path / "nothing-here").exists()
+
+
+def test_q1_passes_only_when_the_whole_confidence_interval_is_within_the_bound():
+    from bench.quality_report import q1_verdict
+
+    def targets(mean, ci):
+        return {"q1_ratio_of_means": mean, "q1_paired": None if ci is None else {"ratio_ci95": ci}}
+
+    assert q1_verdict(targets(0.99, (0.97, 1.01))) == "pass"
+    assert q1_verdict(targets(1.019, (0.90, 1.15))).startswith("pass on the mean, not confirmed")
+    assert q1_verdict(targets(1.019, None)) == "pass on the mean, one seed"
+    assert q1_verdict(targets(1.03, (1.01, 1.05))) == "MISS"

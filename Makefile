@@ -88,7 +88,7 @@ gpu-bundle: setup
 
 # Offline KD modes (one cache: top-k, head, sampled tokens) vs online full-vocabulary KD, same
 # student, data order and steps, over seeds 0,1,2 with paired tests: quality/results.{json,md} and
-# quality/curves.png (ARGS="--setting dev" for a quick run).
+# quality/curves.png. About 75 min on 2 idle cores (23-27 min a seed); ARGS="--setting dev" for a quick run.
 quality: setup
 	$(PY) -m pipeline quality --config $(CONFIG) $(ARGS)
 

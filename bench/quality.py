@@ -69,8 +69,9 @@ COMMON = ["cache.top_k=64", "cache.topk_encoding=sqrt8", "cache.store_head=true"
           "cache.store_hidden=true", "data.seq_len=256", "train.overwrite=true", "run.runs_dir=runs/quality",
           "kd.temperature=1.0"]
 SETTINGS = {
-    # Aimed at one seed of every variant in ~15 min on 2 idle cores (not yet timed): a smaller student than the demo's,
-    # trained for more steps, so that differences of a few percent are larger than the seed noise.
+    # One seed of every variant: 23-27 min on 2 idle cores (measured 2026-12-07; the aim was ~15: the online and
+    # equal wall-clock runs are ~5 min each, --no-equal-wall drops one). A smaller student than the demo's, trained
+    # for more steps, so that differences of a few percent are larger than the seed noise.
     "default": ["cache.dir=caches/quality", "data.max_train_tokens=40960", "data.max_eval_tokens=4096",
                 "student.hidden_size=128", "student.num_layers=2", "student.num_heads=4", "student.num_kv_heads=2",
                 "student.intermediate_size=384", "train.steps=150", "train.batch_size=4"],

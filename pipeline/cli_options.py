@@ -19,7 +19,7 @@ def bench(p: argparse.ArgumentParser) -> None:
 
 def quality(p: argparse.ArgumentParser) -> None:
     p.add_argument("--setting", choices=("default", "dev"), default="default",
-                   help="sizes: default (aimed at ~15 min per seed on 2 idle cores; not yet timed) or dev (minutes)")
+                   help="sizes: default (23-27 min per seed on 2 idle cores) or dev (minutes)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (student init + data order)")
     p.add_argument("--variants", help="comma-separated subset of the variants (must include none, online)")
     p.add_argument("--fidelity-sequences", type=int, default=4, help="held-out sequences for gradient fidelity")

@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     times["prune_s"] = round(time.perf_counter() - t0, 1)
     prune_info = json.loads((pruned_dir / "prune.json").read_text())
 
+    seeds = [int(s) for s in args.seeds.split(",")]
     students = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in seeds:
         arms = {"pruned": [f"student.model={pruned_dir}", f"train.lr={args.lr_pruned}"],
                 "fresh": [*shape_overrides(pruned_dir), f"train.lr={args.lr_fresh}"]}
         for arm, extra in arms.items():
@@ -99,12 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     source = resolve_teacher(cfg.teacher)
     teacher = load_model(source, torch.float32, torch.device("cpu"))
     t0 = time.perf_counter()
-    evals = evaluate_full(students, teacher, CacheReader(cfg.cache.dir), cfg.train.batch_size)
+    reader = CacheReader(cfg.cache.dir)
+    evals = evaluate_full(students, teacher, reader, cfg.train.batch_size)
     times["eval_s"] = round(time.perf_counter() - t0, 1)
     tokenizer = load_tokenizer(source)
-    first = {name: m for name, m in students.items() if name.endswith(f"-s{args.seeds.split(',')[0]}")}
+    first = {name: m for name, m in students.items() if name.endswith(f"-s{seeds[0]}")}
     t0 = time.perf_counter()  # a student near the teacher is where the tail bucket's bias shows
-    fidelity = grad_fidelity.measure(first, teacher, CacheReader(cfg.cache.dir), sequences=args.fidelity_sequences)
+    fidelity = grad_fidelity.measure(first, teacher, reader, sequences=args.fidelity_sequences)
     times["fidelity_s"] = round(time.perf_counter() - t0, 1)
     gens = {name: [greedy(m, tokenizer, p, args.new_tokens) for p in PROMPTS]
             for name, m in {"teacher": teacher, **first, "pruned-init": students["pruned-init"]}.items()}

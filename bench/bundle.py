@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -172,12 +173,65 @@ def manifest(out: Path, facts: dict) -> dict:
     return {**facts, "total_bytes": total, "files": files}
 
 
+def previous_bundle(out: Path) -> dict[str, dict]:
+    """The files an earlier build wrote into ``out`` (by its MANIFEST.json), each still as that
+    build left it; {} for a new or empty folder. Anything else is refused: a rebuild replaces
+    only what a bundle wrote, never a file a user put there."""
+    if not out.exists():
+        return {}
+    if not out.is_dir():
+        raise PipelineError(f"gpu-bundle: {out} is a file; choose another --out")
+    if not any(out.iterdir()):
+        return {}
+    try:
+        old = json.loads((out / "MANIFEST.json").read_text())
+        files = old["files"]
+        assert isinstance(files, dict) and "command" in old and all(
+            isinstance(r, dict) and "sha256" in r for r in files.values())
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise PipelineError(f"gpu-bundle: {out} exists and is not a bundle (no MANIFEST.json of one); remove it "
+                            "or choose another --out") from None
+    for rel, record in files.items():
+        p = out / rel
+        if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest()[:16] != record["sha256"]:
+            raise PipelineError(f"gpu-bundle: {p} changed since the bundle wrote it; move it away or choose "
+                                "another --out (a rebuild replaces only what the bundle wrote)")
+    return files
+
+
+def replace_bundle(out: Path, new: Path, old: dict[str, dict], written: list[str]) -> None:
+    """Move the finished build ``new`` into ``out``: the files the earlier build wrote are removed
+    (and folders they leave empty), the new ones moved in, MANIFEST.json last; a file of the
+    user's in the way of a new one is refused before anything changes."""
+    if clash := [r for r in written if (out / r).exists() and r not in old and r != "MANIFEST.json"]:
+        raise PipelineError(f"gpu-bundle: {out / clash[0]} is not a file of the earlier bundle; move it away or "
+                            "choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for rel in [*old, "MANIFEST.json"]:
+        (out / rel).unlink(missing_ok=True)
+    for folder in sorted({p for rel in old for p in (out / rel).parents if out in p.parents}, key=lambda p: -len(p.parts)):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    for rel in sorted(written, key=lambda r: r == "MANIFEST.json"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new / rel, out / rel)
+
+
 def build(args) -> dict:
     out = Path(args.out)
-    if out.exists():
-        if not (out / "MANIFEST.json").is_file():
-            raise PipelineError(f"gpu-bundle: {out} exists and is not a bundle; remove it or choose another --out")
-        shutil.rmtree(out)
+    old = previous_bundle(out)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    try:
+        info = build_into(args, tmp, out.name)
+        replace_bundle(out, tmp, old, [*info["files"], "MANIFEST.json"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def build_into(args, out: Path, name: str) -> dict:
+    """Build the bundle in the fresh folder ``out`` (run there as ``name``)."""
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     pyver = None if args.local else args.python_version
     pins = download_wheels(out / "wheels", pyver)
@@ -187,7 +241,7 @@ def build(args) -> dict:
     build_project_wheel(out / "wheels")
     sizes = save_tokenizers(out / "tokenizers")
     plays = copy_text(Path(args.text), out / "text", args.plays)
-    command = run_command(out.name)
+    command = run_command(name)
     facts = {"python": pyver or platform.python_version(), "platforms": "this machine" if args.local else PLATFORMS,
              "wheels": pins, "tokenizers": sizes, "text": plays, "command": command,
              "python_built_on": platform.python_version()}

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, config_overrides, format_override, load_config
 from pipeline.device import cpu_threads
 from pipeline.errors import ConfigError
+from pipeline.paths import require_directory_path, resolve_work
 
 from . import prune_ops as ops
 from .teacher import load_model, load_model_config, load_tokenizer, resolve_teacher
@@ -31,7 +32,7 @@ SUPPORTED = ("llama", "mistral", "qwen2")  # q/k/v/o + gate/up/down + two RMSNor
 
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    info = prune_teacher(cfg, Path(args.out), layers=args.layers, hidden=args.hidden_size,
+    info = prune_teacher(cfg, Path(resolve_work(args.out)), layers=args.layers, hidden=args.hidden_size,
                          intermediate=args.intermediate_size, calibration=args.calibration)
     s = info["shape"]
     print(f"wrote {args.out}: {s['layers']} of {info['teacher_shape']['layers']} layers "
@@ -46,7 +47,11 @@ def target_shape(config, layers: int | None, hidden: int | None, intermediate: i
         raise ConfigError(f"prune-teacher supports {', '.join(SUPPORTED)} teachers, not {config.model_type!r}")
     n, d, inter = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, ops.head_dim_of(config)
-    layers, hidden, intermediate = layers or n, hidden or d, intermediate or inter
+    for flag, value in (("--layers", layers), ("--hidden-size", hidden), ("--intermediate-size", intermediate)):
+        if value is not None and value < 1:  # 0 is a size, not "the teacher's" (that is: leave the flag out)
+            raise ConfigError(f"{flag} {value}: a size must be at least 1; leave {flag} out to keep the teacher's")
+    layers, hidden, intermediate = (n if layers is None else layers, d if hidden is None else hidden,
+                                    inter if intermediate is None else intermediate)
     if not 1 <= layers <= n:
         raise ConfigError(f"--layers {layers}: the teacher has {n} layers; keep between 1 and {n}")
     if not 1 <= intermediate <= inter:
@@ -66,21 +71,33 @@ def target_shape(config, layers: int | None, hidden: int | None, intermediate: i
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse anything but a new or empty directory: prune-teacher never overwrites."""
+    """Refuse anything but a new or empty directory: prune-teacher never overwrites (checked
+    before the teacher loads, as is a parent that is a file)."""
+    require_directory_path(out, "--out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty directory; "
                           "choose a new directory (prune-teacher never overwrites)")
 
 
 def calibration_batches(cfg: Config, tokenizer, count: int) -> list[torch.Tensor]:
-    """The first ``count`` training sequences of the plan (built or reused as stage 1 does)."""
+    """The first ``count`` training sequences of the plan, as stage 1 packs them. Planned in a
+    private temp folder, only as far as ``count`` sequences: the cache's own plan folder belongs
+    to ``cache-teacher`` (which may be running on it now) and is neither read nor written here."""
+    import tempfile
+
     from .plan import ensure_plan
 
-    plan = ensure_plan(cfg, tokenizer, show_progress=False)
-    n = min(count, plan.count["train"])
-    if n < 1:
-        raise ConfigError("the plan has no training sequences to measure importance on; check data.source")
-    ids = torch.from_numpy(plan.rows_of(0, n).input_ids)
+    d = cfg.data
+    cap = count * d.seq_len if not d.max_train_tokens else min(d.max_train_tokens, count * d.seq_len)
+    with tempfile.TemporaryDirectory(prefix="kd-prune-plan-") as tmp:
+        private = load_config(None, [*config_overrides(cfg, ("teacher", "data", "cache")),
+                                     format_override("cache.plan_dir", str(Path(tmp) / "plan")),
+                                     format_override("data.max_train_tokens", cap)])
+        plan = ensure_plan(private, tokenizer, show_progress=False)
+        n = min(count, plan.count["train"])
+        if n < 1:
+            raise ConfigError("the plan has no training sequences to measure importance on; check data.source")
+        ids = torch.from_numpy(plan.rows_of(0, n).input_ids.copy())
     return list(ids.split(cfg.teacher.batch_size))
 
 

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not target:
             raise NotImplementedYet(f"'{args.command}' is not implemented yet in this version")
+        resolve_path_arguments(args)
         return resolve(target)(args) or 0
     except PipelineError as e:
         return fail(str(e))
@@ -83,6 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return fail(f"cannot write {e.filename or ''}: {e.strerror}; choose a writable directory")
         raise
+
+
+PATH_ARGUMENTS = ("config", "cache", "checkpoint", "run_dir", "out", "teacher_config", "student_config", "runs",
+                  "merge")
+"""The command-line arguments that name paths: each follows the ``work:`` rule as config paths do."""
+
+
+def resolve_path_arguments(args: argparse.Namespace) -> None:
+    from .config import resolve_work
+
+    for name in PATH_ARGUMENTS:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [resolve_work(v) for v in value])
+        elif isinstance(value, str) and name == "merge":
+            setattr(args, name, ",".join(resolve_work(v.strip()) for v in value.split(",")))
+        elif isinstance(value, str):
+            setattr(args, name, resolve_work(value))
 
 
 def fail(message: str, code: int = 2) -> int:

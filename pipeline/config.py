@@ -360,7 +360,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 WORK_PREFIX = "work:"
-WORK_PATHS = (("run", "runs_dir"), ("cache", "dir"), ("cache", "views_dir"), ("cache", "plan_dir"))
+WORK_PATHS = (("run", "runs_dir"), ("cache", "dir"), ("cache", "views_dir"), ("cache", "plan_dir"),
+              ("data", "source"), ("teacher", "model"), ("student", "model"), ("student", "tokenizer"))
 KAGGLE_WORKING = Path("/kaggle/working")
 
 
@@ -375,17 +376,34 @@ def work_root() -> Path | None:
     return KAGGLE_WORKING if KAGGLE_WORKING.is_dir() else None
 
 
-def resolve_work_paths(cfg: "Config") -> None:
-    """The one path rule: ``run.runs_dir``, ``cache.dir``, ``cache.views_dir`` and ``cache.plan_dir``
-    written as ``work:REST`` become ``<work_root()>/REST``, or ``REST`` where there is no work
-    folder. Resolved once, when the config is loaded: a run records the real path."""
+def resolve_work(value: str) -> str:
+    """``work:REST`` -> ``<work_root()>/REST`` (or ``REST`` where there is no work folder); any
+    other value as it is. Used for every path a command takes (config keys, a checkpoint, a run
+    directory, ``--out``), so a path written one way works everywhere. A work folder that is
+    not a directory and cannot be made is a ``ConfigError`` naming it."""
+    if not isinstance(value, str) or not value.startswith(WORK_PREFIX):
+        return value
+    rest = value[len(WORK_PREFIX):].lstrip("/")
     root = work_root()
+    if root is None:
+        return rest
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"the work folder {root} (KD_PIPELINE_WORK_DIR) cannot be used for {value!r} "
+                          f"({e.strerror or e.__class__.__name__}); set KD_PIPELINE_WORK_DIR to a writable "
+                          "folder, or write the path without work:") from None
+    return str(root / rest)
+
+
+def resolve_work_paths(cfg: "Config") -> None:
+    """The one path rule: ``run.runs_dir``, ``cache.dir``, ``cache.views_dir``, ``cache.plan_dir``,
+    ``data.source``, ``teacher.model``, ``student.model`` and ``student.tokenizer`` written as
+    ``work:REST`` become ``<work_root()>/REST``, or ``REST`` where there is no work folder.
+    Resolved once, when the config is loaded: a run records the real path."""
     for section, key in WORK_PATHS:
         part = getattr(cfg, section)
-        value = getattr(part, key)
-        if value.startswith(WORK_PREFIX):
-            rest = value[len(WORK_PREFIX):].lstrip("/")
-            setattr(part, key, str(root / rest) if root is not None else rest)
+        setattr(part, key, resolve_work(getattr(part, key)))
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .config import resolve_work  # noqa: F401  (re-exported: the work: rule for command-line paths)
 from .errors import ConfigError
 
 

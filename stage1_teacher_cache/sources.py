@@ -43,6 +43,11 @@ class Source:
     def __init__(self, cfg: DataConfig):
         self.cfg = cfg
         self.kind, self.files, self.root = _resolve(cfg)
+        txt = next((f for f in self.files if f.suffix == ".txt"), None)
+        if cfg.format == "chat" and txt is not None:  # a .txt is plain text: it has no turns to mask
+            raise DataError(f"data.format=chat, but {txt} is a .txt file (plain text, no messages); chat data comes "
+                            "as .jsonl/.json/.parquet rows with 'messages' or 'prompt'/'completion', or set "
+                            "data.format=auto")
 
     def document_names(self) -> list[str] | None:
         """Every document name, when known without reading (one ``.txt`` per document)."""
@@ -149,8 +154,8 @@ class RowLayout(NamedTuple):
 
 def _row_layout(what, cfg: DataConfig, columns) -> RowLayout:
     chat = chat_columns(columns, cfg.text_field, cfg.format)
-    if chat is not None:
-        return RowLayout(chat, True)
+    if chat is not None:  # every chat column the source has: a file may mix the two layouts
+        return RowLayout(tuple(c for group in CHAT_COLUMNS for c in group if c in set(columns)), True)
     if cfg.format == "chat":
         raise DataError(f"{what} has neither a 'messages' column nor 'prompt' and 'completion' (columns: "
                         f"{list(columns)}); data.format=chat needs them")
@@ -215,8 +220,8 @@ def _parquet_rows(path: Path, cfg: DataConfig) -> Iterator[tuple[int, str | dict
     layout = _row_layout(path, cfg, pf.schema_arrow.names)
     row = 0
     for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=list(layout.columns)):
-        for record in batch.to_pylist():
-            yield row, _row_value(record, layout)
+        for record in batch.to_pylist():  # a null text is refused, naming the row (as in .jsonl)
+            yield row, _row_value(record, layout, f"{path} row {row}")
             row += 1
 
 

@@ -73,7 +73,13 @@ def _turns(value, role: str, where: str) -> list | None:
 
 def render(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[str, tuple[tuple[int, int], ...]]:
     """(text, spans): the conversation rendered with the tokenizer's chat template, and the
-    character spans [start, end) of its assistant turns (end-of-turn marker included)."""
+    character spans [start, end) of its assistant turns (end-of-turn marker included).
+
+    A span is [len(render(turns before it) + generation prompt), len(render(turns through it))).
+    Rendering every prefix is quadratic in the turns, so the spans are first read off one
+    render with each content replaced by a marker (``_marked_spans``), linear; they are used
+    when they agree with the exact prefix renders of the first and last assistant turns, else
+    (a template that rewrites contents or is not turn by turn) every prefix is rendered."""
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         raise DataError(f"{where} is a chat row, but the teacher's tokenizer has no chat template; use an "
                         "instruction-tuned teacher, or plain text rows (data.format=text)")
@@ -85,21 +91,80 @@ def render(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[str, 
             raise DataError(f"{where}: the teacher's chat template cannot render this conversation "
                             f"({e.__class__.__name__}: {str(e)[:120]}); fix the row") from None
 
-    text = text_of(messages, False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
+    def exact(i: int) -> tuple[int, int]:
         before, through = text_of(messages[:i], True), text_of(messages[:i + 1], False)
         start, end = len(before), len(through)
         if not text.startswith(before) or not text.startswith(through) or end <= start:
             raise DataError(f"{where}: the teacher's chat template does not render a conversation's turns as "
                             "prefixes of the whole, so the assistant's tokens cannot be found; use plain text rows")
-        spans.append((start, end))
-    if not spans:
+        return start, end
+
+    text = text_of(messages, False)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained on; "
                         "add one or drop the row")
-    return text, tuple(spans)
+    checked = {i: exact(i) for i in (turns[0], turns[-1])}
+    fast = _marked_spans(text_of, messages, text, turns) if len(turns) > 2 else None
+    if fast is not None and all(fast[i] == span for i, span in checked.items()):
+        return text, tuple(fast[i] for i in turns)
+    return text, tuple(checked[i] if i in checked else exact(i) for i in turns)
+
+
+MARK = "\ue000{}\ue001"  # private-use characters: no template treats them specially
+
+
+def _marked_spans(text_of, messages, text: str, turns: list[int]) -> dict[int, tuple[int, int]] | None:
+    """Every assistant turn's span from a few renders (None when the template does not fit).
+
+    One render with content i replaced by the marker i gives where each content sits; where a
+    turn's rendering ends (its end-of-turn text after the content) is learnt once per role from
+    one prefix render; the generation prompt once. Positions map back to ``text`` by the length
+    difference of the contents before them; the real text must equal the marked one with the
+    contents put back (a template that rewrites contents, e.g. trims them, does not fit)."""
+    if any("\ue000" in m["content"] for m in messages):
+        return None
+    marks = [MARK.format(i) for i in range(len(messages))]
+    marked = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
+    s = text_of(marked, False)
+    at, pos, pieces = [], 0, []
+    for i, mark in enumerate(marks):
+        p = s.find(mark, pos)
+        if p < 0:
+            return None
+        pieces += [s[pos:p], messages[i]["content"]]
+        at.append(p)
+        pos = p + len(mark)
+    if "".join(pieces) + s[pos:] != text:
+        return None
+    shift = [0]  # real position - marked position, after content i-1
+    for i, m in enumerate(messages):
+        shift.append(shift[-1] + len(m["content"]) - len(marks[i]))
+    tail: dict[str, int] = {}  # role -> characters its turn renders after its content
+    for k, m in enumerate(messages):
+        if m["role"] not in tail:
+            prefix = text_of(marked[:k + 1], False)
+            if not s.startswith(prefix) or len(prefix) < at[k] + len(marks[k]):
+                return None
+            tail[m["role"]] = len(prefix) - at[k] - len(marks[k])
+
+    def end_of(i: int) -> int:  # len(render(messages[:i + 1])), in real positions
+        return at[i] + len(marks[i]) + tail[messages[i]["role"]] + shift[i + 1]
+
+    first = turns[0]
+    before = text_of(marked[:first], True)
+    head = text_of(marked[:first], False)
+    if not before.startswith(head):
+        return None
+    prompt = before[len(head):]
+    spans = {}
+    for i in turns:
+        start = (end_of(i - 1) if i else len(text_of([], False))) + len(prompt)
+        end = end_of(i)
+        if text[start - len(prompt):start] != prompt or end <= start:
+            return None
+        spans[i] = (start, end)
+    return spans
 
 
 def char_mask(length: int, spans) -> np.ndarray:

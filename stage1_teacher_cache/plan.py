@@ -223,6 +223,8 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
         if packers["train"].done == 0:
             raise DataError(f"the training documents hold fewer than seq_len={seq_len} tokens; "
                             "add text or lower data.seq_len")
+        if chat:
+            require_targets(writer)
         plan = writer.close({**(info or {}), "dataset_hash": digest.hexdigest(), "stopped_early": early,
                              "loss_mask": chat})
     except BaseException:
@@ -231,6 +233,17 @@ def build_plan(documents: Iterable[Document], tokenizer, seq_len: int, eos_id: i
     finally:
         bar.close()
     return plan
+
+
+def require_targets(writer: PlanWriter) -> None:
+    """A chat plan whose train or held-out sequences hold no assistant token would train on
+    nothing (every step's loss 0) or evaluate nothing: refused, naming the split."""
+    for split in ("train", "eval"):
+        if writer.count[split] and not writer.targets[split]:
+            raise DataError(f"the {split} sequences hold no assistant (completion) token: the chat documents of "
+                            f"that split are shorter than data.seq_len={writer.seq_len} tokens and the last partial "
+                            "sequence is dropped, or they have no assistant turn; add chat rows to it, or lower "
+                            "data.seq_len")
 
 
 def plan_key(cfg: Config, tokenizer) -> dict:

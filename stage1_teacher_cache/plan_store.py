@@ -107,6 +107,7 @@ class PlanWriter:
         self._pending: dict[str, list[tuple[np.ndarray, str, np.ndarray, np.ndarray, np.ndarray]]] = {
             s: [] for s in SPLITS}
         self.count = {s: 0 for s in SPLITS}
+        self.targets = {s: 0 for s in SPLITS}  # positions with a target (loss_mask[1:]) per split
         self._doc_file = pa.OSFile(str(folder / "documents.arrow"), "wb")
         self._doc_writer = ipc.new_file(self._doc_file, DOC_SCHEMA)
         self._docs: list[tuple[int, str, str, int]] = []
@@ -117,6 +118,7 @@ class PlanWriter:
                      loss_mask: np.ndarray) -> None:
         self._pending[split].append((ids, text, char_end, doc_id, loss_mask))
         self.count[split] += 1
+        self.targets[split] += int(np.count_nonzero(loss_mask[1:]))
         if len(self._pending[split]) == self.rows:
             self._flush(split)
 

@@ -41,7 +41,11 @@ def evaluate(model, load: Callable[[np.ndarray], dict], target_bytes: Callable[[
         sums["bytes"] += weight * sum(target_bytes(int(i)) for i in ids)
     model.train(was_training)
     sums = dict(zip(sums, dist.all_sum(list(sums.values()))))
-    ce = sums["nll"] / sums["positions"]
+    if not sums["positions"]:
+        from pipeline.errors import DataError
+        raise DataError(f"the {len(indices)} held-out sequences hold no target token (a chat cache whose held-out "
+                        "conversations have no assistant token in its sequences), so there is nothing to evaluate; "
+                        "rebuild the cache with held-out conversations that fill a sequence (data.eval_documents)")
     return {"ce": ce, "ppl": math.exp(ce), "bpb": sums["nll"] / math.log(2) / sums["bytes"],
             "kl_teacher_topk": sums["kl"] / sums["positions"],
             "teacher_top1_agree": sums["top1"] / sums["top1_n"] if sums["top1_n"] else None,

@@ -161,7 +161,7 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
     out["loss"] = w.ce * out["ce"] + w.kd * out["kd"] + w.feature * out.get("feature", 0.0)
     if gate is not None and gate.counts is not None:
         out["router_counts"] = gate.counts.detach()
-    out["positions"] = n
+    out["positions"] = n if valid is None else int(valid.sum())  # 0 when nothing is a target: it weighs nothing
     return out
 
 

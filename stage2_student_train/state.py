@@ -87,6 +87,11 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
     reader.require_complete()
     if "eval" not in reader.spec.splits:
         raise ConfigError(f"cache {cfg.cache.dir} has no held-out eval sequences; rebuild it with data.eval_documents")
+    for split in ("train", "eval") if reader.spec.has_loss_mask else ():
+        if reader.stat_total(f"{split}_masked_targets") == 0:  # every step's loss would be 0, silently
+            raise ConfigError(f"cache {cfg.cache.dir}: its {split} sequences hold no assistant (completion) token, so "
+                              f"there is nothing to {'train' if split == 'train' else 'evaluate'} on; rebuild it with "
+                              "chat rows that fill a sequence of that split (cache.overwrite=true)")
     tokenizer, same_tokenizer = load_student_tokenizer(cfg, reader)
     cache_has = {"topk"} | ({"hidden"} if reader.spec.store_hidden else set()) | (
         {"head"} if reader.has_head else set()) | ({"samples"} if reader.spec.samples else set())
@@ -165,7 +170,7 @@ def build_state(run: RunSetup, student: nn.Module | None = None) -> TrainState:
     if student is None:
         # Same tokenizer: the cached ids range over the teacher's head, which may exceed len(tokenizer).
         vocab = max(len(run.tokenizer), reader.spec.vocab_size) if run.same_tokenizer else len(run.tokenizer)
-        student = build_student(cfg, vocab, run.access.seq_len)
+        student = build_student(cfg, vocab, run.access.seq_len, added_tokens=getattr(run.tokenizer, "kd_added_tokens", 0))
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     hidden = student.config.hidden_size

@@ -321,6 +321,11 @@ class CacheReader:
     def head_bytes(self) -> int:
         return self.store.bytes_under(f"{ARRAYS}/head")
 
+    def stat_total(self, name: str) -> float | None:
+        """The sum of one shard statistic over the committed shards (None if none records it)."""
+        values = [m["stats"][name] for m in self._markers.values() if name in m.get("stats", {})]
+        return sum(values) if values else None
+
     def summary_stats(self) -> dict[str, Any]:
         """Aggregate the committed shards' statistics (sums, so shards combine exactly)."""
         return cache_summary.summary_stats(self._markers.values())

@@ -88,20 +88,25 @@ def write_checksums(ckpt: Path) -> None:
     atomic_write_bytes(ckpt / CHECKSUMS, json_bytes({"files": files}))
 
 
-def verify_checksums(ckpt: Path) -> None:
-    """Refuse a checkpoint whose files differ from what was saved, naming the first such file
-    (a checkpoint written by an older version records no checksums: nothing to check)."""
+def verify_checksums(ckpt: Path) -> bool:
+    """Refuse a checkpoint whose files differ from what was saved, naming the first such file; a
+    file with no entry, or an entry with no file, is damage too (the record must be whole).
+    False when the checkpoint records no checksums at all: written by an older version, or its
+    ``checksums.json`` deleted (``load_state`` tells the two apart by ``state.pt``)."""
     path = ckpt / CHECKSUMS
     if not path.exists():
-        return
+        return False
     try:
         files = json.loads(path.read_text())["files"]
-        assert isinstance(files, dict)
+        assert isinstance(files, dict) and all(isinstance(r, dict) for r in files.values())
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise CheckpointError(f"checkpoint {ckpt}: {CHECKSUMS} is unreadable; pick an older checkpoint") from None
-    for rel, record in files.items():
-        p = ckpt / rel
-        if not p.is_file():
+    on_disk = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file() and p != path)
+    for rel in sorted(set(on_disk) | set(files)):
+        p, record = ckpt / rel, files.get(rel)
+        if record is None:
+            problem = f"has no entry in {CHECKSUMS}, so it cannot be checked"
+        elif not p.is_file():
             problem = "is missing"
         elif p.stat().st_size != record.get("bytes"):
             problem = f"has {p.stat().st_size} bytes, {record.get('bytes')} were saved"
@@ -111,10 +116,16 @@ def verify_checksums(ckpt: Path) -> None:
             continue
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({rel} {problem}); pick an older one under "
                               "checkpoints/")
+    return True
+
+
+CHECKSUMMED = "checksummed"
+"""A key of ``state.pt`` in every checkpoint written with ``checksums.json``: without that file
+such a checkpoint cannot be trusted (its record was deleted), and resume refuses it."""
 
 
 def write_state(tmp: Path, state: dict[str, Any], config_toml: str) -> None:
-    torch.save(state, tmp / "state.pt")
+    torch.save({**state, CHECKSUMMED: True}, tmp / "state.pt")
     (tmp / "config.toml").write_text(config_toml)
 
 
@@ -155,11 +166,15 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         if not (ckpt / need).exists():
             raise CheckpointError(f"{ckpt} is not a complete checkpoint ({need} is missing); "
                                   "pick another one under checkpoints/")
-    verify_checksums(ckpt)
+    checked = verify_checksums(ckpt)
     try:
-        return torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
     except Exception as e:
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({e.__class__.__name__}); pick an older one") from None
+    if not checked and isinstance(state, dict) and state.get(CHECKSUMMED):
+        raise CheckpointError(f"checkpoint {ckpt} was written with {CHECKSUMS}, which is gone, so its files cannot "
+                              "be checked; restore it or pick another checkpoint under checkpoints/")
+    return state
 
 
 def resume_config(ckpt: Path, overrides: list[str]) -> Config:

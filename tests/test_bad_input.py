@@ -206,7 +206,8 @@ def test_checkpoint_against_another_cache(capsys, finished_run, cache_copy):
     m = other / "manifest.json"
     obj = json.loads(m.read_text())
     obj["spec"]["fingerprint"]["dataset_hash"] = "0" * 16
-    obj.pop("digest", None)  # another cache, not an edited one: no digest to contradict
+    from pipeline.cache.files import DIGEST, manifest_digest
+    obj[DIGEST] = manifest_digest(obj)  # another cache, not an edited one: its digest matches
     m.write_text(json.dumps(obj))
     ckpt = finished_run / "checkpoints" / "step-00000002"
     assert_refused(capsys, ["resume", ckpt, f"cache.dir={json.dumps(str(other))}"],

@@ -113,7 +113,8 @@ def test_an_older_cache_is_refused_in_one_line_and_healed_by_stage1(tiny_cache, 
     for rel in tokenizer_records(old):
         del manifest["files"][rel]
     manifest.pop("tokenizer")
-    manifest.pop("digest", None)  # an older version wrote no digest either
+    manifest.pop("digest", None)  # an older version wrote no digest either (nor a cache_id)
+    manifest.pop("cache_id", None)
     (old / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(old / "tokenizer")
     assert not verify_cache(old).ok

@@ -76,10 +76,14 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def manifest_digest_problem(manifest: dict[str, Any]) -> str | None:
-    """None when the manifest's recorded digest matches its content (or it records none: written
-    by an older version), else what is wrong."""
+    """None when the manifest's recorded digest matches its content (or it records none and was
+    written by an older version), else what is wrong. Every version that writes the digest also
+    writes ``cache_id``: a manifest with a ``cache_id`` and no digest had its digest removed."""
     if DIGEST not in manifest:
-        return None
+        if "cache_id" not in manifest:
+            return None
+        return (f"{MANIFEST} has lost its digest (this tool writes one into every manifest with a cache_id), so "
+                "an edit cannot be ruled out; restore it, or rebuild with cache-teacher cache.overwrite=true")
     if manifest[DIGEST] != manifest_digest(manifest):
         return (f"{MANIFEST} was changed after this tool wrote it (its content no longer matches its digest); "
                 "restore it, or rebuild with cache-teacher cache.overwrite=true")

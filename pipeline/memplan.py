@@ -134,6 +134,9 @@ def dims_from_hf_config(hf) -> ModelDims:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .hf_shape import check_hf_shape
+
+    check_hf_shape(hf, f"the {getattr(hf, 'model_type', '')} config".replace("the  ", "the "))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
     params = list(model.parameters())
@@ -153,15 +156,26 @@ def local_hf_config(path: str):
     without the hub."""
     import json
     from pathlib import Path
+    from types import SimpleNamespace
 
     from transformers import AutoConfig
 
     p = Path(path)
     p = p / "config.json" if p.is_dir() else p
     raw = json.loads(p.read_text(encoding="utf-8"))  # OSError / ValueError name a missing or bad file
-    if "model_type" not in raw:
+    if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"{p} has no model_type; give a Hugging Face config.json")
-    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+    from .hf_shape import REQUIRED, check_hf_shape
+
+    if missing := [k for k in REQUIRED if k not in raw]:  # never planned from the library's defaults
+        raise ValueError(f"{p} has no {missing[0]}; give a complete Hugging Face config.json")
+    check_hf_shape(SimpleNamespace(**raw), str(p))  # as written, before the library reads it
+    try:
+        hf = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except Exception as e:  # transformers / huggingface_hub validation raise many types
+        raise ValueError(f"{p} is not a valid config ({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
+    check_hf_shape(hf, str(p))
+    return hf
 
 
 def teacher_dims(cfg: Config, config_path: str | None = None) -> ModelDims:

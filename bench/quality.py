@@ -246,9 +246,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(getattr(args, "out", None) or OUT)
     if getattr(args, "fidelity_only", False):
         return fidelity_only(args, out)
-    out.mkdir(parents=True, exist_ok=True)
-    if getattr(args, "merge", None):
+    if getattr(args, "merge", None) is not None:
         return quality_report.merge(args, out)
+    out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     args.setting = getattr(args, "setting", None) or "default"
     seeds = [int(s) for s in parse_list(getattr(args, "seeds", None) or "0,1,2")]
@@ -326,10 +326,9 @@ def fidelity_only(args, out: Path) -> int:
     saved). Replaces the sub-report in ``--out``'s results.{json,md}; trains nothing."""
     from transformers import AutoModelForCausalLM
 
-    path = out / "results.json"
-    if not path.is_file():
-        raise PipelineError(f"--fidelity-only: {path} does not exist; point --out at a finished quality run")
-    results = json.loads(path.read_text())
+    from .quality_merge import read_results
+
+    results = read_results(out, "--fidelity-only")
     args.setting, seed = results["setting"], results["seeds"][0]
     students = {}
     for v in (v for v in results["per_seed"] if v in VARIANTS):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ConfigError
 
 from . import grad_fidelity, quality_stats
 from .quality_stats import describe
@@ -153,10 +152,10 @@ def merge(args, out: Path) -> int:
     """``--merge DIR,DIR,...``: one report from runs of the same setting that each ran other seeds
     (e.g. one process per seed): per-seed results and step times pooled, gradient fidelity and
     the equal wall-clock runs kept from whichever part has them."""
-    dirs = [d.strip() for d in args.merge.split(",") if d.strip()]
-    parts = [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
-    if len({p["setting"] for p in parts}) != 1 or len({json.dumps(p["facts"]) for p in parts}) != 1:
-        raise ConfigError("--merge: the parts ran different settings or caches; merge only runs of one setting")
+    from .quality_merge import load_parts
+
+    parts = load_parts([d.strip() for d in args.merge.split(",") if d.strip()])  # all checked before --out is made
+    out.mkdir(parents=True, exist_ok=True)
     per_seed, step_s, times, fidelity, eq = {}, {}, {}, {}, None
     for n, p in enumerate(parts):
         for v, runs in p["per_seed"].items():

@@ -26,6 +26,7 @@ from pipeline.cache import CacheReader, CacheSpec, CacheWriter, check_finite
 from pipeline.cache.codecs import hidden_codec
 from pipeline.cache.files import lock_path
 from pipeline.cache.store import open_storage
+from pipeline.cache.writer import check_overwrite
 from pipeline.config import Config, load_config
 from pipeline.device import set_up_device
 from pipeline.distributed import Dist, init_distributed
@@ -103,6 +104,8 @@ def _lock_cache(cfg: Config, dist: Dist, stack: contextlib.ExitStack) -> None:
     if not store.remote:  # a parent that is a file: one line before the lock or plan are made
         require_directory_path(store.root, "cache.dir")
     dist.run_on_main(lambda: stack.enter_context(acquire_lock(lock_path(store), f"cache {store}")))
+    if cfg.cache.overwrite:  # a refusal comes before the plan reads the source or makes its folder
+        dist.run_on_main(lambda: check_overwrite(store))
 
 
 def _shared_plan(cfg: Config, tokenizer, dist: Dist, progress: bool) -> Plan:

@@ -366,6 +366,16 @@ def _remove_interrupted_creation(store: Storage, local: bool) -> None:
         store.remove_tree("")  # a skeleton whose manifest was never written
 
 
+def check_overwrite(store: Storage) -> None:
+    """Before any work (the plan reads the whole data source): a local ``cache.overwrite=true``
+    on a folder that is not a cache of this tool is refused as the writer would refuse it."""
+    if store.remote:
+        return
+    path = store.local_path()
+    if path.is_dir():
+        _may_replace(LocalStorage(path.resolve()) if path.is_symlink() else store)
+
+
 def _may_replace(store: Storage) -> bool:
     """True if ``store`` holds something for an overwrite to replace; CacheError if that is not a
     cache of this tool."""

@@ -62,7 +62,11 @@ def load_student_tokenizer(cfg: Config, reader: CacheReader):
     if reader.spec.has_loss_mask and not getattr(tok, "chat_template", None):
         # Trained on conversations rendered with the teacher's template: the student speaks that
         # format (as text in its own tokens), so its exported tokenizer renders prompts with it.
-        tok.chat_template = load_teacher_tokenizer(reader).chat_template
+        teacher = load_teacher_tokenizer(reader)
+        tok.chat_template = teacher.chat_template
+        if not same:  # its own tokens must hold the template's end of turn, or generate() cannot stop
+            from .chat_turns import ensure_end_of_turn
+            ensure_end_of_turn(tok, teacher)
     return tok, same
 
 
@@ -100,7 +104,7 @@ def apply_special_tokens(model, tokenizer) -> None:
     model.generation_config = gen
 
 
-def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=None):
+def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=None, added_tokens: int = 0):
     """A fresh student from ``cfg.student`` (or the pretrained ``cfg.student.model``); with
     ``tokenizer`` its config carries the tokenizer's bos/eos/pad ids (`apply_special_tokens`;
     `save_student` applies them again at export in any case)."""
@@ -112,7 +116,10 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=No
         except Exception as e:
             raise PipelineError(f"cannot load student {cfg.student.model!r} ({e.__class__.__name__}: "
                                 f"{str(e)[:200]}); check student.model") from None
-        if model.get_output_embeddings().weight.shape[0] < vocab_size:
+        rows = model.get_output_embeddings().weight.shape[0]
+        if rows < vocab_size <= rows + added_tokens:  # the chat end-of-turn token given to its tokenizer
+            model.resize_token_embeddings(vocab_size)
+        elif rows < vocab_size:
             raise ConfigError(f"student {cfg.student.model!r} has a smaller vocabulary than its tokenizer")
         positions = max_position_embeddings(model.config)
         if positions is not None and positions < max_positions:
@@ -164,7 +171,10 @@ def save_student(model, tokenizer, path: Path) -> None:
     with the tokenizer's bos/eos(/pad) ids in config.json and bos/eos/pad in
     generation_config.json (see `special_token_ids`), and ``use_cache`` on: training runs without
     a KV cache, ``generate()`` after export should not."""
+    from .chat_turns import stop_at_end_of_turn
+
     apply_special_tokens(model, tokenizer)
+    stop_at_end_of_turn(model, tokenizer)
     model.config.use_cache = True
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.use_cache = True

@@ -46,6 +46,7 @@ def evaluate(model, load: Callable[[np.ndarray], dict], target_bytes: Callable[[
         raise DataError(f"the {len(indices)} held-out sequences hold no target token (a chat cache whose held-out "
                         "conversations have no assistant token in its sequences), so there is nothing to evaluate; "
                         "rebuild the cache with held-out conversations that fill a sequence (data.eval_documents)")
+    ce = sums["nll"] / sums["positions"]
     return {"ce": ce, "ppl": math.exp(ce), "bpb": sums["nll"] / math.log(2) / sums["bytes"],
             "kl_teacher_topk": sums["kl"] / sums["positions"],
             "teacher_top1_agree": sums["top1"] / sums["top1_n"] if sums["top1_n"] else None,

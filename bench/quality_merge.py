@@ -21,11 +21,11 @@ PER_PART_FLAGS = ("--seeds", "--out", "--merge", "--no-fidelity", "--fidelity-se
 def read_results(folder: str | Path, what: str) -> dict:
     """``folder/results.json`` of a finished quality run, with the keys a report needs."""
     path = Path(folder) / "results.json"
-    if not Path(folder).is_dir():
+    if Path(folder).exists() and not Path(folder).is_dir():
         raise ConfigError(f"{what}: {folder} is not a folder; give the --out folder of a finished quality run")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"{what}: {path} does not exist; give the --out folder of a finished quality run") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ConfigError(f"{what}: {path} is not readable JSON ({e.__class__.__name__}: "

@@ -122,7 +122,7 @@ def test_quality_merge_refuses_unreadable_or_mismatched_parts(capsys, tmp_path):
     blank.mkdir()
     (blank / "results.json").write_text("{}")
     a, b = quality_part(tmp_path / "a", seed=0), quality_part(tmp_path / "b", lr="0.5", seed=1)
-    for merge, says in ((tmp_path / "missing", "is not a folder"), (empty, "results.json does not exist"),
+    for merge, says in ((tmp_path / "missing", "missing/results.json does not exist"), (empty, "results.json does not exist"),
                         (bad, "is not readable JSON"), (blank, "not the results of a finished quality run"),
                         (f"{a},{b}", r"ran with other options .*train.lr: 0.01 vs 0.5")):
         assert_refused(capsys, ["quality", "--merge", merge, "--out", out], says)

@@ -32,3 +32,28 @@ def check_hf_shape(hf, where: str = "the model config") -> None:
     if heads % kv:
         raise ValueError(f"{where} has num_attention_heads = {heads}, not a multiple of num_key_value_heads = {kv}; "
                          "fix one of them")
+
+
+def local_hf_config(path: str):
+    """A ``transformers`` config from a local ``config.json`` (or a folder holding one): planning
+    without the hub."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    p = Path(path)
+    p = p / "config.json" if p.is_dir() else p
+    raw = json.loads(p.read_text(encoding="utf-8"))  # OSError / ValueError name a missing or bad file
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ValueError(f"{p} has no model_type; give a Hugging Face config.json")
+    if missing := [k for k in REQUIRED if k not in raw]:  # never planned from the library's defaults
+        raise ValueError(f"{p} has no {missing[0]}; give a complete Hugging Face config.json")
+    check_hf_shape(SimpleNamespace(**raw), str(p))  # as written, before the library reads it
+    try:
+        hf = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except Exception as e:  # transformers / huggingface_hub validation raise many types
+        raise ValueError(f"{p} is not a valid config ({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
+    check_hf_shape(hf, str(p))
+    return hf

@@ -151,31 +151,7 @@ def dims_from_hf_config(hf) -> ModelDims:
                      experts=experts, experts_per_token=per_token, moe_intermediate=moe_width, moe_layers=moe_layers)
 
 
-def local_hf_config(path: str):
-    """A ``transformers`` config from a local ``config.json`` (or a folder holding one): planning
-    without the hub."""
-    import json
-    from pathlib import Path
-    from types import SimpleNamespace
-
-    from transformers import AutoConfig
-
-    p = Path(path)
-    p = p / "config.json" if p.is_dir() else p
-    raw = json.loads(p.read_text(encoding="utf-8"))  # OSError / ValueError name a missing or bad file
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise ValueError(f"{p} has no model_type; give a Hugging Face config.json")
-    from .hf_shape import REQUIRED, check_hf_shape
-
-    if missing := [k for k in REQUIRED if k not in raw]:  # never planned from the library's defaults
-        raise ValueError(f"{p} has no {missing[0]}; give a complete Hugging Face config.json")
-    check_hf_shape(SimpleNamespace(**raw), str(p))  # as written, before the library reads it
-    try:
-        hf = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    except Exception as e:  # transformers / huggingface_hub validation raise many types
-        raise ValueError(f"{p} is not a valid config ({e.__class__.__name__}: {' '.join(str(e).split())[:200]})") from None
-    check_hf_shape(hf, str(p))
-    return hf
+from .hf_shape import local_hf_config  # noqa: E402  (planning from a local config.json)
 
 
 def teacher_dims(cfg: Config, config_path: str | None = None) -> ModelDims:

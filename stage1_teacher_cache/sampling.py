@@ -58,7 +58,20 @@ def block_size_for(vocab: int, samples: int) -> int:
     return max(16, 1 << round(math.log2(max(1.0, math.sqrt(vocab / samples)))))
 
 
-def draw_from_weights(weights: torch.Tensor, u: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def block_sums(weights: torch.Tensor, block: int) -> torch.Tensor:
+    """[n, ceil(V / block)]: the sums of ``block`` consecutive ids (the last block may be short)."""
+    n, vocab = weights.shape
+    full = vocab // block
+    sums = torch.empty(n, -(-vocab // block), dtype=weights.dtype, device=weights.device)
+    if full:
+        torch.sum(weights[:, :full * block].view(n, full, block), dim=-1, out=sums[:, :full])
+    if full * block < vocab:
+        torch.sum(weights[:, full * block:], dim=-1, keepdim=True, out=sums[:, full:])
+    return sums
+
+
+def draw_from_weights(weights: torch.Tensor, u: torch.Tensor, block: int | None = None,
+                      sums: torch.Tensor | None = None) -> torch.Tensor:
     """Token ids [n, S] drawn from ``weights / weights.sum(-1)`` ([n, V], non-negative, e.g. the
     teacher's ``exp(logits - max)``) by inverse CDF of the uniforms ``u`` [n, S] in [0, 1).
 
@@ -78,16 +91,13 @@ def draw_from_weights(weights: torch.Tensor, u: torch.Tensor, block: int | None 
     never drawn: the chosen block has ``P_j > t >= P_{j-1}`` (a positive sum), and inside it the
     chosen id's running sum exceeds its predecessor's (or 0 <= residual), so its weight is
     positive; where rounding leaves the residual at or above the block's own running total, the
-    block's last positive id is taken."""
+    block's last positive id is taken. ``sums``: ``block_sums(weights, block)`` when the caller
+    has them already."""
     n, vocab = weights.shape
     samples = u.shape[1]
     block = block or block_size_for(vocab, samples)
     full = vocab // block
-    sums = torch.empty(n, -(-vocab // block), dtype=weights.dtype, device=weights.device)
-    if full:
-        torch.sum(weights[:, :full * block].view(n, full, block), dim=-1, out=sums[:, :full])
-    if full * block < vocab:
-        torch.sum(weights[:, full * block:], dim=-1, keepdim=True, out=sums[:, full:])
+    sums = block_sums(weights, block) if sums is None else sums
     prefix = torch.cumsum(sums, dim=1, dtype=torch.float64)  # [n, blocks]: P_j
     prefix_rounded = prefix.to(weights.dtype)
     last = prefix_rounded[:, -1:]
@@ -143,12 +153,26 @@ class ChunkSampler:
         self._u: torch.Tensor | None = None
         self._ids: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+        self._block: int | None = None
+
+    def row_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """The block sums of ``weights`` [n, V] the draw needs: the teacher pass sums them for its
+        normaliser (``sum(-1)`` of these), so the vocabulary is read once for both."""
+        self._block = block_size_for(weights.shape[1], self.samples)
+        self._sums = block_sums(weights, self._block)
+        return self._sums
 
     def __call__(self, start: int, weights: torch.Tensor) -> None:
         """Draw for rows ``[start, start + n)`` from ``weights`` [n, V] = ``exp(logits - max)``,
-        the exponentials the teacher pass computes for logZ anyway (read, never modified)."""
+        the exponentials the teacher pass computes for logZ anyway (read, never modified); with
+        the block sums of ``row_sums`` when it was called on these weights."""
         n = weights.shape[0]
-        ids, counts = unique_counts(draw_from_weights(weights, self._u[start:start + n]))
+        sums, self._sums = self._sums, None
+        if sums is not None and sums.shape[0] != n:
+            sums = None
+        ids, counts = unique_counts(draw_from_weights(weights, self._u[start:start + n], self._block if sums is not None
+                                                      else None, sums))
         self._ids[start:start + n] = ids.cpu()
         self._counts[start:start + n] = counts.cpu()
 

@@ -217,7 +217,8 @@ class TeacherPass:
             # work after the matmul on a CPU; same fp32 sum, same result).
             peak = values[:, :1]
             scaled = logits.sub_(peak).exp_()
-            total = scaled.sum(-1)
+            # A sampled cache's normaliser is the sum of the sampler's block sums: one read for both.
+            total = scaled.sum(-1) if self.chunk_hook is None else self.chunk_hook.row_sums(scaled).sum(-1)
             lz = total.log().add_(peak[:, 0])
             if self.chunk_hook is not None:  # sampled caches draw from these same exponentials
                 self.chunk_hook(s, scaled)

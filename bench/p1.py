@@ -41,7 +41,9 @@ def summarize(values: list[float]) -> dict:
 def measure(cfg: Config, repeats: int) -> tuple[dict, dict]:
     """The P1 row (ratio with ``cfg``'s sampling) and its unsampled twin, arms interleaved."""
     samples = cfg.cache.samples
-    unsampled = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, samples=0))
+    # In a cache directory of its own, so the sampled cache at cfg.cache.dir is what stays there.
+    unsampled = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, samples=0,
+                                                                   dir=str(cfg.cache.dir).rstrip("/") + "-unsampled"))
     device = resolve_device(cfg.teacher.device)
     model = load_model(resolve_teacher(cfg.teacher), choose_precision(device, cfg.teacher.dtype).dtype, device)
     ids = None

@@ -1,4 +1,4 @@
-"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P6 and P8,
+"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P9,
 measured side by side in one run on this machine, with the embedded teacher and a small student.
 
 Each timing is repeated; the table gives the median ratio and its spread (min-max over the
@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import p4b
-from pipeline.cache import CacheReader
+from bench import p1 as p1_row
+from bench import p4b, p9
 from pipeline.config import Config, load_config
-from pipeline.device import choose_precision, resolve_device
-from stage1_teacher_cache.run import cache_teacher
-from stage1_teacher_cache.teacher import TeacherPass, load_model, resolve_teacher
+from pipeline.device import resolve_device
+from stage1_teacher_cache.teacher import TeacherPass
 from pipeline.distributed import Dist
 from stage2_student_train.data import TRAIN_ARRAYS, BatchStream, load_batch
 from stage2_student_train.state import build_state, setup_run
@@ -45,6 +44,7 @@ TARGETS = {
     "P6": ("stage-2 peak memory with KD / without KD", "<=", 1.2),
     "P7": ("stage-1 peak memory for 10N tokens / for N tokens (tiny teacher)", "<=", 1.15),
     "P8": ("stage-2 step with prefetched input / same step with the batch in memory", "<=", 1.05),
+    "P9": ("our stage-2 CE step / a bare PyTorch step, same student, batch, precision", "<=", 1.05),
 }
 
 
@@ -73,30 +73,8 @@ def bench_config(cache_dir: Path, args: argparse.Namespace, overrides: list[str]
 
 
 def p1(cfg: Config, repeats: int) -> tuple[dict, dict]:
-    """Stage-1 time = its teacher pass (forward + top-k + stats + encoding + compression and
-    writes in the background thread) plus the sqrt8 pilot; model load and tokenization excluded
-    on both sides. Pure forward = ``model(input_ids).logits`` over the same sequences."""
-    device = resolve_device(cfg.teacher.device)
-    precision = choose_precision(device, cfg.teacher.dtype)
-    model = load_model(resolve_teacher(cfg.teacher), precision.dtype, device)
-    ratios, stage1_s, forward_s, info = [], [], [], {}
-    for _ in range(repeats):
-        info = cache_teacher(cfg, show_progress=False)
-        reader = CacheReader(cfg.cache.dir, verify=False)
-        t_stage1 = info["stage1_pass_s"]
-        ids = torch.from_numpy(reader.read_range(0, len(reader), ("input_ids",))["input_ids"].astype(np.int64))
-
-        def forward():
-            with torch.inference_mode():
-                for b in range(0, len(ids), cfg.teacher.batch_size):
-                    model(input_ids=ids[b:b + cfg.teacher.batch_size].to(device), use_cache=False)
-
-        (t_fwd,) = timed(forward, 1)
-        stage1_s.append(t_stage1)
-        forward_s.append(t_fwd)
-        ratios.append(t_stage1 / t_fwd)
-    return ({"ratio": summarize(ratios), "stage1_s": summarize(stage1_s), "forward_s": summarize(forward_s),
-             "tokens": info["tokens"]}, {"model": model, "info": info})
+    """Stage 1 with the config's sampling and without, against the pure forward (``bench/p1.py``)."""
+    return p1_row.measure(cfg, repeats)
 
 
 # ---------------------------------------------------------------- P2, P3, P5: stage-2 steps
@@ -121,11 +99,10 @@ def p2_p3_p5_p8(cfg: Config, teacher_model, repeats: int) -> dict:
     batch = state.data.next_batch()
     teacher = TeacherPass(teacher_model, cfg.cache.top_k, cfg.teacher.logits_chunk)
     train_step(run, state, batch, "topk_tail", cfg)  # warm-up
-    kd_s, ce_s, online_s, fetched_s = [], [], [], []
+    kd_s, ce_s, online_s = [], [], []
     for _ in range(repeats):  # interleaved so drift hits all of them alike
         kd_s += timed(lambda: train_step(run, state, batch, "topk_tail", cfg), 1)
         ce_s += timed(lambda: train_step(run, state, batch, "none", cfg), 1)
-        fetched_s += timed(lambda: train_step(run, state, state.data.next_batch(), "topk_tail", cfg), 1)
 
         def online():
             out = teacher(batch["input_ids"])  # the teacher runs inside the step
@@ -134,6 +111,8 @@ def p2_p3_p5_p8(cfg: Config, teacher_model, repeats: int) -> dict:
             train_step(run, state, live, "topk_tail", cfg)
 
         online_s += timed(online, 1)
+    # P8: the prefetched step paired with the in-memory one, alternating, until the median is pinned.
+    fetched = p9.p8_pair(run, state, batch, cfg)
     tokens = batch["input_ids"].numel()
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one reader core
@@ -149,7 +128,7 @@ def p2_p3_p5_p8(cfg: Config, teacher_model, repeats: int) -> dict:
         "P5": {"ratio": summarize([(tokens / r) / (tokens / statistics.median(kd_s)) for r in reader_s]),
                "reader_tokens_per_s": tokens / statistics.median(reader_s),
                "train_tokens_per_s": tokens / statistics.median(kd_s)},
-        "P8": {"ratio": summarize([f / k for f, k in zip(fetched_s, kd_s)]), "prefetched_step_s": summarize(fetched_s),
+        "P8": {"ratio": {k: fetched[k] for k in ("median", "min", "max", "n")}, "paired": fetched,
                "data_stall_s": round(state.data.stall_s, 4)},
         "student_parameters": sum(p.numel() for p in state.parts.student.parameters()),
         "batch_tokens": tokens,
@@ -195,6 +174,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"P1 done ({time.perf_counter() - t0:.0f} s)")
         steps = p2_p3_p5_p8(cfg, shared["model"], args.repeats)
         results.update({k: steps[k] for k in ("P2", "P3", "P5", "P8")})
+        results["P9"] = p9.measure(cfg)
         print(f"P2/P3/P5/P8 done ({time.perf_counter() - t0:.0f} s)")
         info = shared["info"]
         results["P4"] = {"ratio": {"median": info["logit_bytes_per_token"], "min": info["logit_bytes_per_token"],
@@ -215,6 +195,10 @@ def main(args: argparse.Namespace) -> int:
         extra = ""
         if pid.startswith("P4"):
             extra = f" at mean KL {results[pid]['topk_encoding_kl_mean']:.1e} nats"
+        if pid == "P1" and "unsampled" in results[pid]:
+            extra = f" ({results[pid]['unsampled']['ratio']['median']:.3f} without samples: target <= 1.05)"
+        if pid == "P9":
+            extra = f" (KD {results[pid]['kd']['median']:.3f}: target <= 1.10)"
         table.append(f"| {pid} | {what} | {op} {target:g} | {r['median']:.3f}{extra} | {r['min']:.3f}-{r['max']:.3f} "
                      f"(n={r['n']}) | {'pass' if verdict(pid, r['median']) else 'FAIL'} |")
     results["sizes"] = sizes

@@ -8,8 +8,11 @@ expectation is exactly that of full-vocabulary KD (docs/loss-math.md). A few doz
 about a dozen unique tokens per position on a real teacher.
 
 How: the teacher pass calls ``ChunkSampler`` once per chunk of positions, where the ``[chunk, V]``
-fp32 logits exist (``TeacherPass.chunk_hook``); nothing ``[B, L, V]`` is ever kept. Each draw is an
-inverse-CDF lookup of a uniform number in the cumulative distribution of ``p`` (temperature 1).
+fp32 logits exist (``TeacherPass.chunk_hook``), with the exponentials ``exp(logits - max)`` the
+pass computes for logZ anyway; nothing ``[B, L, V]`` is ever kept. Each draw is an inverse-CDF
+lookup of a uniform number in the cumulative distribution of ``p`` (temperature 1), done in two
+levels (block sums, then a scan of only the blocks where draws land: ``draw_from_weights``), so
+the sampler adds one read of the chunk, not a second exp and a full-vocabulary scan.
 The uniforms of sequence ``i`` come from a ``torch.Generator`` seeded with ``(seed, i)`` and are
 drawn for the whole sequence at once, so the samples depend only on ``(seed, i)`` and the teacher's
 probabilities: not on the batch size, the logits chunk, the rank or a crash and rerun.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -47,20 +51,82 @@ def uniforms(seed: int, seq_indices, length: int, samples: int) -> torch.Tensor:
     return out
 
 
-def draw(logits: torch.Tensor, logz: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token ids [n, S] drawn from ``softmax(logits)`` [n, V] by inverse CDF of the uniforms ``u`` [n, S].
+def block_size_for(vocab: int, samples: int) -> int:
+    """The block width of the two-level inverse CDF: about ``sqrt(V / S)`` rounded to a power of
+    two (the block prefix scan costs ``V / B`` per position, the in-block scans ``S * B``), at
+    least 16 so the block sums stay vectorised."""
+    return max(16, 1 << round(math.log2(max(1.0, math.sqrt(vocab / samples)))))
 
-    The CDF is accumulated in fp32 and the uniforms scaled by its last value ``C``; the scaled
-    target is then capped at the largest fp32 value below ``C`` (a ``u`` within ~1e-8 of 1 rounds
-    ``u * C`` up to ``C`` itself in fp32, which ``searchsorted`` places past the vocabulary). So
-    every target ``t`` satisfies ``0 <= t < C``, and ``searchsorted(right=True)`` returns the first
-    id whose CDF exceeds ``t``: an id where the CDF rises, i.e. of positive probability. A token of
-    probability 0 (a flat step of the CDF, at either end or inside) is never drawn."""
-    cdf = torch.cumsum(torch.exp(logits - logz[:, None]), dim=-1)  # [n, V] fp32
-    last = cdf[:, -1:]
-    target = (u.to(cdf.device, torch.float64) * last.double()).to(cdf.dtype)
+
+def block_sums(weights: torch.Tensor, block: int) -> torch.Tensor:
+    """[n, ceil(V / block)]: the sums of ``block`` consecutive ids (the last block may be short)."""
+    n, vocab = weights.shape
+    full = vocab // block
+    sums = torch.empty(n, -(-vocab // block), dtype=weights.dtype, device=weights.device)
+    if full:
+        torch.sum(weights[:, :full * block].view(n, full, block), dim=-1, out=sums[:, :full])
+    if full * block < vocab:
+        torch.sum(weights[:, full * block:], dim=-1, keepdim=True, out=sums[:, full:])
+    return sums
+
+
+def draw_from_weights(weights: torch.Tensor, u: torch.Tensor, block: int | None = None,
+                      sums: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids [n, S] drawn from ``weights / weights.sum(-1)`` ([n, V], non-negative, e.g. the
+    teacher's ``exp(logits - max)``) by inverse CDF of the uniforms ``u`` [n, S] in [0, 1).
+
+    The same draws as one cumulative sum over the whole vocabulary (``C_k``, each entry the
+    float64 running sum rounded to the weights' dtype, as ``torch.cumsum`` computes it on a CPU;
+    target ``t = u * C_V`` rounded likewise and capped below ``C_V``; the draw is the first id with
+    ``C_k > t``), without that scan: two levels instead.
+
+    1. Block sums ``b_j`` of ``block`` consecutive ids (one vectorised read of the weights) and
+       their float64 prefix ``P_j``; the block of a draw is the first with ``P_j > t`` (rounded
+       like ``C``): ``searchsorted`` over ``V / block`` entries.
+    2. Only inside the blocks where draws land: the first id whose running sum within its block
+       exceeds the residual ``t - P_{j-1}`` (clamped at 0).
+
+    ``P_j`` and ``C`` differ only by the float64 summation order, so a draw differs from the
+    full scan's only where ``t`` lies within float rounding of a CDF step. A probability-0 id is
+    never drawn: the chosen block has ``P_j > t >= P_{j-1}`` (a positive sum), and inside it the
+    chosen id's running sum exceeds its predecessor's (or 0 <= residual), so its weight is
+    positive; where rounding leaves the residual at or above the block's own running total, the
+    block's last positive id is taken. ``sums``: ``block_sums(weights, block)`` when the caller
+    has them already."""
+    n, vocab = weights.shape
+    samples = u.shape[1]
+    block = block or block_size_for(vocab, samples)
+    full = vocab // block
+    sums = block_sums(weights, block) if sums is None else sums
+    prefix = torch.cumsum(sums, dim=1, dtype=torch.float64)  # [n, blocks]: P_j
+    prefix_rounded = prefix.to(weights.dtype)
+    last = prefix_rounded[:, -1:]
+    target = (u.to(weights.device, torch.float64) * last.double()).to(weights.dtype)
     target = torch.minimum(target, torch.nextafter(last, torch.zeros_like(last)))  # never C itself
-    return torch.searchsorted(cdf, target, right=True)
+    where = torch.searchsorted(prefix_rounded, target, right=True).clamp_(max=sums.shape[1] - 1)  # [n, S]
+    # In the draw's block: the first id whose running sum exceeds the residual t - P_{j-1} (>= 0).
+    before = torch.where(where > 0, prefix.gather(1, (where - 1).clamp(min=0)), 0.0)
+    residual = (target.double() - before).clamp_(min=0.0).to(weights.dtype)
+    start = where * block
+    cols = start[..., None] + torch.arange(block, device=weights.device)  # [n, S, block]
+    if full * block < vocab:  # the short last block: columns past V read id V-1 with weight 0
+        picked = weights.gather(1, cols.clamp(max=vocab - 1).view(n, -1)).view(n, samples, block)
+        picked.masked_fill_(cols >= vocab, 0.0)
+    else:
+        picked = weights.gather(1, cols.view(n, -1)).view(n, samples, block)
+    running = torch.cumsum(picked, dim=-1)
+    offset = (running <= residual[..., None]).sum(-1)  # [n, S]: searchsorted(right=True) on rows this short
+    overflow = offset >= block
+    if overflow.any():  # rounding: the residual at or above the block's running total; its last positive id
+        last_positive = block - 1 - torch.flip(picked > 0, dims=[-1]).int().argmax(-1)
+        offset = torch.where(overflow, last_positive, offset)
+    return start + offset
+
+
+def draw(logits: torch.Tensor, logz: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids [n, S] drawn from ``softmax(logits)`` [n, V] by inverse CDF of the uniforms ``u``
+    [n, S]: ``draw_from_weights(exp(logits - logz), u)``."""
+    return draw_from_weights(torch.exp(logits - logz[:, None]), u)
 
 
 def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +143,8 @@ def unique_counts(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class ChunkSampler:
     """The teacher pass's per-chunk hook: ``attach`` it for one batch of sequences, and the pass
-    calls it with each chunk of flattened positions ``[start, start + n)`` and their fp32 logits."""
+    calls it with each chunk of flattened positions ``[start, start + n)`` and their unnormalised
+    probabilities ``exp(logits - max)`` (fp32)."""
 
     def __init__(self, samples: int, seed: int):
         if not 0 < samples <= MAX_SAMPLES:
@@ -86,10 +153,26 @@ class ChunkSampler:
         self._u: torch.Tensor | None = None
         self._ids: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
+        self._block: int | None = None
 
-    def __call__(self, start: int, logits: torch.Tensor, logz: torch.Tensor) -> None:
-        n = logits.shape[0]
-        ids, counts = unique_counts(draw(logits, logz, self._u[start:start + n]))
+    def row_sums(self, weights: torch.Tensor) -> torch.Tensor:
+        """The block sums of ``weights`` [n, V] the draw needs: the teacher pass sums them for its
+        normaliser (``sum(-1)`` of these), so the vocabulary is read once for both."""
+        self._block = block_size_for(weights.shape[1], self.samples)
+        self._sums = block_sums(weights, self._block)
+        return self._sums
+
+    def __call__(self, start: int, weights: torch.Tensor) -> None:
+        """Draw for rows ``[start, start + n)`` from ``weights`` [n, V] = ``exp(logits - max)``,
+        the exponentials the teacher pass computes for logZ anyway (read, never modified); with
+        the block sums of ``row_sums`` when it was called on these weights."""
+        n = weights.shape[0]
+        sums, self._sums = self._sums, None
+        if sums is not None and sums.shape[0] != n:
+            sums = None
+        ids, counts = unique_counts(draw_from_weights(weights, self._u[start:start + n], self._block if sums is not None
+                                                      else None, sums))
         self._ids[start:start + n] = ids.cpu()
         self._counts[start:start + n] = counts.cpu()
 

@@ -164,7 +164,7 @@ class Fp32Head:
 class TeacherPass:
     """Per-position top-k, logZ, next-token log-prob and hidden state for batches of sequences."""
 
-    chunk_hook = None  # called (start row, [chunk, V] fp32 logits, logZ) per chunk: sampling.ChunkSampler
+    chunk_hook = None  # called (start row, [chunk, V] fp32 exp(logits - max)) per chunk: sampling.ChunkSampler
 
     def __init__(self, model, top_k: int, logits_chunk: int):
         self.model, self.top_k, self.logits_chunk = model, top_k, logits_chunk
@@ -216,14 +216,12 @@ class TeacherPass:
             # torch.logsumexp takes its own max pass and allocates two (~40% of the per-chunk
             # work after the matmul on a CPU; same fp32 sum, same result).
             peak = values[:, :1]
-            if self.chunk_hook is None:
-                scaled = logits.sub_(peak).exp_()
-            else:  # the same numbers out of place: the hook (sampled caches) needs the logits
-                scaled = (logits - peak).exp_()
-            total = scaled.sum(-1)
+            scaled = logits.sub_(peak).exp_()
+            # A sampled cache's normaliser is the sum of the sampler's block sums: one read for both.
+            total = scaled.sum(-1) if self.chunk_hook is None else self.chunk_hook.row_sums(scaled).sum(-1)
             lz = total.log().add_(peak[:, 0])
-            if self.chunk_hook is not None:
-                self.chunk_hook(s, logits, lz)
+            if self.chunk_hook is not None:  # sampled caches draw from these same exponentials
+                self.chunk_hook(s, scaled)
             # The mass beyond the top-k summed over the other ids directly, not as 1 - sum(top-k),
             # whose cancellation leaves tails below ~1e-6 as rounding noise (fp32 logZ).
             tail.append(scaled.scatter_(1, indices, 0.0).sum(-1).log_().sub_(total.log()))

@@ -59,9 +59,11 @@ class EMA:
     @torch.no_grad()
     def update(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for n, p in named_params:
-            if n in self.shadow:
-                self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        kept = [(self.shadow[n], p.detach().float()) for n, p in named_params if n in self.shadow]
+        if kept:  # the same mul_ and add_ per tensor, batched into two calls
+            shadows, values = map(list, zip(*kept))
+            torch._foreach_mul_(shadows, d)
+            torch._foreach_add_(shadows, values, alpha=1 - d)
         self.updates += 1
 
     def state_dict(self) -> dict:

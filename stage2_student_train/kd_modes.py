@@ -152,10 +152,9 @@ def _sampled(c: Chunk) -> KDTerm:
 
 
 def _topk_sampled(c: Chunk) -> KDTerm:
-    ids = c.rows["topk_ids"]
-    return KDTerm(losses.kd_topk_sampled(c.at_ids, c.rows["topk_logprobs"], ids, c.at_samples, c.rows["draw_ids"],
-                                         c.rows["draw_counts"], teacher_log_tail=c.rows.get("topk_log_tail"),
-                                         student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids)))
+    return KDTerm(losses.kd_topk_sampled(c.at_ids, c.rows["topk_logprobs"], c.rows["topk_ids"], c.at_samples,
+                                         c.rows["draw_ids"], c.rows["draw_counts"],
+                                         teacher_log_tail=c.rows.get("topk_log_tail")))
 
 
 def _plain_head(teacher: dict) -> str | None:

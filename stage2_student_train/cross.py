@@ -190,6 +190,7 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
         "sample_ids": torch.from_numpy(np.asarray(indices, np.int64)),
         "topk_twin": torch.from_numpy((mapped >= 0) & ((aligned >= 0) & target_mask)[..., None]),
         "kd_position": torch.from_numpy((aligned >= 0) & target_mask),
+        "aligned": torch.from_numpy(aligned),
         "twin_ids": torch.from_numpy(twin_ids(view.vmap)),
     }
     if need_samples:

@@ -27,10 +27,6 @@ from torch import Tensor
 from .losses import F64, TAIL_FLOOR, _log1mexp, _sampled_tail_weights, _weighted_nll
 
 
-def _masked_lse(x: Tensor, keep: Tensor) -> Tensor:
-    return torch.logsumexp(x.masked_fill(~keep, float("-inf")), dim=-1)
-
-
 def student_log_no_twin(logp: Tensor, twin_ids: Tensor) -> Tensor:
     """``log S_none`` [n]: ``logsumexp`` of the student's log-probs over its ids that are no teacher
     id's twin (every id of ``logp``'s vocabulary not in ``twin_ids``), summed directly (no
@@ -39,7 +35,7 @@ def student_log_no_twin(logp: Tensor, twin_ids: Tensor) -> Tensor:
     no_twin[twin_ids] = False
     if not bool(no_twin.any()):
         return logp.new_full(logp.shape[:-1], float("-inf"))
-    return torch.logsumexp(logp[:, no_twin], dim=-1)
+    return torch.logsumexp(logp.index_select(-1, no_twin.nonzero()[:, 0]), dim=-1)
 
 
 def _unmapped_term(log_u: Tensor, log_s_none: Tensor) -> Tensor:
@@ -50,23 +46,34 @@ def _unmapped_term(log_u: Tensor, log_s_none: Tensor) -> Tensor:
     return torch.where(has, safe_u.exp() * (safe_u - safe_s), torch.zeros_like(safe_u))
 
 
-def kd_mapped_full(logp: Tensor, teacher_logp: Tensor, vmap: Tensor, twin_ids: Tensor | None = None) -> Tensor:
+def kd_mapped_full(logp: Tensor, teacher_logp: Tensor, vmap: Tensor, twin_ids: Tensor | None = None,
+                   dtype: torch.dtype = F64, with_constant: bool = True) -> Tensor:
     """The exact mapped target: ``KL_map(p || s) = sum_u q_u log(q_u / s_u) + U log(U / S_none)`` [n].
 
     ``logp`` [n, Vs]: the student's full log-probs; ``teacher_logp`` [n, Vt]: the teacher's full
     log-probs; ``vmap`` [Vt] (int64, -1 = no twin). ``q = p`` scattered through ``vmap`` (teacher ids
     with the same twin add up), ``U`` = the mass of the teacher ids without a twin, ``S_none`` = the
-    student's mass on ids that are no twin (``twin_ids``: default the ids ``vmap`` reaches)."""
-    p = teacher_logp.to(F64).exp()
+    student's mass on ids that are no twin (``twin_ids``: default the ids ``vmap`` reaches).
+    Computed as ``sum_u q_u log q_u - sum_{v mapped} p_v log s_{vmap[v]} + U log(U / S_none)``: the
+    student term is one gather (no [n, Vs] target is built for the gradient). ``dtype``: the
+    arithmetic (float64 for references; float32 for the online trainer); ``with_constant=False``
+    leaves out ``sum_u q_u log q_u``, which does not depend on the student (same gradient, cheaper)."""
     has = vmap >= 0
-    q = torch.zeros(p.shape[0], logp.shape[-1], dtype=F64, device=p.device)
-    q.index_add_(1, vmap[has], p[:, has])
+    mapped_ids, unmapped_ids = has.nonzero()[:, 0], (~has).nonzero()[:, 0]
+    t_lp = teacher_logp.to(dtype)
+    p_mapped = t_lp.index_select(1, mapped_ids).exp()
     twins = vmap[has].unique() if twin_ids is None else twin_ids
-    log_u = _masked_lse(teacher_logp.to(F64), ~has.expand_as(teacher_logp))
-    keep = q > 0
-    log_q = torch.where(keep, q, torch.ones_like(q)).log()
-    mapped = (q * (log_q - logp.to(F64).masked_fill(~keep, 0.0))).sum(-1)
-    return (mapped + _unmapped_term(log_u, student_log_no_twin(logp.to(F64), twins))).to(logp.dtype)
+    lp = logp.to(dtype)
+    out = -(p_mapped * lp.index_select(1, vmap[mapped_ids])).sum(-1)
+    if with_constant:
+        with torch.no_grad():
+            q = torch.zeros(p_mapped.shape[0], logp.shape[-1], dtype=dtype, device=p_mapped.device)
+            q.index_add_(1, vmap[has], p_mapped)
+            neg_entropy = torch.special.xlogy(q, q).sum(-1)
+        out = out + neg_entropy
+    log_u = (torch.logsumexp(t_lp.index_select(1, unmapped_ids), dim=-1) if len(unmapped_ids)
+             else t_lp.new_full(t_lp.shape[:1], -math.inf))
+    return (out + _unmapped_term(log_u, student_log_no_twin(lp, twins))).to(logp.dtype)
 
 
 def kd_mapped_sampled(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, twin_mask: Tensor,

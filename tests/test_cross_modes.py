@@ -96,3 +96,20 @@ def test_new_cross_modes_train_and_mapped_sampled_is_refused_without_samples(sam
               show_progress=False)
     assert "\n" not in str(err.value) and "cache.samples" in str(err.value)
     assert not (tmp_path / "refused").exists()  # refused before anything was written
+
+
+def test_tokenizer_pair_measure_is_one_for_a_tokenizer_against_itself_and_a_share_otherwise(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from bench.tokenizer_pair import measure
+    from conftest import CORPUS, gpt2_tokenizer
+
+    gpt2, smol = gpt2_tokenizer(), AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    texts = list(CORPUS.values())
+    same = measure(gpt2, gpt2, texts)
+    # against itself every id is its own twin; only the earlier byte-tokens of a split character
+    # (the CJK text) are unaligned, by the last-of-run rule
+    assert same["teacher_vocab_with_twin"] == 1.0 and 0.95 < same["student_positions_aligned"] < 1.0
+    assert same["tokens_per_teacher_token"] == 1.0 and same["twin_token_share"] == 1.0
+    other = measure(gpt2, smol, texts)
+    assert 0.1 < other["teacher_vocab_with_twin"] < 1.0 and 0.5 < other["student_positions_aligned"] < 1.0

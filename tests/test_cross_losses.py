@@ -221,3 +221,27 @@ def test_the_new_cross_modes_are_registered_with_their_needs():
         kd_modes.check("mapped_sampled", cache_has={"topk", "samples"}, temperatures=(2.0,), **args)
     assert kd_modes.check("uld", cache_has={"topk"}, **args).tokenizer == "cross"
     assert kd_modes.check("chunk_likelihood", cache_has={"topk"}, **args).needs == {"next_logprob"}
+
+
+def test_online_cross_reference_sums_the_exact_mapped_kl_over_aligned_positions():
+    """bench/quality_cross.mapped_kd_sum: the float32 training form (without the student-independent
+    sum q log q) has the float64 reference's gradient, and the eval form its value, summed over the
+    aligned target positions through their aligned teacher positions."""
+    from bench.quality_cross import mapped_kd_sum
+
+    g = torch.Generator().manual_seed(4)
+    t_logp = torch.log_softmax(1.3 * torch.randn(2, 5, 7, generator=g), -1)  # [B, Lt, Vt]
+    z = torch.randn(2, 4, VS, generator=g, dtype=F64)                         # [B, Ls-1, Vs]
+    batch = {"kd_position": torch.tensor([[True, False, True, True], [False, True, True, False]]),
+             "aligned": torch.tensor([[0, -1, 2, 4], [-1, 1, 3, -1]])}
+    twins = VMAP[VMAP >= 0].unique()
+    zr = z.clone().requires_grad_(True)
+    ref = sum(cross_losses.kd_mapped_full(torch.log_softmax(zr[b, j], -1)[None], t_logp[b, t][None].double(), VMAP)
+              for b, j, t in [(0, 0, 0), (0, 2, 2), (0, 3, 4), (1, 1, 1), (1, 2, 3)])
+    ref.sum().backward()
+    zt = z.float().requires_grad_(True)
+    train_form = mapped_kd_sum(torch.log_softmax(zt, -1), t_logp, batch, VMAP, twins, with_constant=False)
+    train_form.backward()
+    assert torch.allclose(zt.grad.double(), zr.grad, atol=1e-6)
+    value = mapped_kd_sum(torch.log_softmax(z.float(), -1), t_logp, batch, VMAP, twins)
+    assert abs(float(value) - float(ref.sum())) < 1e-5

@@ -21,6 +21,12 @@ seed, which differences exceed the seed noise (``bench/quality_stats.py``). Grad
 (``bench/grad_fidelity.py``, first seed): each offline mode's logit gradient vs the exact one at
 the student's init, after CE training, and at the trained students. Writes
 ``quality/results.json``, ``quality/results.md`` and ``quality/curves.png``.
+
+``--setting cross``: the same cache and student sizes, the student with GPT-2's tokenizer; the
+variants CE, ``mapped``, ``mapped_sampled``, ``projected``, ``uld``, ``chunk_likelihood`` and the
+online cross-tokenizer reference ``online_cross``, scored in held-out bits/byte and ECE over the
+student's own positions (``bench/quality_cross.py``); writes ``quality/cross/``. The report names
+its pre-registered comparison (``quality_stats.PREREGISTERED``) and Holm-corrects the rest.
 """
 
 from __future__ import annotations

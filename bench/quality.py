@@ -21,6 +21,12 @@ seed, which differences exceed the seed noise (``bench/quality_stats.py``). Grad
 (``bench/grad_fidelity.py``, first seed): each offline mode's logit gradient vs the exact one at
 the student's init, after CE training, and at the trained students. Writes
 ``quality/results.json``, ``quality/results.md`` and ``quality/curves.png``.
+
+``--setting cross``: the same cache and student sizes, the student with GPT-2's tokenizer; the
+variants CE, ``mapped``, ``mapped_sampled``, ``projected``, ``uld``, ``chunk_likelihood`` and the
+online cross-tokenizer reference ``online_cross``, scored in held-out bits/byte and ECE over the
+student's own positions (``bench/quality_cross.py``); writes ``quality/cross/``. The report names
+its pre-registered comparison (``quality_stats.PREREGISTERED``) and Holm-corrects the rest.
 """
 
 from __future__ import annotations
@@ -57,13 +63,23 @@ VARIANTS: dict[str, list[str]] = {  # name -> overrides on top of the setting
     "union_reverse_kl": ["kd.mode=union", "kd.divergence=reverse_kl"],
     "union_jsd": ["kd.mode=union", "kd.divergence=jsd"],
     "topk_tail_tau2to1": ["kd.mode=topk_tail", "kd.temperature=2.0", "kd.temperature_final=1.0"],
+    # --setting cross (another tokenizer; bench/quality_cross.py has online_cross and the evaluation)
+    "mapped": ["kd.mode=mapped"], "mapped_sampled": ["kd.mode=mapped_sampled"], "projected": ["kd.mode=projected"],
+    "uld": ["kd.mode=uld"], "chunk_likelihood": ["kd.mode=chunk_likelihood"],
 }
+REFERENCES = ("online", "online_cross")
+"""The teacher-in-the-loop variants (quality.py / quality_cross.py train them; not in VARIANTS)."""
 READS = {  # what each mode's loss reads from the cache, by stored array prefix
     "none": ("input_ids",), "topk_tail": ("input_ids", "topk_"), "topk_renorm": ("input_ids", "topk_"),
     "union": ("input_ids", "topk_", "logz", "hidden"), "sampled": ("input_ids", "draw_"),
     "topk_sampled": ("input_ids", "topk_", "draw_"), "online": (),
+    "mapped": ("topk_",), "mapped_sampled": ("topk_", "draw_"), "projected": ("topk_", "hidden"), "uld": ("topk_",),
+    "chunk_likelihood": ("next_logprob",), "online_cross": (),
 }
 ECE_BINS = 15
+
+SAME_ONLY_EXCLUDED = ("mapped", "mapped_sampled", "projected", "uld", "chunk_likelihood")
+"""The cross-tokenizer variants (not run by the same-tokenizer settings)."""
 
 COMMON = ["cache.top_k=64", "cache.topk_encoding=sqrt8", "cache.store_head=true", "cache.samples=48",
           "cache.store_hidden=true", "data.seq_len=256", "train.overwrite=true", "run.runs_dir=runs/quality",
@@ -76,6 +92,12 @@ SETTINGS = {
                 "student.hidden_size=128", "student.num_layers=2", "student.num_heads=4", "student.num_kv_heads=2",
                 "student.intermediate_size=384", "train.steps=150", "train.batch_size=4"],
     # Minutes per seed, for development: little data, a tiny student, few steps; numbers mean little.
+    # The default setting's cache and student sizes, the student with the real GPT-2 BPE: bits/byte and ECE over
+    # the student's own positions (bench/quality_cross.py). No gradient fidelity or equal wall-clock rows yet.
+    "cross": ["cache.dir=caches/quality", "data.max_train_tokens=40960", "data.max_eval_tokens=4096",
+              "student.tokenizer=embedded:gpt2", "student.hidden_size=128", "student.num_layers=2",
+              "student.num_heads=4", "student.num_kv_heads=2", "student.intermediate_size=384", "train.steps=150",
+              "train.batch_size=4"],
     "dev": ["cache.dir=caches/quality-dev", "data.max_train_tokens=8192", "data.max_eval_tokens=2048",
             "student.hidden_size=64", "student.num_layers=1", "student.num_heads=2", "student.num_kv_heads=1",
             "student.intermediate_size=128", "train.steps=20", "train.batch_size=2"],
@@ -226,6 +248,10 @@ def run_seed(args, seed: int, variants: list[str], teacher, step_s: dict) -> tup
         cfg = variant_config(args, name, seed)
         if name == "online":
             students[name], curves[name] = train_online(cfg, teacher)
+        elif name == "online_cross":
+            from .quality_cross import train_online_cross
+
+            students[name], curves[name] = train_online_cross(cfg, teacher)
         else:
             students[name], curves[name] = train_offline(cfg)
         tokens = cfg.train.batch_size * (cfg.data.seq_len - 1)
@@ -243,7 +269,8 @@ def parse_list(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(getattr(args, "out", None) or OUT)
+    cross_default = (getattr(args, "setting", None) or "default") == "cross"
+    out = Path(getattr(args, "out", None) or (OUT / "cross" if cross_default else OUT))
     if getattr(args, "fidelity_only", False):
         return fidelity_only(args, out)
     if getattr(args, "merge", None) is not None:
@@ -252,11 +279,18 @@ def main(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     args.setting = getattr(args, "setting", None) or "default"
     seeds = [int(s) for s in parse_list(getattr(args, "seeds", None) or "0,1,2")]
-    variants = parse_list(getattr(args, "variants", None) or ",".join([*VARIANTS, "online"]))
-    if unknown := [v for v in variants if v not in VARIANTS and v != "online"]:
-        raise ConfigError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join([*VARIANTS, 'online'])})")
-    if "none" not in variants or "online" not in variants:
-        raise ConfigError("--variants must include none and online (every comparison is against them)")
+    cross = args.setting == "cross"
+    reference = "online_cross" if cross else "online"
+    if cross:
+        from .quality_cross import CROSS_VARIANTS
+    defaults = CROSS_VARIANTS if cross else [v for v in [*VARIANTS, "online"] if v not in SAME_ONLY_EXCLUDED]
+    variants = parse_list(getattr(args, "variants", None) or ",".join(defaults))
+    if unknown := [v for v in variants if v not in VARIANTS and v not in REFERENCES]:
+        raise ConfigError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join([*VARIANTS, *REFERENCES])})")
+    if "none" not in variants or reference not in variants:
+        raise ConfigError(f"--variants must include none and {reference} (every comparison is against them)")
+    if cross:  # the same-tokenizer gradient-fidelity measure and the equal wall-clock rows are not built for it
+        args.no_fidelity, args.no_equal_wall = True, True
     cfg = config_for(args)
     if not Path(cfg.data.source).exists():
         raise PipelineError(f"data.source {cfg.data.source} does not exist; run `make setup` or pass data.source=DIR")
@@ -270,7 +304,12 @@ def main(args: argparse.Namespace) -> int:
         students, seed_curves, seed_times = run_seed(args, seed, variants, teacher, step_s)
         times.update({f"s{seed}_{k}_s": v for k, v in seed_times.items()})
         t0 = time.perf_counter()
-        evals = evaluate_full(students, teacher, reader, cfg.train.batch_size)
+        if cross:
+            from .quality_cross import evaluate_cross
+
+            evals = evaluate_cross(students, teacher, variant_config(args, "none", seed), cfg.train.batch_size)
+        else:
+            evals = evaluate_full(students, teacher, reader, cfg.train.batch_size)
         times[f"s{seed}_eval_s"] = round(time.perf_counter() - t0, 1)
         for v in [*variants, "teacher"]:
             per_seed.setdefault(v, {})[seed] = {**evals[v], "positions": evals["positions"]}

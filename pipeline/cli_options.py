@@ -18,10 +18,12 @@ def bench(p: argparse.ArgumentParser) -> None:
 
 
 def quality(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--setting", choices=("default", "dev"), default="default",
-                   help="sizes: default (23-27 min per seed on 2 idle cores) or dev (minutes)")
+    p.add_argument("--setting", choices=("default", "dev", "cross"), default="default",
+                   help="sizes: default (23-27 min per seed on 2 idle cores), dev (minutes), or cross (the default "
+                        "sizes, a student with GPT-2's tokenizer, scored in bits/byte; writes quality/cross/)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (student init + data order)")
-    p.add_argument("--variants", help="comma-separated subset of the variants (must include none, online)")
+    p.add_argument("--variants", help="comma-separated subset of the variants (must include none and online, "
+                                         "or online_cross for --setting cross)")
     p.add_argument("--fidelity-sequences", type=int, default=4, help="held-out sequences for gradient fidelity")
     p.add_argument("--no-fidelity", action="store_true", help="skip the gradient-fidelity sub-report")
     p.add_argument("--fidelity-only", action="store_true",

@@ -257,8 +257,8 @@ class TrainConfig:
 class KDConfig:
     mode: str = "topk_tail"
     """The KD term, one of stage 2's registry of modes (checked before a run writes anything):
-    none (cross-entropy only), topk_tail, topk_renorm, union, sampled, topk_sampled (same tokenizer); mapped, projected
-    (another tokenizer). See the README's table of KD modes."""
+    none (cross-entropy only), topk_tail, topk_renorm, union, sampled, topk_sampled (same tokenizer); mapped,
+    mapped_sampled, projected, uld, chunk_likelihood (another tokenizer). See the README's table of KD modes."""
     weight: float = 1.0
     weight_final: float = -1.0
     """KD weight at the end of training, linear from ``weight`` (-1: constant)."""

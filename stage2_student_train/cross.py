@@ -156,11 +156,17 @@ def student_mask(ends: np.ndarray, chars: np.ndarray) -> np.ndarray:
 
 
 def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
-                need_hidden: bool = False) -> dict[str, torch.Tensor]:
+                need_hidden: bool = False, need_samples: bool = False,
+                need_chunks: bool = False) -> dict[str, torch.Tensor]:
     """A batch in student token space. Per student position j < Ls-1: the target (next student
     token) and its mask; the teacher's top-k at the aligned position, mapped to student ids, with
-    a mask that drops unaligned positions, ids without a twin and repeated twins."""
-    names = ("topk_ids", "topk_logprobs", "topk_log_tail") + (("hidden",) if need_hidden else ())
+    a mask that drops unaligned positions, ids without a twin and repeated twins (``topk_mask``),
+    and one that keeps repeats (``topk_twin``); ``kd_position`` (aligned and a target) and
+    ``twin_ids`` (the student ids that are some teacher id's twin, one tensor per batch).
+    ``need_samples``: the teacher's draws at the aligned position (`_draws`); ``need_chunks``:
+    the aligned chunks of `_chunks`."""
+    names = ("topk_ids", "topk_logprobs", "topk_log_tail") + (("hidden",) if need_hidden else ()) + (
+        ("draw_ids", "draw_counts") if need_samples else ()) + (("next_logprob",) if need_chunks else ())
     teacher = reader.read_indices(indices, names)
     ids = view.ids[indices]
     aligned = view.aligned[indices][:, :-1]
@@ -182,7 +188,15 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
         "topk_log_tail": torch.from_numpy(top_tail.astype(np.float32)),
         "topk_mask": torch.from_numpy(kd_mask),
         "sample_ids": torch.from_numpy(np.asarray(indices, np.int64)),
+        "topk_twin": torch.from_numpy((mapped >= 0) & ((aligned >= 0) & target_mask)[..., None]),
+        "kd_position": torch.from_numpy((aligned >= 0) & target_mask),
+        "aligned": torch.from_numpy(aligned),
+        "twin_ids": torch.from_numpy(twin_ids(view.vmap)),
     }
+    if need_samples:
+        batch.update(_draws(teacher, t, view.vmap, top_ids))
+    if need_chunks:
+        batch.update(_chunks(view.aligned[indices], teacher["next_logprob"], target_mask))
     if need_hidden:
         hidden = teacher["hidden"].astype(np.float32)
         batch["hidden"] = torch.from_numpy(np.take_along_axis(hidden, t[..., None], 1))
@@ -199,3 +213,43 @@ def _repeats(ids: np.ndarray) -> np.ndarray:
     out = np.zeros_like(dup_sorted)
     np.put_along_axis(out, order, dup_sorted, -1)
     return out
+
+
+def twin_ids(vmap: np.ndarray) -> np.ndarray:
+    """The student ids that are some teacher id's twin (sorted, int64)."""
+    return np.unique(vmap[vmap >= 0]).astype(np.int64)
+
+
+def _draws(teacher: dict, t: np.ndarray, vmap: np.ndarray, top_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """The teacher's cached draws at each student position's aligned teacher position ``t``
+    [B, Ls-1]: their twins (``draw_ids``, 0 where none), counts, whether each drawn teacher id lies
+    beyond the teacher's top-k there (``draw_outside``) and has a twin (``draw_twin``)."""
+    ids = np.take_along_axis(teacher["draw_ids"].astype(np.int64), t[..., None], 1)
+    counts = np.take_along_axis(teacher["draw_counts"].astype(np.int64), t[..., None], 1)
+    outside = ~(ids[..., None] == top_ids[..., None, :]).any(-1)
+    twins = vmap[ids]
+    return {"draw_ids": torch.from_numpy(np.clip(twins, 0, None)), "draw_counts": torch.from_numpy(counts),
+            "draw_outside": torch.from_numpy(outside), "draw_twin": torch.from_numpy(twins >= 0)}
+
+
+def _chunks(aligned_full: np.ndarray, next_logprob: np.ndarray, target_mask: np.ndarray) -> dict[str, torch.Tensor]:
+    """Aligned chunks: between consecutive aligned student positions j0 < j1 (teacher t0 < t1) both
+    models predict exactly the same characters from the same prefix. At student position j1 - 1 (the
+    chunk's last target): ``chunk_len`` = j1 - j0 and ``teacher_chunk_logp`` = sum of the teacher's
+    ``next_logprob`` over t0..t1-1; 0 elsewhere. A chunk with a position that is not a target (chat
+    data) is left out."""
+    b, width = target_mask.shape
+    length = np.zeros((b, width), np.int64)
+    chunk_lp = np.zeros((b, width), np.float32)
+    for r in range(b):
+        js = np.flatnonzero(aligned_full[r] >= 0)
+        if len(js) < 2:
+            continue
+        ts = aligned_full[r, js]
+        ct = np.concatenate([[0.0], np.cumsum(next_logprob[r].astype(np.float64))])
+        ok_targets = np.concatenate([[0], np.cumsum(target_mask[r])])
+        j0, j1, t0, t1 = js[:-1], js[1:], ts[:-1], ts[1:]
+        keep = (t1 > t0) & (ok_targets[j1] - ok_targets[j0] == j1 - j0)
+        length[r, j1[keep] - 1] = (j1 - j0)[keep]
+        chunk_lp[r, j1[keep] - 1] = (ct[t1] - ct[t0])[keep]
+    return {"chunk_len": torch.from_numpy(length), "teacher_chunk_logp": torch.from_numpy(chunk_lp)}

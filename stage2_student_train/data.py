@@ -172,7 +172,7 @@ class DataAccess:
 
 
 def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidden: bool, dist=None,
-                show_progress: bool = True, need_samples: bool = False) -> DataAccess:
+                show_progress: bool = True, need_samples: bool = False, need_chunks: bool = False) -> DataAccess:
     """Same tokenizer: the cached teacher tokens. Otherwise the cached text through the student's
     tokenizer, aligned once per (cache, tokenizer) and stored beside the cache (rank 0 builds it)."""
     if same_tokenizer:
@@ -198,7 +198,8 @@ def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidde
             return masked_bytes(text, masked_chars(reader, i, text, char_end), int(view.first_end[i]))
         return len(text[int(view.first_end[i]):].encode("utf-8"))
 
-    return DataAccess(lambda ids: cross_batch(reader, view, ids, need_hidden), cross_bytes, view.seq_len,
+    return DataAccess(lambda ids: cross_batch(reader, view, ids, need_hidden, need_samples, need_chunks), cross_bytes,
+                      view.seq_len,
                       view.coverage, counted=counted_targets(reader))
 
 

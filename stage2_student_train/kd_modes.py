@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pipeline.errors import ConfigError
 
-from . import losses
+from . import cross_losses, losses
 from . import router as routing
 
 
@@ -86,6 +86,11 @@ class KDMode:
     """The kd.divergence values its target supports exactly (others refused at config check)."""
     why_forward_only: str = ""
     """Why a forward-KL-only mode cannot take the others (said in the refusal)."""
+    why_temperature_one: str = "the cache samples the teacher at 1"
+    """Why a ``temperature_one`` mode holds at 1 only (said in the refusal)."""
+    whole_sequences: bool = False
+    """Its loss at one position reads other positions of the same sequence: the objective cuts
+    positions into chunks of whole sequences."""
 
     @property
     def distills(self) -> bool:
@@ -152,10 +157,27 @@ def _sampled(c: Chunk) -> KDTerm:
 
 
 def _topk_sampled(c: Chunk) -> KDTerm:
-    ids = c.rows["topk_ids"]
-    return KDTerm(losses.kd_topk_sampled(c.at_ids, c.rows["topk_logprobs"], ids, c.at_samples, c.rows["draw_ids"],
-                                         c.rows["draw_counts"], teacher_log_tail=c.rows.get("topk_log_tail"),
-                                         student_log_tail=losses.student_log_tail(c.logp, ids, c.at_ids)))
+    return KDTerm(losses.kd_topk_sampled(c.at_ids, c.rows["topk_logprobs"], c.rows["topk_ids"], c.at_samples,
+                                         c.rows["draw_ids"], c.rows["draw_counts"],
+                                         teacher_log_tail=c.rows.get("topk_log_tail")))
+
+
+def _mapped_sampled(c: Chunk) -> KDTerm:
+    r = c.rows
+    return KDTerm(cross_losses.kd_mapped_sampled(
+        c.at_ids, r["topk_logprobs"], r["topk_twin"], c.at_samples, r["draw_counts"], r["draw_outside"],
+        r["draw_twin"], r["topk_log_tail"], cross_losses.student_log_no_twin(c.logp, r["twin_ids"]),
+        r["kd_position"]))
+
+
+def _uld(c: Chunk) -> KDTerm:
+    return KDTerm(cross_losses.kd_uld(c.logp, c.rows["topk_logprobs"], c.rows["kd_position"],
+                                      c.rows.get("topk_log_tail")))
+
+
+def _chunk_likelihood(c: Chunk) -> KDTerm:
+    return KDTerm(cross_losses.kd_chunk_likelihood(c.picked[:, 0], c.rows["chunk_len"], c.rows["teacher_chunk_logp"],
+                                                   c.temperature))
 
 
 def _plain_head(teacher: dict) -> str | None:
@@ -183,6 +205,18 @@ MODES: dict[str, KDMode] = {m.name: m for m in (
            summary="exact top-k + the tail's mass spread over the sampled ids beyond the top-k (unbiased)"),
     KDMode("mapped", "cross", frozenset({"topk"}), _mapped, divergences=BUCKET_DIVERGENCES,
            summary="another tokenizer: teacher top-k through the byte-identical vocab map, + tail"),
+    KDMode("mapped_sampled", "cross", frozenset({"topk", "samples"}), _mapped_sampled, temperature_one=True,
+           why_forward_only="its tail is a sample of the teacher (see sampled)",
+           summary="another tokenizer: exact mapped top-k + the tail's mass over the mapped draws beyond it "
+           "(unbiased for the teacher's full distribution through the vocab map)"),
+    KDMode("uld", "cross", frozenset({"topk"}), _uld, temperature_one=True,
+           why_temperature_one="ULD compares the sorted probabilities themselves (Boizard et al. 2024)",
+           why_forward_only="it is an L1 distance between sorted probabilities, not a divergence of buckets",
+           summary="another tokenizer, no vocab map: L1 between sorted teacher and student probabilities (ULD)"),
+    KDMode("chunk_likelihood", "cross", frozenset({"next_logprob"}), _chunk_likelihood, whole_sequences=True,
+           why_forward_only="it matches chunk likelihoods by a binary KL",
+           summary="another tokenizer, no vocab map, no top-k: teacher vs student log-likelihood of the text "
+           "between shared token boundaries (ALM-style)"),
     KDMode("projected", "cross", frozenset({"topk", "hidden"}), _projected, modules=("router",),
            why_forward_only="its target is the projector's own reading, fitted by forward KL in the same step",
            summary="another tokenizer: a projector/router's reading of the teacher hidden state"),
@@ -219,8 +253,9 @@ def check(name: str, *, same_tokenizer: bool, cache_has: set[str], teacher: dict
         raise ConfigError(f"kd.mode={name} needs tokens sampled from the teacher, and cache {cache_dir} has none; "
                           "rebuild it with cache.samples=48 cache.overwrite=true")
     if mode.temperature_one and any(t != 1.0 for t in temperatures):
-        raise ConfigError(f"kd.mode={name} is unbiased only at temperature 1 (the cache samples the teacher at 1); "
-                          "set kd.temperature=1 (and kd.temperature_final=-1), or use kd.mode=topk_tail")
+        other = "topk_tail" if mode.tokenizer == "same" else "mapped"
+        raise ConfigError(f"kd.mode={name} holds at temperature 1 only ({mode.why_temperature_one}); "
+                          f"set kd.temperature=1 (and kd.temperature_final=-1), or use kd.mode={other}")
     if mode.loss is not None and divergence not in mode.divergences:
         takes = ", ".join(m.name for m in MODES.values() if divergence in m.divergences)
         raise ConfigError(f"kd.divergence={divergence} does not fit kd.mode={name}: {mode.why_forward_only}; "

@@ -296,6 +296,33 @@ def kd_sampled(student_logp_at_samples: Tensor, counts: Tensor, temperature: flo
     return (w * (log_w - lp)).sum(-1).to(student_logp_at_samples.dtype)
 
 
+def draws_outside_probability(log_tail: Tensor, draws: Tensor) -> Tensor:
+    """``1 - (1 - T)^N`` [N_pos] (float64): the probability that at least one of ``draws`` independent
+    draws from p lands outside a set of mass ``1 - T`` (``log_tail`` = log T). Computed as
+    ``-expm1(N log(1 - T))`` (no cancellation for small ``N T``); 0 where T = 0 or N = 0."""
+    log_keep = _log1mexp(log_tail.to(F64))  # log(1 - T); -inf when T >= 1
+    n = draws.to(F64)
+    prod = torch.where(n > 0, n * log_keep, torch.zeros_like(n))  # 0 * -inf guarded
+    return -torch.expm1(prod)
+
+
+def _sampled_tail_weights(t_tail: Tensor, counts_out: Tensor, draws: Tensor) -> Tensor:
+    """``w_j = T c_j / (C_out (1 - (1 - T)^N))`` [N_pos, S]: the tail mass T spread over the draws
+    outside the exact set by their counts, divided by the probability that any draw lands there;
+    all 0 where no draw does (``C_out = 0``)."""
+    c_out = counts_out.sum(-1, keepdim=True)
+    hit = draws_outside_probability(t_tail, draws).unsqueeze(-1)
+    scale = t_tail.exp().unsqueeze(-1) / (c_out * hit).clamp(min=1e-300)
+    return torch.where(c_out > 0, counts_out * scale, torch.zeros_like(counts_out))
+
+
+def _weighted_nll(w: Tensor, student_logp: Tensor) -> Tensor:
+    """``sum_j w_j (log w_j - log s_j)`` over the entries with ``w_j > 0`` (float64)."""
+    keep = w > 0
+    log_w = torch.where(keep, w, torch.ones_like(w)).log()
+    return (w * (log_w - student_logp.to(F64).masked_fill(~keep, 0.0))).sum(-1)
+
+
 def kd_topk_sampled(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, topk_ids: Tensor,
                     student_logp_at_samples: Tensor, draw_ids: Tensor, counts: Tensor,
                     teacher_log_tail: Tensor | None = None, student_log_tail: Tensor | None = None) -> Tensor:
@@ -303,32 +330,30 @@ def kd_topk_sampled(student_logp_at_ids: Tensor, teacher_logprobs: Tensor, topk_
 
     The K cached ids keep their exact teacher values ``p_i``. The tail mass ``T`` (``teacher_log_tail``
     [N], else ``1 - sum p_i`` in float64) is spread over the sampled ids OUTSIDE the top-k in
-    proportion to their counts: ``w_j = T c_j / C_out`` (``C_out`` = the draws that fell outside).
-    Given ``C_out > 0`` the draws outside the top-k are distributed as ``p_v / T``, so
-    ``E[w_v] = p_v`` for every tail id and the gradient w.r.t. the student's logits,
-    ``s_v - p_v`` on the top-k and ``s_v - w_v`` beyond, has the expectation ``s - p`` of full
-    ``KL(p || s)``, where `kd_topk_tail` gives every tail id ``s_v (1 - T / S_tail)``. A position
-    whose draws all fell in the top-k (likely only when T is small) keeps the one tail bucket,
-    ``T log(T / S_tail)`` (``student_log_tail`` [N], else ``1 - sum s_i`` in float64).
+    proportion to their counts and divided by the probability that any of the ``N = sum_j c_j``
+    draws lands outside: ``w_j = T c_j / (C_out (1 - (1 - T)^N))`` (``C_out`` = the draws that fell
+    outside); a position whose draws all fell in the top-k has no tail term at all.
+
+    Why exactly unbiased: given ``C_out > 0`` the outside draws are distributed as ``p_v / T``, so
+    ``E[T c_v / C_out | C_out > 0] = p_v``, and ``P(C_out > 0) = 1 - (1 - T)^N``; hence
+    ``E[w_v] = p_v`` for every tail id. The gradient w.r.t. the student's logits,
+    ``W s_v - q_v`` (``q`` = the entries' weights, ``W = sum q``, with ``E[W] = 1``), is linear in the
+    weights, so ``E[grad] = s - p``, the gradient of full ``KL(p || s)``, exactly, for every student
+    (checked by enumerating every draw multiset: tests/test_sampled_kd.py). The old fallback (the one
+    tail bucket ``T log(T / S_tail)`` when ``C_out = 0``, weights without the division) added
+    ``(1 - T)^N (p_v - T s_v / S_tail)`` to the expected gradient of every tail id. The value is not
+    an estimate of the KL (its gradient is). ``student_log_tail`` is accepted and unused (kept for
+    callers of the old signature).
 
     Shapes: ``student_logp_at_ids`` / ``teacher_logprobs`` / ``topk_ids`` [N, K];
     ``student_logp_at_samples`` / ``draw_ids`` / ``counts`` [N, S] (count 0 = padding). Temperature
     1 only (the draws are from p), like `kd_sampled`.
     """
+    del student_log_tail
     lp_t = teacher_logprobs.to(F64)
     t_tail = log_tail(lp_t) if teacher_log_tail is None else teacher_log_tail.to(F64)
     head = (lp_t.exp() * (lp_t - student_logp_at_ids.to(F64))).sum(-1)
-    c = counts.to(F64) * ~(draw_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
-    c_out = c.sum(-1, keepdim=True)
-    w = t_tail.exp().unsqueeze(-1) * c / c_out.clamp(min=1.0)
-    keep = w > 0
-    log_w = torch.where(keep, w, torch.ones_like(w)).log()
-    lp = student_logp_at_samples.to(F64).masked_fill(~keep, 0.0)
-    sampled_tail = (w * (log_w - lp)).sum(-1)
-    s_tail = log_tail(student_logp_at_ids) if student_log_tail is None else student_log_tail.to(F64)
-    has_tail = t_tail > float("-inf")
-    safe_t = torch.where(has_tail, t_tail, torch.zeros_like(t_tail))
-    safe_s = torch.where(s_tail > float("-inf"), s_tail, torch.full_like(s_tail, math.log(TAIL_FLOOR)))
-    bucket = torch.where(has_tail, safe_t.exp() * (safe_t - safe_s), torch.zeros_like(safe_t))
-    tail = torch.where(c_out.squeeze(-1) > 0, sampled_tail, bucket)
-    return (head + tail).to(student_logp_at_ids.dtype)
+    c = counts.to(F64)
+    outside = c * ~(draw_ids.unsqueeze(-1) == topk_ids.unsqueeze(-2)).any(-1)
+    w = _sampled_tail_weights(t_tail, outside, c.sum(-1))
+    return (head + _weighted_nll(w, student_logp_at_samples)).to(student_logp_at_ids.dtype)

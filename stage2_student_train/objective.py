@@ -81,7 +81,10 @@ class GateStats:
 
 
 PER_POSITION = ("topk_ids", "topk_logprobs", "topk_log_tail", "logz", "hidden", "target_mask", "topk_mask",
-                "hidden_mask", "draw_ids", "draw_counts")
+                "hidden_mask", "draw_ids", "draw_counts", "topk_twin", "kd_position", "draw_outside", "draw_twin",
+                "chunk_len", "teacher_chunk_logp")
+PER_BATCH = ("twin_ids",)
+"""Arrays that are one per batch, not per position (passed to every chunk whole)."""
 
 
 def flat_targets(batch: dict, device) -> dict:
@@ -96,6 +99,9 @@ def flat_targets(batch: dict, device) -> dict:
         if name in batch:
             t = batch[name] if cross else batch[name][:, :-1]
             out[name] = t.reshape(-1, *t.shape[2:]).to(device, non_blocking=True)
+    for name in PER_BATCH:
+        if name in batch:
+            out[name] = batch[name].to(device, non_blocking=True)
     if "loss_mask" in batch:  # chat data: position t counts when token t+1 is a target
         out["target_mask"] = batch["loss_mask"][:, 1:].reshape(-1).to(device, non_blocking=True)
     return out
@@ -137,6 +143,9 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
     if router is not None and gate is None and backward:  # a lone batch is a whole step
         gate = GateStats()
         finish = lambda: w.load_balance * step_load_balance(router, gate.inputs, gate.counts, gate.positions)
+    if mode.whole_sequences:  # its loss spans several positions of one sequence: chunk by whole rows
+        row = hidden.shape[1] - 1
+        chunk = max(1, chunk // row) * row
     b = _Batch(flat, valid, mode, kd, w, parts.student.get_output_embeddings(), router, head, autocast, gate)
     grads = _ChunkGrads(h, (b.lm_head, router)) if backward else None
     scale = loss_scale / (denominator or n)
@@ -223,6 +232,7 @@ def _kd_term(b: _Batch, rows: slice, h_rows: Tensor, logp: Tensor, picked: Tenso
     """The KD mode's loss summed over one chunk (a masked position contributes exactly zero), and
     the projector's own term; the router's statistics go to the step's gate."""
     view = {k: v[rows] for k, v in b.flat.items() if k in PER_POSITION}
+    view.update({k: v for k, v in b.flat.items() if k in PER_BATCH})
     term = b.mode.loss(kd_modes.Chunk(logp, picked, {**view, "needed": needed}, b.w.temperature,
                                       b.kd.union_student_k, b.head, b.router, b.lm_head, h_rows, b.w.router_k,
                                       b.kd.divergence, b.kd.jsd_beta))

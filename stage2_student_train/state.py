@@ -107,7 +107,7 @@ def setup_run(cfg: Config, dist: Dist, show_progress: bool) -> RunSetup:
         raise ConfigError(f"kd.feature_weight needs the teacher hidden states, and cache {cfg.cache.dir} has none; "
                           "rebuild it with cache.store_hidden=true cache.overwrite=true, or set kd.feature_weight=0")
     access = data_access(reader, tokenizer, same_tokenizer, need_hidden, dist, show_progress,
-                         need_samples="samples" in mode.needs)
+                         need_samples="samples" in mode.needs, need_chunks="next_logprob" in mode.needs)
     return RunSetup(cfg, dist, device, precision, reader, tokenizer, same_tokenizer, mode, access,
                     Path(cfg.run.runs_dir) / cfg.run.name, kind, need_hidden,
                     cache_fingerprint=reader.fingerprint, train_sequences=reader.spec.split_sizes()["train"])

@@ -267,7 +267,7 @@ def test_kd_topk_sampled_gradient_is_unbiased_for_full_kl_and_the_tail_bucket_is
     assert not ((bucket.mean(0) - exact).abs() <= 5 * se + 1e-12).all()  # same check, the biased one fails
 
 
-def test_kd_topk_sampled_value_is_its_formula_and_falls_back_to_the_bucket():
+def test_kd_topk_sampled_value_is_its_formula_and_has_no_tail_term_without_outside_draws():
     g = torch.Generator().manual_seed(9)
     p = torch.softmax(2 * torch.randn(3, 12, generator=g, dtype=F64), -1)
     logp = torch.log_softmax(torch.randn(3, 12, generator=g, dtype=F64), -1)
@@ -281,13 +281,59 @@ def test_kd_topk_sampled_value_is_its_formula_and_falls_back_to_the_bucket():
     for n in range(3):
         want = sum(float(p[n, v] * (p[n, v].log() - logp[n, v])) for v in top[n].tolist())
         tail = 1 - float(p[n, top[n]].sum())
+        draws_n = int(counts[n].sum())
+        hit = 1 - (1 - tail) ** draws_n
         out = [(int(i), int(c)) for i, c in zip(ids[n], counts[n]) if c > 0 and int(i) not in top[n].tolist()]
-        c_out = sum(c for _, c in out)
-        if c_out:
-            want += sum(tail * c / c_out * (np.log(tail * c / c_out) - float(logp[n, i])) for i, c in out)
-        else:  # every draw in the top-k: the one tail bucket
-            s_tail = 1 - float(logp[n, top[n]].exp().sum())
-            want += tail * (np.log(tail) - np.log(s_tail))
+        c_out = sum(c for _, c in out)  # row 1: every draw in the top-k -> no tail term
+        want += sum(tail * c / c_out / hit * (np.log(tail * c / c_out / hit) - float(logp[n, i])) for i, c in out)
         assert abs(float(got[n]) - want) <= 1e-12 * max(1.0, abs(want)), n
     assert kd_modes.check("topk_sampled", same_tokenizer=True, cache_has={"topk", "samples"}, teacher={},
                           cache_dir="c").needs == {"topk", "samples"}
+
+
+def multisets(vocab: int, draws: int):
+    """Every count vector of ``draws`` draws over ``vocab`` ids, as (distinct ids, counts) padded to
+    ``draws`` columns [M, draws], with its multinomial coefficient ``N! / prod c!`` [M]."""
+    from itertools import combinations_with_replacement
+    from math import factorial
+
+    rows_ids, rows_counts, coef = [], [], []
+    for combo in combinations_with_replacement(range(vocab), draws):
+        c = np.bincount(combo, minlength=vocab)
+        ids = np.flatnonzero(c)
+        rows_ids.append(np.pad(ids, (0, draws - len(ids))))
+        rows_counts.append(np.pad(c[ids], (0, draws - len(ids))))
+        coef.append(factorial(draws) / np.prod([factorial(int(x)) for x in c]))
+    return torch.tensor(np.array(rows_ids)), torch.tensor(np.array(rows_counts)), torch.tensor(coef, dtype=F64)
+
+
+def exact_expected_gradient(estimator, p: torch.Tensor, z_s: torch.Tensor, draws: int) -> torch.Tensor:
+    """``E[d loss / d z]`` [V] over every multiset of ``draws`` draws from ``p`` (float64, exact)."""
+    ids, counts, coef = multisets(len(p), draws)
+    prob = coef * (p[ids] ** counts * (counts > 0) + (counts == 0)).prod(-1)
+    assert abs(float(prob.sum()) - 1) < 1e-12
+    z = z_s.expand(len(ids), -1).clone().requires_grad_(True)
+    estimator(torch.log_softmax(z, -1), ids, counts).sum().backward()
+    return (prob[:, None] * z.grad).sum(0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kd_topk_sampled_expected_gradient_is_exactly_full_kl_over_every_draw_multiset(seed):
+    """Exact expectation (no Monte Carlo): every multiset of N = 4 draws over V = 7 ids, with a top-2
+    and a tail of mass ~0.1-0.5 (so every draw lands in the top-k with probability (1 - T)^4, far
+    from 0). The old estimator (one tail bucket when C_out = 0) fails by ~(1 - T)^N |p_v - T s_v / S|."""
+    g = torch.Generator().manual_seed(seed)
+    vocab, k, draws = 7, 2, 4
+    p = torch.softmax(1.2 * torch.randn(vocab, generator=g, dtype=F64), -1)
+    z_s = torch.randn(vocab, generator=g, dtype=F64)
+    top = p.topk(k).indices
+    t_tail = torch.log(1 - p[top].sum())
+
+    def estimator(logp, ids, counts):
+        n = len(ids)
+        return losses.kd_topk_sampled(logp[:, top], p.log()[top].expand(n, k), top.expand(n, k),
+                                      logp.gather(-1, ids), ids, counts, teacher_log_tail=t_tail.expand(n))
+
+    expected = exact_expected_gradient(estimator, p, z_s, draws)
+    exact = torch.softmax(z_s, -1) - p
+    assert torch.allclose(expected, exact, rtol=0, atol=1e-12), (expected - exact).abs().max()

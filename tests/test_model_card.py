@@ -121,3 +121,15 @@ def test_a_pruned_students_run_card_and_dry_run_push_from_another_directory(
         line.split()[-1] for line in listing.splitlines()[1:] if line.strip()}
     assert main(["push", str(work / "runs" / "cut")]) == 2  # no --repo-id and no --dry-run
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_the_demo_report_says_where_the_student_started():
+    from pipeline.report import student_origin
+
+    assert student_origin({}) == "fresh (random initialisation)"
+    assert student_origin({"model_card": {"student_model": "HuggingFaceTB/SmolLM-135M"}}) == (
+        "started from HuggingFaceTB/SmolLM-135M")
+    pruned = {"student_model": "students/demo-l10", "pruned_from": {"kept_layers": list(range(10)),
+                                                                     "teacher_shape": {"layers": 30}}}
+    assert student_origin({"model_card": pruned}) == (
+        "started from the teacher cut to 10 of its 30 layers by prune-teacher (demo-l10)")

@@ -99,3 +99,12 @@ def test_the_readmes_planning_command_works_offline_as_printed():
     p = json.loads(r.stdout)["plan"]
     assert p["capability"] == "6.0" and p["teacher"]["experts"] == 3 and p["teacher"]["moe_intermediate"] == 3072
     assert round(p["stage1"]["peak"] / 2**30, 2) == 3.60 and round(p["stage2"]["peak"] / 2**30, 2) == 10.96
+
+
+def test_the_gpu_check_builds_the_shipped_teacher_shape():
+    """bench.gpu's random seed teacher (the check that travels to a GPU box without this folder)
+    is the shipped shape, key for key."""
+    from bench.gpu_parts import QWEN_VOCAB, TEACHER
+
+    raw = json.loads((SHAPES / "huihui-ai--Huihui-MoE-1.2B-A0.6B" / "config.json").read_text())
+    assert {k: raw[k] for k in TEACHER["seed"]} == TEACHER["seed"] and raw["vocab_size"] == QWEN_VOCAB

@@ -76,18 +76,21 @@ def linked(info: dict[str, Any], key: str, dataset: bool = False) -> str | None:
     return display_name(name, kind)
 
 
-def local_card_data(model: str | None) -> dict[str, Any]:
-    """The metadata of ``model``'s own card if it is readable offline, else {}."""
+def local_card_data(model: str | None, fetch: bool = False) -> dict[str, Any]:
+    """The metadata of ``model``'s own card: a local folder's README.md, the hub cache's copy, or
+    (``fetch``, and the hub not switched off) the hub's; {} when none can be read."""
     if not model:
         return {}
     path = Path(model) / "README.md"
     if not path.is_file() and is_hub_id(model):
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
             cached = try_to_load_from_cache(model, "README.md")
+            if not isinstance(cached, str) and fetch and not constants.is_offline_mode():
+                cached = hf_hub_download(model, "README.md", etag_timeout=10)
             path = Path(cached) if isinstance(cached, str) else path
-        except Exception:  # no cache, a malformed id: nothing known
+        except Exception:  # no cache, no network, a malformed id: nothing known
             return {}
     if not path.is_file():
         return {}
@@ -138,7 +141,7 @@ def run_facts(student_model: str | None, teacher: str | None, dataset: str | Non
     """The card's facts that depend on where the run's paths resolve, decided when the run finishes
     (from the directory it trained in): each name's kind, the student's license and language from
     its own card, whether it was cut from the teacher, and what the cache holds."""
-    own = local_card_data(student_model)
+    own = local_card_data(student_model, fetch=True)  # the run just loaded it: the hub is likely at hand
     facts: dict[str, Any] = {
         "sources": {k: source_kind(v) for k, v in
                     (("student_model", student_model), ("teacher", teacher), ("dataset", dataset)) if v},

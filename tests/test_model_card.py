@@ -133,3 +133,20 @@ def test_the_demo_report_says_where_the_student_started():
                                                                      "teacher_shape": {"layers": 30}}}
     assert student_origin({"model_card": pruned}) == (
         "started from the teacher cut to 10 of its 30 layers by prune-teacher (demo-l10)")
+
+
+def test_a_hub_students_license_is_fetched_when_the_run_ends_online(tmp_path, monkeypatch):
+    """Not in the hub cache: fetched (stubbed here) unless the hub is switched off."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: apache-2.0\nlanguage: en\n---\n# SmolLM\n")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: asked.append(repo) or str(card))
+    assert run_facts("Some/Student", None, None, spec(), False)["license"] is None  # HF_HUB_OFFLINE=1: not asked
+    assert asked == []
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
+    assert run_facts("Some/Student", None, None, spec(), False)["license"] == "apache-2.0"
+    assert asked == ["Some/Student"]

@@ -28,7 +28,7 @@ def demo_commands(*make_args: str) -> list[list[str]]:
     for line in out.splitlines():
         for part in re.split(r";|\bthen\b|\belse\b", line):
             if " -m pipeline " in part:
-                words = shlex.split(part.strip().rstrip("fi").strip())
+                words = [w for w in shlex.split(part) if w != "fi"]
                 cmds.append(words[words.index("pipeline") + 1:])
     return cmds
 

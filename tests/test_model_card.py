@@ -68,6 +68,12 @@ def test_only_hub_ids_become_hub_links_wherever_the_card_is_written(tmp_path, mo
     text = model_card_text(hub, "student")
     assert "[Salesforce/wikitext](https://huggingface.co/datasets/Salesforce/wikitext)" in text
     assert "[huihui-ai/Huihui-MoE-1.2B-A0.6B](https://huggingface.co/huihui-ai/Huihui-MoE-1.2B-A0.6B)" in text
+    # A student cut from a hub teacher has that teacher as its base model; from the embedded one, none.
+    cut = {"student_model": "students/l6w384", "sources": {"student_model": "local"},
+           "pruned_from": {"teacher": "huihui-ai/Huihui-MoE-1.2B-A0.6B", "kept_layers": [0, 27]}}
+    assert card_metadata(cut)["base_model"] == "huihui-ai/Huihui-MoE-1.2B-A0.6B" and "pruned" in card_metadata(cut)["tags"]
+    cut["pruned_from"]["teacher"] = "embedded:smollm2-135m-instruct"
+    assert "base_model" not in card_metadata(cut)
 
 
 @pytest.mark.slow  # runs both stages end to end (tiny models, seconds)

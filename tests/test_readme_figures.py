@@ -1,7 +1,8 @@
-"""The README's figures stay in step with the measurements: every decimal number and percentage
-in the README's prose is written, digit for digit, in docs/results.md, quality/*.md or the
-encodings' measured table in docs/loss-math.md (where each has its date or command). A README figure with no measurement behind it must say it is pending,
-not be invented; a changed measurement must be changed in the README too."""
+"""The README's figures stay in step with the measurements: every decimal number, percentage and
+whole number >= 10 in the README's prose is written, digit for digit, in docs/results.md,
+quality/*.md or the encodings' measured table in docs/loss-math.md (where each has its date or
+command), outside sections marked pending. A README figure with no measurement behind it must say
+it is pending, not be invented; a changed measurement must be changed in the README too."""
 
 from __future__ import annotations
 

@@ -65,10 +65,22 @@ resume: setup
 # The embedded default end to end: stage 1 (reused when the cache is complete), then a KD
 # student and a CE-only baseline from the same cache (same student, data order and steps),
 # then runs/demo/REPORT.md with plots and generations. Runs go to runs/ (keep run.runs_dir).
+# Both students start from the teacher cut to 10 of its 30 layers by prune-teacher (reused once
+# written; docs/prune.md measured this recipe: 150 steps of 4 x 256 tokens at lr 1e-3).
+# DEMO_STUDENT=fresh starts them from random weights instead (the config's own student).
+DEMO_STUDENT ?= pruned
+DEMO_PRUNED  ?= students/demo-l10
+DEMO_ARGS_pruned := student.model=$(DEMO_PRUNED) train.steps=150 train.batch_size=4 train.lr=1e-3 \
+                    train.warmup_steps=15 train.save_every=150
+DEMO_ARGS_fresh  :=
+DEMO_ARGS    = $(DEMO_ARGS_$(DEMO_STUDENT))
 demo: setup
+	@case "$(DEMO_STUDENT)" in pruned|fresh) ;; *) echo "error: DEMO_STUDENT=$(DEMO_STUDENT); choose pruned or fresh" >&2; exit 2;; esac
 	$(PY) -m pipeline cache-teacher --config $(CONFIG) $(ARGS)
-	$(PY) -m pipeline train-student --config $(CONFIG) run.name=demo-kd train.overwrite=true $(ARGS)
-	$(PY) -m pipeline train-student --config $(CONFIG) run.name=demo-ce kd.mode=none train.overwrite=true $(ARGS)
+	$(if $(filter pruned,$(DEMO_STUDENT)),@if test -f $(DEMO_PRUNED)/prune.json; then echo "prune-teacher skipped: $(DEMO_PRUNED) exists (delete it to cut again)"; \
+	    else $(PY) -m pipeline prune-teacher --config $(CONFIG) --out $(DEMO_PRUNED) --layers 10 $(ARGS); fi)
+	$(PY) -m pipeline train-student --config $(CONFIG) run.name=demo-kd train.overwrite=true $(DEMO_ARGS) $(ARGS)
+	$(PY) -m pipeline train-student --config $(CONFIG) run.name=demo-ce kd.mode=none train.overwrite=true $(DEMO_ARGS) $(ARGS)
 	$(PY) -m pipeline report runs/demo-kd runs/demo-ce --out runs/demo
 
 bench: setup
@@ -96,7 +108,7 @@ doctor: setup
 	$(PY) -m pipeline doctor $(if $(filter-out configs/default.toml,$(CONFIG)),--config $(CONFIG)) $(ARGS)
 
 clean:
-	rm -rf caches runs bench/results.json quality/curves.png .pytest_cache
+	rm -rf caches runs $(DEMO_PRUNED) bench/results.json quality/curves.png .pytest_cache
 
 distclean: clean
 	rm -rf $(VENV) $(DATA)

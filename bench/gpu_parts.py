@@ -3,8 +3,9 @@ bundle's tokenizer, the card's matmul rate, model FLOPs, one timed stage-1 or st
 where the modules a run imported came from. The orchestration and the report are in ``gpu.py``.
 
 Speed and memory do not depend on the weights, so the models are random: a Qwen3-MoE teacher of
-the seed's size (hidden 1024, vocabulary 151936, 28 layers of 8 experts with 2 routed per token:
-~1.02B parameters, ~0.62B active) and a student shaped like SmolLM-135M (d=576, 30 layers, 9/3
+the seed's shape (``configs/hf/huihui-ai--Huihui-MoE-1.2B-A0.6B``: hidden 1024, vocabulary 151936,
+28 layers of 3 experts of width 3072 with 1 routed per token, untied head: 1280.2M parameters,
+751.7M active) and a student shaped like SmolLM-135M (d=576, 30 layers, 9/3
 heads, MLP 1536, tied head).
 """
 
@@ -23,8 +24,8 @@ from pipeline.config import format_override as kv
 
 QWEN_VOCAB = 151936
 TEACHER = {"seed": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                        head_dim=128, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=768,
-                        intermediate_size=3072),
+                        head_dim=128, num_experts=3, num_experts_per_tok=1, moe_intermediate_size=3072,
+                        intermediate_size=3072),  # the shipped shape of the seed's teacher (tests/test_shapes.py)
            "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                         intermediate_size=128)}

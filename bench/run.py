@@ -1,4 +1,4 @@
-"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P9,
+"""``make bench`` (= ``python -m pipeline bench``): the performance ratios P1-P9 and P4b,
 measured side by side in one run on this machine, with the embedded teacher and a small student.
 
 Each timing is repeated; the table gives the median ratio and its spread (min-max over the

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("stage2_student_train.evaluate:main", "evaluate a trained student on the cache's held-out sequences"),
     "plot": ("pipeline.plot:main", "draw metrics.jsonl curves to PNG"),
     "report": ("pipeline.report:main", "write REPORT.md + plots comparing student runs of one cache"),
-    "bench": ("bench.run:main", "measure the performance ratios P1-P6"),
+    "bench": ("bench.run:main", "measure the performance ratios P1-P9 and P4b"),
     "quality": ("bench.quality:main", "offline KD modes vs online full-vocabulary KD, same student/data/steps"),
     "inspect": ("pipeline.cli:cmd_inspect", "describe a cache (add --json for machine-readable output)"),
     "doctor": ("pipeline.doctor:main", "report versions, device and the precision the pipeline would use"),

@@ -89,8 +89,10 @@ def report(p: argparse.ArgumentParser) -> None:
 
 def push(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (its final/student is uploaded)")
-    p.add_argument("--repo-id", required=True, help="hub repo, USER/NAME (created if it does not exist)")
+    p.add_argument("--repo-id", help="hub repo, USER/NAME (created if it does not exist); needed unless --dry-run")
     p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="print the model card and the files that would be "
+                                                          "uploaded, and upload nothing")
 
 
 def plot(p: argparse.ArgumentParser) -> None:

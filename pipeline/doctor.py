@@ -109,6 +109,25 @@ def target(args: argparse.Namespace) -> tuple[int | None, bool | None, tuple[int
     return budget, (True if budget is not None or capability is not None else None), capability
 
 
+def model_shapes(cfg, args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
+    """Where the plan reads each model's shape: ``--teacher-config``/``--student-config`` when
+    given, else the shipped ``config.json`` of a hub id (``pipeline.shapes``: no network), else the
+    model's own source (the hub, a local folder). who -> (local config path or None, a phrase)."""
+    from .shapes import display_path, shipped_shape
+
+    out = {}
+    for who, given, model in (("teacher", getattr(args, "teacher_config", None), cfg.teacher.model),
+                              ("student", getattr(args, "student_config", None), cfg.student.model)):
+        if given:
+            out[who] = (given, f"{given} (--{who}-config)")
+        elif (shape := shipped_shape(model, args.config)) is not None:
+            out[who] = (str(shape), f"{display_path(shape)}, shipped for {model} (the hub is not asked; "
+                                    f"--{who}-config FILE plans from another config.json)")
+        else:
+            out[who] = (None, f"from {model}" if model else "built from [student] (a fresh model)")
+    return out
+
+
 def main(args: argparse.Namespace | None = None) -> int:
     rows = report()
     plan = None
@@ -120,15 +139,15 @@ def main(args: argparse.Namespace | None = None) -> int:
 
         cfg = load_config(args.config, getattr(args, "overrides", []) or [])
         budget, cuda, capability = target(args)
+        shapes = model_shapes(cfg, args)
         try:
             plan = make_plan(cfg, budget=budget, cuda=cuda, capability=capability, mode_memory=resolve(MODE_MEMORY),
-                             teacher_config=getattr(args, "teacher_config", None),
-                             student_config=getattr(args, "student_config", None))
+                             teacher_config=shapes["teacher"][0], student_config=shapes["student"][0])
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read the model configs of {args.config} ({str(e)[:300]}); check "
                               "teacher.model / student.model, or plan offline from a local config.json with "
                               "--teacher-config / --student-config") from None
-        rows += plan_rows(plan)
+        rows += [(f"{who} shape", why) for who, (_, why) in shapes.items()] + plan_rows(plan)
     if args is not None and getattr(args, "json", False):
         import json
         print(json.dumps({"doctor": dict(rows), "plan": plan}, indent=1, default=str))

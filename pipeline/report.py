@@ -98,8 +98,8 @@ def write_report(run_dirs: list[Path], out_dir: Path, new_tokens: int = 40, with
         lines.append(f"| {r['dir'].name} | {s['kd_mode']} | {s['step']} | {f(last.get('ppl'), '.1f')} | "
                      f"{f(last.get('bpb'), '.3f')} | {f(last.get('kl_teacher_topk'), '.3f')} | "
                      f"{f(last.get('teacher_top1_agree'), '.3f')} | {f(s.get('wall_s'), '.0f')} s |")
-    lines += ["", f"Student: {runs[0]['summary'].get('student_parameters', 0) / 1e6:.1f} M parameters. "
-              "Eval uses the EMA weights.", "", "![curves](curves.png)", ""]
+    lines += ["", f"Student: {runs[0]['summary'].get('student_parameters', 0) / 1e6:.1f} M parameters, "
+              f"{student_origin(runs[0]['summary'])}. Eval uses the EMA weights.", "", "![curves](curves.png)", ""]
     if with_generations:
         gens = generations(runs, reader, new_tokens)
         lines += ["## Greedy generations", ""]
@@ -111,6 +111,16 @@ def write_report(run_dirs: list[Path], out_dir: Path, new_tokens: int = 40, with
     path = out_dir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def student_origin(summary: dict) -> str:
+    """Where a run's student started, from its summary's model-card record."""
+    card = summary.get("model_card") or {}
+    pruned, start = card.get("pruned_from"), card.get("student_model")
+    if pruned:
+        kept, was = len(pruned.get("kept_layers") or []), (pruned.get("teacher_shape") or {}).get("layers", "?")
+        return f"started from the teacher cut to {kept} of its {was} layers by prune-teacher ({Path(start).name})"
+    return f"started from {start}" if start else "fresh (random initialisation)"
 
 
 def main(args: argparse.Namespace) -> int:

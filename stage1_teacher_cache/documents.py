@@ -95,7 +95,9 @@ class EvalChooser:
 
     def _unknown_error(self, name: str, close: str | None) -> DataError:
         hint = f" (did you mean {close!r}?)" if close else ""
-        return DataError(f"data.eval_documents names {name!r}, which is not a document of {self.cfg.source!r}{hint}")
+        return DataError(f"data.eval_documents names {name!r}, which is not a document of {self.cfg.source!r}{hint}; "
+                         "name documents of this source, or pass data.eval_documents=[] to hold out every "
+                         "~1/data.eval_fraction-th document instead")
 
 
 def iter_documents(cfg: DataConfig, source: Source | None = None,

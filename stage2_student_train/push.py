@@ -2,9 +2,11 @@
 student (``RUN_DIR/final/student``) to the Hugging Face Hub, with its model card rewritten for
 the repo (``model_card.py``), through ``huggingface_hub`` in one commit.
 
-Nothing local is changed: the card for the repo is built in memory, the other files are read as
-they are. Without the network (``HF_HUB_OFFLINE=1``) or a token (``HF_TOKEN``, or ``hf auth
-login``) it is a one-line error naming what is missing, before anything is sent.
+Nothing local is changed: the card for the repo is built in memory (from what the run recorded
+when it finished, so it says the same from any directory), the other files are read as they are.
+Without the network (``HF_HUB_OFFLINE=1``) or a token (``HF_TOKEN``, or ``hf auth login``) it is
+a one-line error naming what is missing, before anything is sent. ``--dry-run`` prints the card
+and the file list and sends nothing (no network or token needed).
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ def hub_problems() -> list[str]:
     return problems
 
 
-def check_hub(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ConfigError(f"--repo-id {repo_id!r} is not a hub repo id; give USER/NAME")
+
+
+def check_hub(repo_id: str) -> None:
+    check_repo_id(repo_id)
     problems = hub_problems()
     if problems:
         raise PipelineError(f"cannot push to {repo_id}: {' and '.join(problems)}; nothing was uploaded or changed")
 
 
-def upload_files(run_dir: Path, repo_id: str) -> dict[str, Path | bytes]:
+def upload_files(run_dir: Path, repo_id: str | None) -> dict[str, Path | bytes]:
     """path in the repo -> local file (or, for the card, its bytes): every file of the exported
     student, and the model card rewritten for ``repo_id`` (from the run's summary.json; the
     exported card as it is for a run written before summary.json kept it)."""
@@ -77,6 +83,25 @@ def push(run_dir: Path, repo_id: str, private: bool = False) -> str:
     return str(getattr(commit, "commit_url", repo_id))
 
 
+def dry_run(run_dir: Path, repo_id: str | None) -> str:
+    """What ``push`` would upload, as text: the card, then each file with its size. Sends nothing."""
+    if repo_id:
+        check_repo_id(repo_id)
+    files = upload_files(run_dir, repo_id)
+    card = files.get(CARD)
+    card_text = card.decode("utf-8") if isinstance(card, bytes) else card.read_text(encoding="utf-8") if card else ""
+    sizes = {path: len(src) if isinstance(src, bytes) else src.stat().st_size for path, src in files.items()}
+    rows = [f"{n:>12,d}  {path}" for path, n in sizes.items()]
+    target = repo_id or "(no --repo-id: the card names the folder)"
+    return "\n".join([card_text.rstrip(), "", f"--- dry run: {len(files)} files ({sum(sizes.values()):,d} bytes) "
+                      f"would go to {target}; nothing was uploaded ---", *rows])
+
+
 def main(args) -> int:
+    if args.dry_run:
+        print(dry_run(Path(args.run_dir), args.repo_id))
+        return 0
+    if not args.repo_id:
+        raise ConfigError("push needs --repo-id USER/NAME (or --dry-run to see the card and the files first)")
     push(Path(args.run_dir), args.repo_id, private=args.private)
     return 0

@@ -30,7 +30,8 @@ def check_trackers(names: list[str]) -> None:
             importlib.import_module(PACKAGES[name])
         except ImportError:
             raise ConfigError(f"train.report_to lists {name}, but the package {PACKAGES[name]} is not installed; "
-                              f"pip install 'kd-pipeline[{name}]' or remove {name} from train.report_to") from None
+                              f"pip install -e '.[{name}]' in the kd-pipeline checkout (or pip install {PACKAGES[name]}), or "
+                              f"remove {name} from train.report_to") from None
 
 
 def scalars(record: dict[str, Any]) -> tuple[int, dict[str, float]]:

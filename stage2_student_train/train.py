@@ -37,6 +37,7 @@ from .runlog import MetricsLog, truncate_metrics
 from .signals import StopRequest
 from .state import RunSetup, TrainState, build_state, gather_rng, setup_run
 from .step import TrainingError, step_weights, train_step  # noqa: F401  (TrainingError: part of the API)
+from .model_card import copy_prune_record, run_facts
 from .student import save_student, write_model_card
 from .trackers import Trackers, check_trackers
 
@@ -151,7 +152,11 @@ def finish(setup: RunSetup, state: TrainState, summary: dict, tokens: int, resum
             **({"cache KD floor (nats)": {f"{f['temperature']:g}": f["nats"] for f in summary["cache_kd_floor"]}}
                if summary.get("cache_kd_floor") else {}),
             "steps": state.step, "tokens": tokens, "tokenizer": cfg.student.tokenizer or "the teacher's",
-            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")}}
+            "held_out": {k: v for k, v in (summary["eval"] or {}).items() if k not in ("step", "split")},
+            # decided here, where the run's paths resolve as they did in training; push reuses it
+            **run_facts(cfg.student.model, setup.reader.fingerprint.get("teacher"),
+                        setup.reader.fingerprint.get("dataset"), setup.reader.spec, setup.reader.has_head)}
+        copy_prune_record(cfg.student.model, final)  # a student cut from the teacher keeps its record
         write_model_card(final, card)
         summary["model_card"] = card  # what `push` rewrites the card from, for the hub repo
         (setup.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -184,13 +184,14 @@ def doctor(*args):
 def test_doctor_plans_the_seed_run_for_a_p100_offline():
     """From the shipped config.json shapes (no hub): a P100's 16 GiB, fp16, the MoE teacher's
     routed experts; a forced bf16 on compute capability 6.0 is refused in one line."""
-    local = ["--teacher-config", "configs/hf/qwen3-moe-1b-a0.6b", "--student-config", "configs/hf/smollm-135m"]
+    local = ["--teacher-config", "configs/hf/huihui-ai--Huihui-MoE-1.2B-A0.6B",
+             "--student-config", "configs/hf/HuggingFaceTB--SmolLM-135M"]
     r = doctor("--config", "configs/seed-p100.toml", "--card", "p100", "--json", *local)
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)["plan"]
     assert p["capability"] == "6.0" and p["budget_bytes"] == 16 * 2**30
     assert p["stage1"]["dtype_bytes"] == 2 and p["stage2"]["autocast_bytes"] == 2
-    assert p["teacher"]["experts"] == 12 and p["teacher"]["moe_layers"] == 28 and p["teacher"]["vocab"] == 151936
+    assert p["teacher"]["experts"] == 3 and p["teacher"]["moe_layers"] == 28 and p["teacher"]["vocab"] == 151936
     assert p["student"]["params"] == 134_515_008
     assert p["stage1"]["fits"] and p["stage2"]["fits"]  # the config's batch sizes fit the card
     s2 = p["stage2"]

@@ -169,6 +169,9 @@ def test_documents_from_dir_jsonl_and_holdout(tmp_path, corpus_dir):
     assert [d.name for d in auto if d.split == "eval"] == [sorted(CORPUS)[1], sorted(CORPUS)[4]]
     with pytest.raises(DataError, match=r"'betta.txt'.*did you mean 'beta.txt'"):
         load_documents(DataConfig(source=str(corpus_dir), eval_documents=["betta.txt"]))
+    # The demo config's plays named on one's own data: the error says how to go on.
+    with pytest.raises(DataError, match=r"'hamlet_gut.txt', which is not a document.*data.eval_documents=\[\]"):
+        load_documents(DataConfig(source=str(corpus_dir), eval_documents=["hamlet_gut.txt"]))
     jl = tmp_path / "d.jsonl"
     jl.write_text('{"text": "one doc"}\n{"text": ""}\n{"text": "two doc"}\n{"text": "three"}\n')
     docs = load_documents(DataConfig(source=str(jl), eval_fraction=0.3))

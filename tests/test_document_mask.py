@@ -79,8 +79,8 @@ def test_a_family_that_ignores_the_mask_is_refused():
 @pytest.fixture(scope="module")
 def short_corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("short-docs")
-    for i, text in enumerate(SHORT_DOCS):
-        (out / f"d{i:02d}.txt").write_text(text, encoding="utf-8")
+    for i in range(32):
+        (out / f"d{i:02d}.txt").write_text(f"{SHORT_DOCS[i % 16]} Act {i}.", encoding="utf-8")
     return out
 
 
@@ -90,7 +90,7 @@ def masked_cache(tiny_teacher_dir, short_corpus, tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("masked") / "cache"
     cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, short_corpus, cache, **{
-        "data.eval_documents": ["d03.txt", "d11.txt"], "data.document_mask": True, "cache.top_k": 6})),
+        "data.eval_documents": [f"d{i:02d}.txt" for i in range(3, 32, 4)], "data.document_mask": True, "cache.top_k": 6})),
         show_progress=False)
     return cache
 
@@ -161,3 +161,111 @@ def test_caches_without_the_key_read_as_unmasked(tiny_cache):
 
     reader = CacheReader(tiny_cache)
     assert "document_mask" not in reader.fingerprint and not reader.spec.document_mask
+
+
+def _student(cfg, vocab: int, length: int):
+    from stage2_student_train.student import build_student
+
+    torch.manual_seed(3)
+    return build_student(cfg, vocab, length).eval()
+
+
+def _alone_nll(model, ids: np.ndarray, docs: np.ndarray, keep: np.ndarray | None = None) -> tuple[float, int]:
+    """Sum of -log p(token t+1) over positions t < L-1 (those of ``keep``, when given), each from a
+    run of its document piece alone."""
+    logp = np.zeros((len(ids), model.config.vocab_size))
+    for d in np.unique(docs):
+        cols = np.flatnonzero(docs == d)
+        with torch.no_grad():
+            logp[cols] = torch.log_softmax(model(input_ids=torch.from_numpy(ids[cols])[None]).logits[0].double(),
+                                           -1).numpy()
+    t = np.arange(len(ids) - 1)
+    if keep is not None:
+        t = t[keep[:len(t)]]
+    return float(-logp[t, ids[t + 1]].sum()), len(t)
+
+
+def test_student_eval_equals_each_document_alone(masked_cache, tmp_path):
+    """Stage 2 reads the cache's doc ids and masks the student: its held-out CE is exactly that
+    of running the student on each document piece alone."""
+    from pipeline.cache import CacheReader
+    from stage2_student_train.data import data_access
+    from stage2_student_train.evaluate import evaluate
+
+    reader = CacheReader(masked_cache)
+    cfg = load_config(None, stage2_overrides(masked_cache, tmp_path))
+    access = data_access(reader, None, True, need_hidden=False, show_progress=False)
+    model = _student(cfg, reader.spec.vocab_size, reader.spec.seq_len)
+    indices = list(range(len(reader)))
+    got = evaluate(model, access.load, access.target_bytes, indices, 3, 40, None)
+    nll, n = 0.0, 0
+    for i in indices:
+        batch = access.load(np.asarray([i]))
+        part = _alone_nll(model, batch["input_ids"][0].numpy(), batch["doc_ids"][0].numpy())
+        nll, n = nll + part[0], n + part[1]
+    assert got["positions"] == n
+    assert got["ce"] == pytest.approx(nll / n, rel=1e-5)
+    plain = evaluate(model, lambda ids: {k: v for k, v in access.load(ids).items() if k != "doc_ids"},
+                     access.target_bytes, indices, 3, 40, None)
+    assert abs(plain["ce"] - got["ce"]) > 1e-4  # unmasked is measurably different
+
+
+def test_training_on_a_masked_cache_records_the_mask(masked_cache, tmp_path):
+    from pipeline.tomlcompat import tomllib
+    from stage2_student_train.train import train
+
+    summary = train(load_config(None, stage2_overrides(masked_cache, tmp_path, **{"train.steps": 3})),
+                    show_progress=False)
+    assert summary["step"] == 3
+    recorded = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert recorded["data"]["document_mask"] is True
+
+
+def test_cross_tokenizer_student_gets_the_same_documents(masked_cache, smollm2_tokenizer_dir, tmp_path):
+    """A student with another tokenizer: each of its tokens belongs to the document of the
+    character it ends on; its documents end at the same characters as the teacher's, and its
+    masked held-out CE equals running each of its own document pieces alone."""
+    from transformers import AutoTokenizer
+
+    from pipeline.cache import CacheReader
+    from stage2_student_train import align
+    from stage2_student_train.data import data_access
+    from stage2_student_train.evaluate import evaluate
+
+    reader = CacheReader(masked_cache)
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    access = data_access(reader, tok, False, need_hidden=False, show_progress=False)
+    for i in range(len(reader)):
+        seq = reader.sequence(i)
+        _, ends = align.student_tokens(tok, seq.text)
+        docs = access.load(np.asarray([i]))["doc_ids"][0].numpy()[:len(ends)]
+        teacher_cuts = seq.char_end[np.flatnonzero(seq.doc_id[1:] != seq.doc_id[:-1])]
+        student_cuts = ends[np.flatnonzero(docs[1:] != docs[:-1])]
+        assert student_cuts.tolist() == teacher_cuts.tolist(), i
+    cfg = load_config(None, stage2_overrides(masked_cache, tmp_path))
+    model = _student(cfg, len(tok), access.seq_len)
+    indices = list(range(len(reader)))
+    got = evaluate(model, access.load, access.target_bytes, indices, 2, 40, None)
+    nll, n = 0.0, 0
+    for i in indices:
+        batch = access.load(np.asarray([i]))
+        real = batch["doc_ids"][0].numpy() >= 0
+        keep = batch["target_mask"][0].numpy()[:int(real.sum()) - 1]
+        part = _alone_nll(model, batch["input_ids"][0].numpy()[real], batch["doc_ids"][0].numpy()[real], keep)
+        nll, n = nll + part[0], n + part[1]
+    assert got["positions"] == n and got["ce"] == pytest.approx(nll / n, rel=1e-5)
+
+
+def test_chat_data_is_masked_by_default(chat_cache):
+    """``data.document_mask = "auto"`` (the default): on for chat data, where each row is a
+    conversation of its own."""
+    from pipeline.cache import CacheReader
+
+    assert CacheReader(chat_cache).spec.document_mask
+
+
+def test_a_bad_setting_is_a_one_line_config_error():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="document_mask"):
+        load_config(None, ['data.document_mask="yes"'])

@@ -93,6 +93,10 @@ class DataConfig:
     """Stop packing eval sequences after this many tokens (0: no limit)."""
     doc_separator: str = "\n\n"
     """Text that stands for the end-of-document token in a sequence's stored text."""
+    document_mask: Literal["auto", True, False] = "auto"
+    """Keep the documents packed into one sequence apart: each token attends only to its own
+    document and position ids restart per document, in stage 1 (the teacher) and stage 2 (the
+    student, which follows the cache). ``auto``: true for chat data, false for plain text."""
 
     def validate(self) -> None:
         _require(bool(self.source.strip()), "data.source", "must not be empty")
@@ -101,6 +105,8 @@ class DataConfig:
         _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", "must be in [0, 1)")
         _require(self.max_train_tokens >= 0, "data.max_train_tokens", "must be >= 0 (0 = no limit)")
         _require(self.max_eval_tokens >= 0, "data.max_eval_tokens", "must be >= 0 (0 = no limit)")
+        _require(isinstance(self.document_mask, bool) or self.document_mask == "auto", "data.document_mask",
+                 f"must be true, false or \"auto\", got {self.document_mask!r}")
 
 
 @dataclass

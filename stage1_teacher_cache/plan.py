@@ -257,6 +257,12 @@ def plan_key(cfg: Config, tokenizer) -> dict:
             "eos_token_id": tokenizer.eos_token_id, "rows": cfg.cache.shard_sequences, "version": PLAN_VERSION}
 
 
+def uses_document_mask(cfg: Config, plan: Plan) -> bool:
+    """``data.document_mask`` with ``auto`` resolved: on for chat data, off for plain text."""
+    setting = cfg.data.document_mask
+    return bool(plan.info.get("loss_mask")) if setting == "auto" else bool(setting)
+
+
 def plan_folder(cfg: Config) -> Path:
     """``cache.plan_dir``, or ``.<cache name>.plan`` beside a local cache; for a remote cache
     (an fsspec URL) a local folder named by the URL in this user's cache folder."""

@@ -93,6 +93,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def doc_matrix(self) -> np.ndarray:
+        """[n, L] int64 per-token document ids (what ``data.document_mask`` keeps apart)."""
+        return np.asarray(self.doc_id.flatten(), np.int64).reshape(len(self), -1)
+
 
 class PlanWriter:
     """Appends sequences split by split and documents as they come; ``close`` writes plan.json."""

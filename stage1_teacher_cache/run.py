@@ -39,7 +39,7 @@ from pipeline.cache.tokenizer import store_tokenizer
 from .background import BackgroundWriter
 from .chat import chat_template_hash
 from .extend import open_cache, plan_rows
-from .plan import ensure_plan, plan_folder
+from .plan import ensure_plan, plan_folder, uses_document_mask
 from .plan_store import Plan, Rows, remove_plan
 from .sampling import teacher_outputs
 from .teacher import TeacherPass, TeacherSource, load_model, load_model_config, load_tokenizer, resolve_teacher
@@ -224,6 +224,8 @@ def make_spec(cfg: Config, source: TeacherSource, tokenizer, plan: Plan, precisi
         fingerprint.update(samples=cfg.cache.samples, sample_seed=cfg.run.seed)
     if plan.info.get("loss_mask"):  # chat data: the cache stores which tokens are targets
         fingerprint.update(loss_mask="assistant", chat_template=chat_template_hash(tokenizer))
+    if uses_document_mask(cfg, plan):  # only then: caches without the mask keep their fingerprint
+        fingerprint["document_mask"] = True
     return CacheSpec(
         num_sequences=plan.num_sequences, seq_len=cfg.data.seq_len, top_k=cfg.cache.top_k, vocab_size=vocab,
         hidden_dim=int(text_cfg.hidden_size), splits=plan.splits, fingerprint=fingerprint,
@@ -259,8 +261,11 @@ class LazyTeacher:
             if not head_diff <= HEAD_TOLERANCE * (1 if self.dtype == torch.float32 else 50):
                 raise TeacherError(f"this teacher's logits are not its head applied to its last hidden state "
                                    f"(max difference {head_diff:.3g}); such models are not supported")
-            self.teacher = teacher
             self.facts = {"teacher_load_s": round(time.perf_counter() - t_load, 2), "head_check_max_diff": head_diff}
+            if self.spec.document_mask:  # a family that ignores the mask is refused before any work
+                self.facts["document_mask_check_max_diff"] = teacher.check_document_mask(
+                    HEAD_TOLERANCE * (1 if self.dtype == torch.float32 else 50))
+            self.teacher = teacher
         return self.teacher
 
 
@@ -273,7 +278,8 @@ def pilot_rank_table(lazy: LazyTeacher, plan: Plan, cfg: Config, vocab: int) -> 
     topk_counts = np.zeros(vocab, np.int64)
     for b in range(0, len(pilot), cfg.teacher.batch_size):
         rows = pilot[b:b + cfg.teacher.batch_size]
-        out = teach(lazy(), plan.rows_of(rows[0], rows[-1] + 1).input_ids, rows, cfg)
+        planned = plan.rows_of(rows[0], rows[-1] + 1)
+        out = teach(lazy(), planned.input_ids, rows, cfg, planned.doc_matrix() if lazy.spec.document_mask else None)
         lazy.pilot_outputs[(rows[0], rows[-1] + 1)] = out
         topk_counts += np.bincount(out["topk_ids"].ravel(), minlength=vocab)
     text_counts = plan.text_counts(vocab)  # counted while planning, shard by shard
@@ -313,11 +319,13 @@ def teach_shard(shard: int, cfg: Config, spec: CacheSpec, lazy: LazyTeacher, tea
     start, stop = writer.rows_to_write(shard)  # a growing last shard keeps its old rows
     planned = plan_rows(spec, plan, start, stop)  # this shard's plan, read from disk now
     parts = []
+    docs = planned.doc_matrix() if spec.document_mask else None
     for b in range(start, stop, cfg.teacher.batch_size):
         rows = range(b, min(b + cfg.teacher.batch_size, stop))
         out = lazy.pilot_outputs.pop((rows[0], rows[-1] + 1), None)
         if out is None:
-            out = teach(teacher, planned.input_ids[rows[0] - start:rows[-1] + 1 - start], rows, cfg)
+            part = slice(rows[0] - start, rows[-1] + 1 - start)
+            out = teach(teacher, planned.input_ids[part], rows, cfg, None if docs is None else docs[part])
         parts.append(out)
         bar.update(len(rows) * spec.seq_len)
     arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -329,10 +337,13 @@ def teach_shard(shard: int, cfg: Config, spec: CacheSpec, lazy: LazyTeacher, tea
     return shard, to_storage(arrays, spec), shard_meta(planned), stats
 
 
-def teach(teacher: TeacherPass, input_ids: np.ndarray, rows: range, cfg: Config) -> dict[str, np.ndarray]:
+def teach(teacher: TeacherPass, input_ids: np.ndarray, rows: range, cfg: Config,
+          doc_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The teacher's outputs for sequences ``rows`` (ids ``input_ids``), + sampled tokens when
-    cache.samples > 0 (seeded by each sequence's index, so independent of batching)."""
-    return teacher_outputs(teacher, torch.from_numpy(input_ids), rows, cfg.cache.samples, cfg.run.seed)
+    cache.samples > 0 (seeded by each sequence's index, so independent of batching). With
+    ``doc_ids`` (a cache with ``document_mask``) each packed document is attended to alone."""
+    with teacher.documents(doc_ids):
+        return teacher_outputs(teacher, torch.from_numpy(input_ids), rows, cfg.cache.samples, cfg.run.seed)
 
 
 def to_storage(arrays: dict[str, np.ndarray], spec: CacheSpec) -> dict[str, np.ndarray]:

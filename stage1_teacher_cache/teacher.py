@@ -12,6 +12,7 @@ whose outputs are rounded to fp16 (bf16: 8 bits) before logsumexp sees them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import document_mask
 from pipeline.config import TeacherConfig
 from pipeline.errors import TeacherError
 from pipeline.fingerprint import sha256_file, sha256_text
@@ -165,6 +167,9 @@ class TeacherPass:
     """Per-position top-k, logZ, next-token log-prob and hidden state for batches of sequences."""
 
     chunk_hook = None  # called (start row, [chunk, V] fp32 exp(logits - max)) per chunk: sampling.ChunkSampler
+    doc_ids: torch.Tensor | None = None
+    """[B, L] per-token document ids of the next call (``documents``): attention stays inside each
+    document and positions restart per document (``pipeline/document_mask.py``); None: plain causal."""
 
     def __init__(self, model, top_k: int, logits_chunk: int):
         self.model, self.top_k, self.logits_chunk = model, top_k, logits_chunk
@@ -197,12 +202,32 @@ class TeacherPass:
         ours = self.native_logits(self.base(input_ids=ids, use_cache=False).last_hidden_state)
         return float((full - ours).abs().max())
 
+    @contextlib.contextmanager
+    def documents(self, doc_ids: np.ndarray | torch.Tensor | None):
+        """Within the block, calls run with the document mask of ``doc_ids`` [B, L] (None: none)."""
+        self.doc_ids = None if doc_ids is None else torch.as_tensor(doc_ids, dtype=torch.int64)
+        try:
+            yield self
+        finally:
+            self.doc_ids = None
+
+    def hidden_states(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The post-norm last hidden state [B, L, D] of the base model."""
+        return self.base(input_ids=ids, use_cache=False, **kwargs).last_hidden_state
+
+    @torch.inference_mode()
+    def check_document_mask(self, tolerance: float) -> float:
+        """Refuse (one line) a teacher whose family does not keep packed documents apart."""
+        return document_mask.check_model(self.model, self.hidden_states, self.head.weight.shape[0], "the teacher",
+                                         tolerance)
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor) -> dict[str, np.ndarray]:
         device = self.head.weight.device
         ids = input_ids.to(device)
         b, length = ids.shape
-        hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state  # [B, L, D], post-norm
+        docs = None if self.doc_ids is None else self.doc_ids.to(device)
+        hidden = self.hidden_states(ids, **document_mask.forward_kwargs(self.model, docs))  # [B, L, D], post-norm
         flat = hidden.reshape(b * length, -1)
         # Next token of each position; the last position of a sequence has none (masked below).
         nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1).reshape(-1)

@@ -9,6 +9,8 @@ computed once per (cache, student tokenizer) and stored beside the cache::
                                                          vmap [V_teacher] (-1: no twin)
                                                          loss_mask [N, Ls] (chat caches: student
                                                          tokens that are targets)
+                                                         doc_ids [N, Ls] (document-masked caches:
+                                                         each student token's document)
     CACHE/student-views/<tokenizer hash>/coverage.json  fraction of student positions aligned,
                                                          teacher top-k mass that maps, lengths
 
@@ -17,6 +19,10 @@ hash>/``. A stored view that cannot be read or does not fit the cache is rebuilt
 
 Chat caches: a student token is a target when its last character is one the teacher's target
 tokens cover (``loss_mask``): the same characters, whatever the student's tokens.
+
+Document-masked caches (``document_mask``): a student token belongs to the document of the
+teacher token that covers its last character, so the student's packed documents are the same
+characters as the teacher's and its attention is kept inside them the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from pipeline.errors import CacheError
 from pipeline.fingerprint import tokenizer_hash
 
 from . import align
-from .data import masked_chars
+from .data import DocIds, masked_chars
 
 
 @dataclass
@@ -49,6 +55,7 @@ class StudentView:
     first_end: np.ndarray  # [N] int64, char end of each sequence's first student token
     coverage: dict
     loss_mask: np.ndarray | None = None  # [N, Ls] bool, chat caches: student tokens that are targets
+    doc_ids: np.ndarray | None = None  # [N, Ls] int64, document-masked caches: each token's document (-1 pad)
 
     @property
     def seq_len(self) -> int:
@@ -69,6 +76,8 @@ def load_or_build_view(reader: CacheReader, teacher_tok, student_tok, show_progr
     view = build_view(reader, teacher_tok, student_tok, show_progress)
     buf = io.BytesIO()
     extra = {} if view.loss_mask is None else {"loss_mask": view.loss_mask}
+    if view.doc_ids is not None:
+        extra["doc_ids"] = view.doc_ids
     np.savez_compressed(buf, ids=view.ids, aligned=view.aligned, vmap=view.vmap, first_end=view.first_end, **extra)
     atomic_write_bytes(folder / "view.npz", buf.getvalue())
     atomic_write_json(folder / "coverage.json", view.coverage)
@@ -83,7 +92,8 @@ def _load_view(folder: Path, reader: CacheReader) -> StudentView | None:
         with np.load(folder / "view.npz") as z:
             view = StudentView(z["ids"], z["aligned"], z["vmap"], z["first_end"],
                                json.loads((folder / "coverage.json").read_text()),
-                               z["loss_mask"] if reader.spec.has_loss_mask else None)
+                               z["loss_mask"] if reader.spec.has_loss_mask else None,
+                               z["doc_ids"] if reader.spec.document_mask else None)
         n = len(reader)
         if (view.aligned.shape != view.ids.shape or view.first_end.shape != (view.ids.shape[0],)
                 or view.vmap.shape != (reader.spec.vocab_size,) or not isinstance(view.coverage, dict)):
@@ -114,12 +124,15 @@ def _require_writable(folder: Path, reader: CacheReader) -> None:
 
 
 def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: bool = True) -> StudentView:
-    rows_ids, rows_aligned, first_end, rows_mask = [], [], [], []
+    rows_ids, rows_aligned, first_end, rows_mask, rows_docs = [], [], [], [], []
+    teacher_docs = DocIds(reader) if reader.spec.document_mask else None
     for i in tqdm(range(len(reader)), desc="align student tokens", unit="seq", disable=not show_progress):
         text, teacher_ends = reader.text(i)
         ids, ends = align.student_tokens(student_tok, text)
         if reader.spec.has_loss_mask:
             rows_mask.append(student_mask(ends, masked_chars(reader, i, text, teacher_ends)))
+        if teacher_docs is not None:
+            rows_docs.append(student_docs(ends, teacher_ends, teacher_docs([i])[0]))
         rows_ids.append(ids)
         rows_aligned.append(align.align_positions(teacher_ends, ends))
         first_end.append(int(ends[0]) if len(ends) else 0)
@@ -127,10 +140,13 @@ def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: boo
     ids = np.full((len(rows_ids), length), -1, np.int64)
     aligned = np.full((len(rows_ids), length), -1, np.int64)
     mask = np.zeros((len(rows_ids), length), bool) if rows_mask else None
+    docs = np.full((len(rows_ids), length), -1, np.int64) if rows_docs else None
     for i, (r, a) in enumerate(zip(rows_ids, rows_aligned)):
         ids[i, :len(r)], aligned[i, :len(a)] = r, a
         if mask is not None:
             mask[i, :len(r)] = rows_mask[i]
+        if docs is not None:
+            docs[i, :len(r)] = rows_docs[i]
     vmap = align.vocab_map(teacher_tok, student_tok)
     if len(vmap) < reader.spec.vocab_size:  # a padded head (Qwen: 151936 rows, 151851 tokens): no twins
         vmap = np.concatenate([vmap, np.full(reader.spec.vocab_size - len(vmap), -1, vmap.dtype)])
@@ -144,7 +160,14 @@ def build_view(reader: CacheReader, teacher_tok, student_tok, show_progress: boo
         "student_seq_len": int(length),
         "student_tokenizer_hash": tokenizer_hash(student_tok),
     }
-    return StudentView(ids, aligned, vmap, np.asarray(first_end, np.int64), coverage, mask)
+    return StudentView(ids, aligned, vmap, np.asarray(first_end, np.int64), coverage, mask, docs)
+
+
+def student_docs(ends: np.ndarray, teacher_ends: np.ndarray, teacher_docs: np.ndarray) -> np.ndarray:
+    """Each student token's document: that of the teacher token covering its last character
+    (``end - 1``; token t covers ``[teacher_ends[t-1], teacher_ends[t])``)."""
+    t = np.searchsorted(teacher_ends, np.maximum(ends, 1) - 1, side="right")
+    return teacher_docs[np.minimum(t, len(teacher_docs) - 1)]
 
 
 def student_mask(ends: np.ndarray, chars: np.ndarray) -> np.ndarray:
@@ -197,6 +220,8 @@ def cross_batch(reader: CacheReader, view: StudentView, indices: np.ndarray,
         batch.update(_draws(teacher, t, view.vmap, top_ids))
     if need_chunks:
         batch.update(_chunks(view.aligned[indices], teacher["next_logprob"], target_mask))
+    if view.doc_ids is not None:  # the student's own packed documents, kept apart as the teacher's were
+        batch["doc_ids"] = torch.from_numpy(view.doc_ids[indices])
     if need_hidden:
         hidden = teacher["hidden"].astype(np.float32)
         batch["hidden"] = torch.from_numpy(np.take_along_axis(hidden, t[..., None], 1))

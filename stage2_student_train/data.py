@@ -121,8 +121,10 @@ class Prefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Stack the cached arrays of ``indices`` as torch tensors (ids int64, floats fp32)."""
+def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...],
+               docs: DocIds | None = None) -> dict[str, torch.Tensor]:
+    """Stack the cached arrays of ``indices`` as torch tensors (ids int64, floats fp32); with
+    ``docs`` (a cache with ``document_mask``) also ``doc_ids`` [B, L], what the student's mask is made of."""
     arrays = reader.read_indices(indices, names)
     batch = {}
     for name in names:
@@ -130,7 +132,28 @@ def load_batch(reader: CacheReader, indices: np.ndarray, names: tuple[str, ...])
         batch[name] = torch.from_numpy(arr > 0 if name == "loss_mask" else arr.astype(
             np.int64 if arr.dtype.kind in "ui" and name != "hidden" else np.float32))
     batch["sample_ids"] = torch.from_numpy(np.asarray(indices, np.int64))
+    if docs is not None:
+        batch["doc_ids"] = torch.from_numpy(docs(indices))
     return batch
+
+
+class DocIds:
+    """Per-token document ids [n, L] of cached sequences, from the shards' Arrow metadata
+    (``doc_id``), each shard's converted once. Stage 2 of a ``document_mask`` cache masks the
+    student's attention between the documents they mark (``pipeline/document_mask.py``)."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader, self._shards = reader, {}
+
+    def shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            column = self.reader.meta(shard).column("doc_id").combine_chunks()
+            self._shards[shard] = np.asarray(column.flatten(), np.int64).reshape(len(column), -1)
+        return self._shards[shard]
+
+    def __call__(self, indices) -> np.ndarray:
+        rows = self.reader.spec.shard_sequences
+        return np.stack([self.shard(int(i) // rows)[int(i) % rows] for i in np.asarray(indices).reshape(-1)])
 
 
 def target_bytes(reader: CacheReader, index: int) -> int:
@@ -177,7 +200,8 @@ def data_access(reader: CacheReader, tokenizer, same_tokenizer: bool, need_hidde
     tokenizer, aligned once per (cache, tokenizer) and stored beside the cache (rank 0 builds it)."""
     if same_tokenizer:
         names = array_names(reader, need_hidden, need_samples)
-        return DataAccess(lambda ids: load_batch(reader, ids, names), lambda i: target_bytes(reader, i),
+        docs = DocIds(reader) if reader.spec.document_mask else None
+        return DataAccess(lambda ids: load_batch(reader, ids, names, docs), lambda i: target_bytes(reader, i),
                           reader.spec.seq_len, counted=counted_targets(reader))
     from .cross import cross_batch, load_or_build_view
     from .student import load_teacher_tokenizer

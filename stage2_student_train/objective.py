@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from pipeline import document_mask
 from pipeline.config import KDConfig
 
 from . import kd_modes, losses
@@ -50,9 +51,11 @@ class Trainable(nn.Module):
         super().__init__()
         self.student, self.feature_map, self.router = student, feature_map, router
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         # The model's own accessor (Llama/Qwen: .model, GPT-2: .transformer); no KV cache in training.
-        return decoder_of(self.student)(input_ids=input_ids, use_cache=False).last_hidden_state
+        # ``doc_ids``: a document-masked cache; each packed document attends only to itself.
+        masking = document_mask.forward_kwargs(self.student, doc_ids)
+        return decoder_of(self.student)(input_ids=input_ids, use_cache=False, **masking).last_hidden_state
 
     def extras(self) -> dict[str, nn.Module | None]:
         return {"feature_map": self.feature_map, "router": self.router}
@@ -102,6 +105,8 @@ def flat_targets(batch: dict, device) -> dict:
     for name in PER_BATCH:
         if name in batch:
             out[name] = batch[name].to(device, non_blocking=True)
+    if "doc_ids" in batch:  # a document-masked cache: per token, [B, L] (the forward's mask)
+        out["doc_ids"] = batch["doc_ids"].to(device, non_blocking=True)
     if "loss_mask" in batch:  # chat data: position t counts when token t+1 is a target
         out["target_mask"] = batch["loss_mask"][:, 1:].reshape(-1).to(device, non_blocking=True)
     return out
@@ -135,7 +140,7 @@ def batch_objective(model: nn.Module, batch: dict, kd: KDConfig, w: Weights, *, 
     flat = flat_targets(batch, next(parts.parameters()).device)
     autocast = autocast or torch.autocast(flat["input_ids"].device.type, enabled=False)
     with autocast:
-        hidden = (net or parts)(flat["input_ids"])  # [B, L, Ds]
+        hidden = (net or parts)(flat["input_ids"], flat.get("doc_ids"))  # [B, L, Ds]
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     valid = flat.get("target_mask")
     n = h.shape[0] if valid is None else max(1, int(valid.sum()))

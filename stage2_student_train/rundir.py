@@ -105,7 +105,7 @@ def with_cache_facts(cfg: Config, reader) -> Config:
         cfg.data, source=str(fp.get("dataset", cfg.data.source)), seq_len=spec.seq_len,
         max_train_tokens=int(fp.get("max_train_tokens", cfg.data.max_train_tokens)),
         max_eval_tokens=int(fp.get("max_eval_tokens", cfg.data.max_eval_tokens)),
-        doc_separator=str(fp.get("doc_separator", cfg.data.doc_separator)))
+        doc_separator=str(fp.get("doc_separator", cfg.data.doc_separator)), document_mask=spec.document_mask)
     try:
         docs = reader.documents().to_pydict()
         held_out = [n for n, split in zip(docs["name"], docs["split"]) if split == "eval"]

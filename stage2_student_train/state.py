@@ -25,7 +25,7 @@ from .data import BatchStream, DataAccess, Prefetcher, data_access
 from .objective import Trainable
 from .optim import EMA, build_optimizer, build_scheduler
 from .router import ProjectorRouter
-from .student import build_student, load_student_tokenizer
+from .student import build_student, check_document_mask, load_student_tokenizer
 
 
 @dataclass
@@ -171,6 +171,8 @@ def build_state(run: RunSetup, student: nn.Module | None = None) -> TrainState:
         # Same tokenizer: the cached ids range over the teacher's head, which may exceed len(tokenizer).
         vocab = max(len(run.tokenizer), reader.spec.vocab_size) if run.same_tokenizer else len(run.tokenizer)
         student = build_student(cfg, vocab, run.access.seq_len, added_tokens=getattr(run.tokenizer, "kd_added_tokens", 0))
+    if reader.spec.document_mask:  # a family that ignores the mask is refused before any step
+        check_document_mask(student)
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(student)
     hidden = student.config.hidden_size

@@ -140,6 +140,22 @@ def build_student(cfg: Config, vocab_size: int, max_positions: int, tokenizer=No
     return model
 
 
+def check_document_mask(student) -> float:
+    """A cache with ``document_mask``: the student must keep packed documents apart as the teacher
+    did (``pipeline/document_mask.py``); a family that cannot is refused in one line. Runs in eval
+    mode (no dropout) and draws from its own generator, so training's random state is untouched."""
+    from pipeline.document_mask import check_model
+
+    was_training = student.training
+    student.eval()
+    try:
+        return check_model(student, lambda ids, **kw: decoder_of(student)(input_ids=ids, use_cache=False,
+                                                                            **kw).last_hidden_state,
+                           student.get_input_embeddings().weight.shape[0], "the student", 1e-3)
+    finally:
+        student.train(was_training)
+
+
 def max_position_embeddings(config) -> int | None:
     """The longest input a config takes (GPT-2 calls it n_positions); None if it names none."""
     value = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -104,6 +104,12 @@ class CacheSpec:
         return start, min(start + self.shard_sequences, self.num_sequences)
 
     @property
+    def document_mask(self) -> bool:
+        """The teacher ran each packed document alone (``data.document_mask``): stage 2 masks its
+        student the same way. Caches without the fingerprint key (all older ones) read as false."""
+        return bool(self.fingerprint.get("document_mask", False))
+
+    @property
     def has_loss_mask(self) -> bool:
         """A cache of chat data: it stores ``loss_mask`` (only the assistant's tokens are targets).
         Told by the fingerprint, so plain-text caches keep their manifest byte for byte."""

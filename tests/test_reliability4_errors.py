@@ -91,7 +91,7 @@ def test_prune_teacher_out_under_a_file_is_refused_before_loading(capsys, tiny_t
     (None, r"has no vocab_size"),
 ])
 def test_doctor_refuses_invalid_model_configs(capsys, tmp_path, change, says):
-    base = json.loads((REPO / "configs" / "hf" / "smollm-135m" / "config.json").read_text())
+    base = json.loads((REPO / "configs" / "hf" / "HuggingFaceTB--SmolLM-135M" / "config.json").read_text())
     raw = {"model_type": "llama"} if change is None else {**base, **change}
     raw = {k: v for k, v in raw.items() if v is not None}
     (tmp_path / "config.json").write_text(json.dumps(raw))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import CacheReader
-from pipeline.config import Config, load_config
+from pipeline.config import Config
 from pipeline.device import choose_precision, resolve_device
 from stage1_teacher_cache.run import cache_teacher
 from stage1_teacher_cache.teacher import load_model, resolve_teacher
@@ -84,19 +83,9 @@ def vocab151936(repeats: int, sequences: int = 16) -> dict:
     texts = Path(__file__).resolve().parents[1] / "data" / "shakespeare"
     tok = p4b.qwen_tokenizer()
     with tempfile.TemporaryDirectory(prefix="kd-p1v-") as tmp:
-        teacher_dir, corpus = Path(tmp) / "teacher", Path(tmp) / "corpus"
-        p4b.tiny_qwen3_moe(tok.eos_token_id).save_pretrained(teacher_dir)
-        tok.save_pretrained(teacher_dir)
-        corpus.mkdir()
-        for name in p4b.HELD_OUT:
-            shutil.copy(texts / name, corpus / name)
-        cfg = load_config(None, [
-            f"teacher.model={json.dumps(str(teacher_dir))}", "teacher.dtype=\"float32\"", "teacher.batch_size=4",
-            "teacher.logits_chunk=512", f"data.source={json.dumps(str(corpus))}", "data.seq_len=256",
-            f"data.eval_documents={json.dumps([p4b.HELD_OUT[-1]])}", f"data.max_train_tokens={sequences * 256}",
-            "data.max_eval_tokens=256", f"cache.dir={json.dumps(str(Path(tmp) / 'cache'))}", "cache.overwrite=true",
-            "cache.top_k=64", "cache.topk_encoding=\"sqrt8\"", "cache.shard_sequences=8", "cache.store_head=false",
-            "cache.samples=48"])
+        cfg = p4b.moe_cache_config(Path(tmp), p4b.tiny_qwen3_moe(tok.eos_token_id), tok, texts, sequences,
+                                   "teacher.logits_chunk=512", "data.max_eval_tokens=256", "cache.overwrite=true",
+                                   "cache.samples=48")
         row, _ = measure(cfg, repeats)
     return {**row, "vocab": p4b.QWEN_VOCAB, "teacher": "tiny random Qwen3-MoE, 2 layers, d=64"}
 

@@ -167,10 +167,28 @@ def train_teacher(model, ids: np.ndarray, steps: int, batch: int = TRAIN_BATCH, 
 # ---------------------------------------------------------------- the row
 
 
+def moe_cache_config(tmp: Path, model, tok, texts_dir: Path, sequences: int, *overrides: str):
+    """Save ``model`` + ``tok`` under ``tmp``, copy the held-out plays as the corpus, and return a
+    stage-1 config caching ``sequences`` x 256 train tokens of them (top-64, sqrt8) into ``tmp/cache``."""
+    from pipeline.config import load_config
+
+    teacher_dir, corpus = tmp / "teacher", tmp / "corpus"
+    model.save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    corpus.mkdir()
+    for name in HELD_OUT:
+        shutil.copy(texts_dir / name, corpus / name)
+    return load_config(None, [
+        f"teacher.model={json.dumps(str(teacher_dir))}", "teacher.dtype=\"float32\"", "teacher.batch_size=4",
+        f"data.source={json.dumps(str(corpus))}", "data.seq_len=256",
+        f"data.eval_documents={json.dumps([HELD_OUT[-1]])}", f"data.max_train_tokens={sequences * 256}",
+        f"cache.dir={json.dumps(str(tmp / 'cache'))}", "cache.top_k=64", "cache.topk_encoding=\"sqrt8\"",
+        "cache.shard_sequences=8", "cache.store_head=false", *overrides])
+
+
 def run(args, texts_dir: Path | None = None, steps: int = 300, sequences: int = 48) -> dict:
     """Train the tiny teacher, cache ``sequences`` x 256 held-out tokens at k = 64 (sqrt8), and
     return the P4b row: the cache's logit bytes/token and its mean encoding KL."""
-    from pipeline.config import load_config
     from stage1_teacher_cache.run import cache_teacher
 
     t0 = time.perf_counter()
@@ -186,18 +204,8 @@ def run(args, texts_dir: Path | None = None, steps: int = 300, sequences: int = 
     losses = train_teacher(model, ids, steps)
     train_s = time.perf_counter() - t_train
     with tempfile.TemporaryDirectory(prefix="kd-p4b-") as tmp:
-        teacher_dir, corpus, cache = Path(tmp) / "teacher", Path(tmp) / "corpus", Path(tmp) / "cache"
-        model.save_pretrained(teacher_dir)
-        tok.save_pretrained(teacher_dir)
-        corpus.mkdir()
-        for name in HELD_OUT:
-            shutil.copy(texts_dir / name, corpus / name)
-        cfg = load_config(None, [
-            f"teacher.model={json.dumps(str(teacher_dir))}", "teacher.dtype=\"float32\"", "teacher.batch_size=4",
-            "teacher.logits_chunk=256", f"data.source={json.dumps(str(corpus))}", "data.seq_len=256",
-            f"data.eval_documents={json.dumps([HELD_OUT[-1]])}", f"data.max_train_tokens={sequences * 256}",
-            "data.max_eval_tokens=512", f"cache.dir={json.dumps(str(cache))}", "cache.top_k=64",
-            "cache.topk_encoding=\"sqrt8\"", "cache.shard_sequences=8", "cache.store_head=false"])
+        cfg = moe_cache_config(Path(tmp), model, tok, texts_dir, sequences,
+                               "teacher.logits_chunk=256", "data.max_eval_tokens=512")
         info = cache_teacher(cfg, show_progress=False)
     b = info["logit_bytes_per_token"]
     return {"ratio": {"median": b, "min": b, "max": b, "n": 1},

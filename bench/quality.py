@@ -50,11 +50,11 @@ from stage1_teacher_cache.run import cache_teacher
 from stage1_teacher_cache.teacher import load_model, resolve_teacher
 from stage2_student_train.data import target_bytes
 from stage2_student_train.state import build_state, setup_run
-from stage2_student_train.step import step_weights
 from stage2_student_train.train import train
 
 from . import grad_fidelity, quality_report
 from .grad_fidelity import teacher_logp
+from .online_loop import train_teacher_in_loop
 
 OUT = Path(__file__).resolve().parents[1] / "quality"
 VARIANTS: dict[str, list[str]] = {  # name -> overrides on top of the setting
@@ -125,33 +125,16 @@ def variant_config(args, name: str, seed: int, steps: int | None = None) -> Conf
 
 
 def train_online(cfg: Config, teacher) -> tuple[torch.nn.Module, list[dict]]:
-    """The recipe's student, optimizer, LR schedule, EMA and data order (``build_state``), trained
-    with CE + exact ``KL(p || s)`` over the full vocabulary, the teacher run inside every step."""
-    run = setup_run(cfg, Dist(), show_progress=False)  # cfg: kd.mode=none, the variant's seed
-    state = build_state(run)
-    head = state.parts.student.get_output_embeddings()
-    records = []
-    for step in range(cfg.train.steps):
-        t0 = time.perf_counter()
-        w = step_weights(cfg, step)
-        ids = state.data.next_batch()["input_ids"]
+    """The recipe's student trained with CE + exact ``KL(p || s)`` over the full vocabulary, the
+    teacher run inside every step (cfg: kd.mode=none, the variant's seed)."""
+    def losses(batch, logp):
+        ids = batch["input_ids"]
         p_logp = teacher_logp(teacher, ids)
-        state.optimizer.zero_grad(set_to_none=True)
-        logp = torch.log_softmax(head(state.parts(ids)[:, :-1]).float(), -1)
         ce = -logp.gather(-1, ids[:, 1:, None]).mean()
         kd = (p_logp.exp() * (p_logp - logp)).sum(-1).mean()
-        (w.ce * ce + w.kd * kd).backward()
-        torch.nn.utils.clip_grad_norm_(state.params, cfg.train.grad_clip)
-        state.optimizer.step()
-        state.scheduler.step()
-        if state.ema is not None:
-            state.ema.update(state.named)
-        records.append({"step": step + 1, "ce": float(ce.detach()), "kd": float(kd.detach()),
-                        "tokens_per_s": ids[:, 1:].numel() / (time.perf_counter() - t0)})
-    state.data.close()
-    with state.ema.applied(state.named) if state.ema is not None else torch.no_grad():
-        student = copy.deepcopy(state.parts.student).eval()
-    return student, records
+        return ce, kd, ids[:, 1:].numel()
+
+    return train_teacher_in_loop(cfg, lambda run: losses)
 
 
 # ---------------------------------------------------------------- evaluation against the full teacher

@@ -15,9 +15,7 @@ student with the real GPT-2 BPE, from the same cache as the default setting.
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 
 import numpy as np
 import torch
@@ -27,9 +25,10 @@ from pipeline.config import Config
 from pipeline.distributed import Dist
 from stage2_student_train.cross import load_or_build_view, twin_ids
 from stage2_student_train.cross_losses import kd_mapped_full
-from stage2_student_train.state import build_state, setup_run
-from stage2_student_train.step import step_weights
+from stage2_student_train.state import setup_run
 from stage2_student_train.student import load_teacher_tokenizer
+
+from .online_loop import train_teacher_in_loop
 
 CROSS_VARIANTS = ["none", "mapped", "mapped_sampled", "projected", "uld", "chunk_likelihood", "online_cross"]
 KD_ROWS = 256
@@ -64,35 +63,21 @@ def _view(run):
 
 
 def train_online_cross(cfg: Config, teacher) -> tuple[torch.nn.Module, list[dict]]:
-    """CE + the exact mapped KL of the teacher's full distribution, the teacher run every step."""
-    run = setup_run(cfg, Dist(), show_progress=False)  # cfg: kd.mode=none, the variant's seed
-    state = build_state(run)
-    vmap, twins = _view(run)
-    head = state.parts.student.get_output_embeddings()
-    records = []
-    for step in range(cfg.train.steps):
-        t0 = time.perf_counter()
-        w = step_weights(cfg, step)
-        batch = state.data.next_batch()
-        ids, mask = batch["input_ids"], batch["target_mask"]
-        t_logp = teacher_full_logp(teacher, run.reader, batch["sample_ids"].numpy())
-        state.optimizer.zero_grad(set_to_none=True)
-        logp = torch.log_softmax(head(state.parts(ids)[:, :-1]).float(), -1)
-        n = max(1, int(mask.sum()))
-        ce = -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask).sum() / n
-        kd = mapped_kd_sum(logp, t_logp, batch, vmap, twins, with_constant=False) / n
-        (w.ce * ce + w.kd * kd).backward()
-        torch.nn.utils.clip_grad_norm_(state.params, cfg.train.grad_clip)
-        state.optimizer.step()
-        state.scheduler.step()
-        if state.ema is not None:
-            state.ema.update(state.named)
-        records.append({"step": step + 1, "ce": float(ce.detach()), "kd": float(kd.detach()),
-                        "tokens_per_s": n / (time.perf_counter() - t0)})
-    state.data.close()
-    with state.ema.applied(state.named) if state.ema is not None else torch.no_grad():
-        student = copy.deepcopy(state.parts.student).eval()
-    return student, records
+    """CE + the exact mapped KL of the teacher's full distribution, the teacher run every step
+    (cfg: kd.mode=none, the variant's seed)."""
+    def make_losses(run):
+        vmap, twins = _view(run)
+
+        def losses(batch, logp):
+            ids, mask = batch["input_ids"], batch["target_mask"]
+            t_logp = teacher_full_logp(teacher, run.reader, batch["sample_ids"].numpy())
+            n = max(1, int(mask.sum()))
+            ce = -(logp.gather(-1, ids[:, 1:, None])[..., 0] * mask).sum() / n
+            kd = mapped_kd_sum(logp, t_logp, batch, vmap, twins, with_constant=False) / n
+            return ce, kd, n
+        return losses
+
+    return train_teacher_in_loop(cfg, make_losses)
 
 
 @torch.no_grad()

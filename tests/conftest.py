@@ -197,3 +197,16 @@ def chat_cache(chat_teacher_dir, chat_corpus_dir, tmp_path_factory) -> Path:
         "data.eval_documents": ["talk.jsonl-3"], "cache.topk_encoding": "sqrt8", "cache.pilot_sequences": 2})),
         show_progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def sampled_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory) -> Path:
+    """The tiny corpus cached with 12 teacher samples per position (sqrt8), shared by the sampled
+    and cross-tokenizer mode tests (they read it; cross students add their views beside it)."""
+    from pipeline.config import load_config
+    from stage1_teacher_cache.run import cache_teacher
+
+    cache = tmp_path_factory.mktemp("sampled-cache") / "cache"
+    cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache, **{
+        "cache.samples": 12, "cache.topk_encoding": "sqrt8"})), show_progress=False)
+    return cache

@@ -9,19 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import stage1_overrides, stage2_overrides
+from conftest import stage2_overrides
 from pipeline.config import KDConfig, load_config
 from pipeline.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def sampled_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory):
-    from stage1_teacher_cache.run import cache_teacher
-
-    cache = tmp_path_factory.mktemp("cross-sampled") / "cache"
-    cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache, **{
-        "cache.samples": 12, "cache.topk_encoding": "sqrt8"})), show_progress=False)
-    return cache
 
 
 def _access(cache, tokenizer_dir, **need):

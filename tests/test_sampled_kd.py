@@ -162,16 +162,6 @@ def test_sampled_mode_is_checked_against_the_cache_and_the_temperature():
 # ---------------------------------------------------------------- stage 1 and stage 2 with a sampled cache
 
 
-@pytest.fixture(scope="module")
-def sampled_cache(tiny_teacher_dir, corpus_dir, tmp_path_factory):
-    from stage1_teacher_cache.run import cache_teacher
-
-    cache = tmp_path_factory.mktemp("sampled") / "cache"
-    cache_teacher(load_config(None, stage1_overrides(tiny_teacher_dir, corpus_dir, cache, **{
-        "cache.samples": 12, "cache.topk_encoding": "sqrt8"})), show_progress=False)
-    return cache
-
-
 def test_stage1_stores_samples_covered_by_the_commit_markers(sampled_cache, tmp_path):
     reader = CacheReader(sampled_cache)
     assert reader.spec.samples == 12 and reader.fingerprint["samples"] == 12
